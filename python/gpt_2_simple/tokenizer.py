@@ -1,0 +1,173 @@
+"""GPT-2's byte-level BPE: the only code that turns text into token ids and back.
+
+Ids are identical to OpenAI's ``encoder.py`` with one deliberate difference: the literal text
+``<|endoftext|>`` encodes to the single end-of-text token (50256), as GPT-2 was trained to see it,
+where the original split it into seven ordinary tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import regex
+
+__all__ = ["Encoder", "get_encoder", "bytes_to_unicode", "END_OF_TEXT", "BUNDLED_DIR", "TokenizerFileError"]
+
+END_OF_TEXT = "<|endoftext|>"
+BUNDLED_DIR = Path(__file__).resolve().parent / "data"
+# GPT-2's own files, as OpenAI published them; the bundled copies are checked against these.
+BUNDLED_SHA256 = {
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+}
+# GPT-2's pre-tokenizer: contractions, letter runs, digit runs, other symbols, whitespace.
+PATTERN = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+# Distinct words seen by one encoder before its BPE cache is emptied (a few tens of MB at most).
+CACHE_LIMIT = 100_000
+
+
+class TokenizerFileError(ValueError):
+    """encoder.json / vocab.bpe missing, damaged or inconsistent."""
+
+
+@functools.lru_cache(maxsize=None)
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map (printable bytes map to themselves)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+class Encoder:
+    """Byte-level BPE over ``encoder`` (token string -> id) and ranked ``merges``."""
+
+    def __init__(self, encoder: dict[str, int], merges: list[tuple[str, str]]):
+        self.encoder = encoder
+        self.decoder = {i: s for s, i in encoder.items()}
+        self.bpe_ranks = {pair: rank for rank, pair in enumerate(merges)}
+        self.byte_encoder = bytes_to_unicode()
+        self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
+        # Raw bytes of every token, so decode is one join; the end-of-text token decodes to its text.
+        self.token_bytes = {i: bytes(self.byte_decoder[c] for c in s) if s != END_OF_TEXT else s.encode() for i, s in self.decoder.items()}
+        self.eot_token = encoder.get(END_OF_TEXT)
+        self.cache: dict[str, list[int]] = {}
+
+    @property
+    def n_vocab(self) -> int:
+        return len(self.encoder)
+
+    def _bpe(self, word: str) -> list[int]:
+        """Ids of one pre-tokenized piece (already mapped byte -> unicode)."""
+        parts = list(word)
+        while len(parts) > 1:
+            # Merge the lowest-ranked adjacent pair everywhere it occurs.
+            best = min(range(len(parts) - 1), key=lambda i: self.bpe_ranks.get((parts[i], parts[i + 1]), float("inf")))
+            pair = (parts[best], parts[best + 1])
+            if pair not in self.bpe_ranks:
+                break
+            merged, i = [], 0
+            while i < len(parts):
+                if i < len(parts) - 1 and (parts[i], parts[i + 1]) == pair:
+                    merged.append(pair[0] + pair[1])
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            parts = merged
+        return [self.encoder[p] for p in parts]
+
+    def _encode_ordinary(self, text: str) -> list[int]:
+        ids: list[int] = []
+        cache, byte_encoder = self.cache, self.byte_encoder
+        for piece in PATTERN.findall(text):
+            cached = cache.get(piece)
+            if cached is None:
+                mapped = "".join(byte_encoder[b] for b in piece.encode("utf-8"))
+                cached = self._bpe(mapped)
+                if len(cache) >= CACHE_LIMIT:
+                    cache.clear()  # bounded memory on corpora with unbounded vocabularies
+                cache[piece] = cached
+            ids.extend(cached)
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``; ``<|endoftext|>`` in the text becomes the single id 50256."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode() takes a str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            # Lone surrogates cannot be UTF-8: replace them with U+FFFD (as tiktoken does).
+            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        if self.eot_token is None:
+            return self._encode_ordinary(text)
+        ids: list[int] = []
+        for i, part in enumerate(text.split(END_OF_TEXT)):
+            if i:
+                ids.append(self.eot_token)
+            if part:
+                ids.extend(self._encode_ordinary(part))
+        return ids
+
+    def decode_bytes(self, ids) -> bytes:
+        try:
+            return b"".join(self.token_bytes[int(i)] for i in ids)
+        except KeyError as e:
+            raise ValueError(f"token id {e.args[0]} is outside the vocabulary (0..{self.n_vocab - 1})") from None
+
+    def decode(self, ids) -> str:
+        """Text of ``ids``; bytes that do not form valid UTF-8 (a split character) become U+FFFD."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _read_files(folder: Path, verify: bool) -> Encoder:
+    enc_path, bpe_path = folder / "encoder.json", folder / "vocab.bpe"
+    for path in (enc_path, bpe_path):
+        if not path.is_file():
+            raise TokenizerFileError(f"tokenizer file {path} is missing; copy encoder.json and vocab.bpe from the model download")
+        if verify and _sha256(path) != BUNDLED_SHA256[path.name]:
+            raise TokenizerFileError(f"bundled tokenizer file {path} is damaged (sha256 mismatch); reinstall gpt_2_simple")
+    try:
+        encoder = json.loads(enc_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TokenizerFileError(f"{enc_path} is not valid JSON ({e})") from None
+    lines = bpe_path.read_text(encoding="utf-8").split("\n")
+    # First line is a '#version' comment; the last is empty.
+    merges = []
+    for lineno, line in enumerate(lines[1:], start=2):
+        if not line:
+            continue
+        pair = line.split(" ")
+        if len(pair) != 2:
+            raise TokenizerFileError(f"{bpe_path} line {lineno}: expected two symbols, got {line!r}")
+        merges.append((pair[0], pair[1]))
+    return Encoder(encoder, merges)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_encoder(folder: str, verify: bool) -> Encoder:
+    return _read_files(Path(folder), verify)
+
+
+def get_encoder(folder: str | os.PathLike | None = None) -> Encoder:
+    """The tokenizer of a model folder (its own ``encoder.json``/``vocab.bpe``) or, when ``folder``
+    is None or lacks them, GPT-2's bundled files (sha256-verified)."""
+    if folder is not None:
+        folder = Path(folder)
+        if (folder / "encoder.json").is_file() or (folder / "vocab.bpe").is_file():
+            return _cached_encoder(str(folder.resolve()), False)
+    return _cached_encoder(str(BUNDLED_DIR), True)
