@@ -359,3 +359,120 @@ def test_hf_folder_loads_in_transformers(model, tmp_path, shakespeare_text):
     assert tok.eos_token_id == 50256
     assert json.loads((out / "vocab.json").read_text("utf-8")) == json.loads((BUNDLED_DIR / "encoder.json").read_text("utf-8"))
     assert (out / "merges.txt").read_bytes() == (BUNDLED_DIR / "vocab.bpe").read_bytes()
+
+
+# --- the export cache generate() uses, and the command line --------------------------------------
+
+
+def make_run(folder: Path, model, step: int) -> Path:
+    from gpt_2_simple.weights import save_weights
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.save(folder / "hparams.json")
+    for name in ("encoder.json", "vocab.bpe"):
+        (folder / name).write_bytes((BUNDLED_DIR / name).read_bytes())
+    save_weights(folder / f"model-{step}.safetensors", model.state_dict(), model.config, metadata={"step": str(step)})
+    return folder
+
+
+def test_engine_file_is_cached_and_follows_the_checkpoint(model, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    run = make_run(tmp_path / "checkpoint" / "run1", model, 10)
+    first = engine_file(run, "bf16", progress=False)
+    assert first == run / "model-10.bf16.bin"
+    info = inspect(first, verify=True)
+    assert info["dtype"] == "bf16" and info["metadata"]["source"]["step"] == 10
+    stamp = first.stat().st_mtime_ns, first.stat().st_ino
+    assert engine_file(run, "bf16", progress=False) == first  # reused, not rewritten
+    assert (first.stat().st_mtime_ns, first.stat().st_ino) == stamp
+    fp32 = engine_file(run, "fp32", progress=False)
+    assert fp32 == run / "model-10.fp32.bin"
+
+    # Training saves step 20 and rotates step 10 out: the new weights are exported, the old exports removed.
+    other = random_gpt2(TINY, seed=5)
+    make_run(run, other, 20)
+    (run / "model-10.safetensors").unlink()
+    second = engine_file(run, "bf16", progress=False)
+    assert second == run / "model-20.bf16.bin"
+    assert not first.exists() and not fp32.exists()
+    np.testing.assert_array_equal(fr.read(second)["tensors"]["ln_f.bias"], other.ln_f.bias.detach().numpy())
+
+    # The checkpoint file replaced under the same name (new size/mtime): rebuilt.
+    make_run(run, model, 20)
+    os.utime(run / "model-20.safetensors", ns=(1, 1))
+    third = engine_file(run, "bf16", progress=False)
+    assert third == second and inspect(third)["metadata"]["source"]["mtime_ns"] == 1
+    np.testing.assert_array_equal(fr.read(third)["tensors"]["ln_f.bias"], model.ln_f.bias.detach().numpy())
+
+    # A damaged export (here truncated) is rebuilt rather than handed to the engine.
+    third.write_bytes(third.read_bytes()[:5000])
+    assert engine_file(run, "bf16", progress=False) == third
+    inspect(third, verify=True)
+    assert not list(run.glob(".*.tmp"))
+
+
+def test_engine_file_falls_back_to_the_user_cache(model, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = make_run(tmp_path / "models" / "tiny", model, 3)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == folder else real_access(p, mode, **kw))
+    folder.chmod(0o555)  # read-only for a non-root user; os.access is patched for root, which ignores modes
+    try:
+        path = engine_file(folder, "fp32", progress=False)
+        assert path.is_relative_to(tmp_path / "cache" / "gpt_2_simple" / "engines") and path.name == "model-3.fp32.bin"
+        assert engine_file(folder, "fp32", progress=False) == path
+        assert not list(folder.glob("*.bin"))
+    finally:
+        folder.chmod(0o755)
+
+
+def test_failed_export_leaves_no_file(model, tmp_path):
+    state = {k: v.numpy().copy() for k, v in model.state_dict().items()}
+    state["ln_f.weight"][0] = np.inf  # the last tensor: most of the file is written when it fails
+    run = tmp_path / "run"
+    from gpt_2_simple.weights import save_weights
+
+    run.mkdir()
+    TINY.save(run / "hparams.json")
+    save_weights(run / "model-1.safetensors", state)
+    (run / "model-1.fp32.bin").write_bytes(b"previous export")
+    with pytest.raises(ValueError, match="ln_f.weight holds NaN or infinite values"):
+        export(run, run / "model-1.fp32.bin")
+    assert (run / "model-1.fp32.bin").read_bytes() == b"previous export"
+    assert sorted(p.name for p in run.iterdir()) == ["hparams.json", "model-1.fp32.bin", "model-1.safetensors"]
+
+
+def test_hf_folder_exports_back_to_the_same_file(model, exported, tmp_path):
+    hf = export_hf(model, tmp_path / "hf")
+    again = export(hf, tmp_path / "again.bin")
+    ours, theirs = fr.read(exported["fp32"]), fr.read(again)
+    assert ours["tensors"].keys() == theirs["tensors"].keys()
+    for name in ours["tensors"]:
+        np.testing.assert_array_equal(ours["tensors"][name], theirs["tensors"][name])
+    assert ours["token_bytes"] == theirs["token_bytes"] and ours["merges"] == theirs["merges"]
+
+
+def test_cli_export(model, tmp_path):
+    make_run(tmp_path / "checkpoint" / "run1", model, 7)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "python"), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "gpt_2_simple", "export", *args], cwd=tmp_path, env=env, capture_output=True, text=True)
+
+    result = cli("--dtype", "bf16")
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip()) == Path("checkpoint/run1/model-7.bf16.bin")
+    assert inspect(tmp_path / "checkpoint/run1/model-7.bf16.bin")["dtype"] == "bf16"
+    result = cli("--run_name", "run1", "-o", "out/model.bin")
+    assert result.returncode == 0 and inspect(tmp_path / "out/model.bin")["dtype"] == "fp32"
+    result = cli("--hf", "hf")
+    assert result.returncode == 0 and (tmp_path / "hf" / "model.safetensors").is_file()
+    result = cli("--run_name", "nope")
+    assert result.returncode == 2 and result.stderr.startswith("gpt_2_simple export: error: no model weights at checkpoint/nope")
+    assert "Traceback" not in result.stderr
+
+
+def test_export_does_not_import_torch():
+    code = "import sys, gpt_2_simple.export, gpt_2_simple.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "python")}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)

@@ -27,6 +27,7 @@ import numpy as np
 from . import __version__
 from .config import GPT2Config
 from .fileio import atomic_write
+from .weights import expected_shapes, find_checkpoint, load_weights, save_weights
 from .tokenizer import BUNDLED_DIR, END_OF_TEXT, Encoder, bytes_to_unicode
 
 __all__ = ["export", "export_hf", "engine_file", "inspect", "verify", "read_tokenizer", "write_tokenizer_files", "DTYPES"]
@@ -42,6 +43,8 @@ TOKENIZER_HEAD = struct.Struct("<IIQQ")
 CRC_OFFSET = 124
 # Elements converted and written at a time: bounds the extra memory an export needs (~64 MB).
 CHUNK_ELEMENTS = 1 << 23
+# The Conv1D projection weights, stored transposed.
+MATRICES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # Buffers and tied copies that some state dicts carry besides GPT-2's parameters.
 IGNORED = re.compile(r"^(lm_head\.weight|h\.\d+\.attn\.(bias|masked_bias))$")
 
@@ -55,26 +58,13 @@ class _Tensor:
 
 
 def tensor_layout(config: GPT2Config) -> list[_Tensor]:
-    """The tensors of a model file in their canonical order (docs/format.md, "Tensor table")."""
-    V, N, C = config.n_vocab, config.n_ctx, config.n_embd
-    out = [_Tensor("wte.weight", (V, C), True, False), _Tensor("wpe.weight", (N, C), True, False)]
-    for i in range(config.n_layer):
-        p = f"h.{i}."
-        out += [
-            _Tensor(p + "ln_1.weight", (C,), False, False),
-            _Tensor(p + "ln_1.bias", (C,), False, False),
-            _Tensor(p + "attn.c_attn.weight", (3 * C, C), True, True),
-            _Tensor(p + "attn.c_attn.bias", (3 * C,), False, False),
-            _Tensor(p + "attn.c_proj.weight", (C, C), True, True),
-            _Tensor(p + "attn.c_proj.bias", (C,), False, False),
-            _Tensor(p + "ln_2.weight", (C,), False, False),
-            _Tensor(p + "ln_2.bias", (C,), False, False),
-            _Tensor(p + "mlp.c_fc.weight", (4 * C, C), True, True),
-            _Tensor(p + "mlp.c_fc.bias", (4 * C,), False, False),
-            _Tensor(p + "mlp.c_proj.weight", (C, 4 * C), True, True),
-            _Tensor(p + "mlp.c_proj.bias", (C,), False, False),
-        ]
-    return out + [_Tensor("ln_f.weight", (C,), False, False), _Tensor("ln_f.bias", (C,), False, False)]
+    """The tensors of a model file in their canonical order (docs/format.md, "Tensor table"):
+    model.py's state-dict order, Conv1D matrices transposed to (out, in)."""
+    out = []
+    for name, shape in expected_shapes(config).items():
+        matrix = name.endswith(MATRICES)
+        out.append(_Tensor(name, shape[::-1] if matrix else shape, matrix or name in ("wte.weight", "wpe.weight"), matrix))
+    return out
 
 
 def to_bf16(x: np.ndarray) -> np.ndarray:
@@ -93,36 +83,13 @@ def to_bf16(x: np.ndarray) -> np.ndarray:
 # Sources: whatever the user hands us -> (config, Conv1D-layout arrays, tokenizer folder, provenance)
 
 
-def _weights_file(path: Path) -> tuple[Path, Path, int | None]:
-    """Where a source's newest weights are: ``(path to load, file to key a cache on, step or None)``.
-
-    The key file's size and mtime identify the checkpoint; for a TensorFlow checkpoint (loaded by
-    its prefix) it is the data shard, the file a re-save rewrites."""
-    if path.is_file():
-        m = re.fullmatch(r"model-(\d+)\.safetensors", path.name)
-        return path, path, int(m.group(1)) if m else None
-    if not path.is_dir():
-        data = Path(f"{path}.data-00000-of-00001")
-        if Path(f"{path}.index").is_file() and data.is_file():  # a TF checkpoint prefix
-            m = re.search(r"model-(\d+)$", path.name)
-            return path, data, int(m.group(1)) if m else None
-        raise FileNotFoundError(f"no model at {path}: pass a run folder (checkpoint/run1), a model folder (models/124M) or a weights file")
-    steps = [int(m.group(1)) for f in path.glob("model-*.safetensors") if (m := re.fullmatch(r"model-(\d+)\.safetensors", f.name))]
-    if steps:
-        file = path / f"model-{max(steps)}.safetensors"
-        return file, file, max(steps)
-    ckpt = path / "checkpoint"
-    if ckpt.is_file():
-        m = re.search(r'model_checkpoint_path:\s*"([^"]+)"', ckpt.read_text(encoding="utf-8", errors="replace"))
-        if m:  # TF writes the prefix relative to the folder (or absolute, from where it was trained)
-            return _weights_file(path / Path(m.group(1)).name)
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (path / name).is_file():
-            return path / name, path / name, None
-    raise FileNotFoundError(
-        f"no weights in {path}: expected model-<step>.safetensors (a run of ours), a TensorFlow checkpoint "
-        f"(checkpoint + model.ckpt.*) or model.safetensors / pytorch_model.bin; train or download a model first"
-    )
+def _checkpoint(source: str | os.PathLike) -> tuple[Path, Path, int | None]:
+    """``(what to load, file to key a cache on, step or None)`` for the newest weights at ``source``
+    (weights.find_checkpoint decides which). The key file's size and mtime identify the checkpoint;
+    for a TensorFlow checkpoint it is the ``.index``, which every save rewrites."""
+    ckpt = find_checkpoint(source)
+    key = Path(f"{ckpt.path}.index") if ckpt.format == "tf" else ckpt.path
+    return ckpt.path, key, ckpt.step
 
 
 def _fingerprint(file: Path, step: int | None) -> dict:
@@ -133,13 +100,9 @@ def _fingerprint(file: Path, step: int | None) -> dict:
 def _load_source(source: Any, config: GPT2Config | None):
     """-> (config, {name: array in model.py layout}, tokenizer folder, provenance or None)."""
     if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        load_path, key_file, step = _weights_file(path)
-        fingerprint = _fingerprint(key_file, step)
-        from .weights import load_weights
-
+        load_path, key_file, step = _checkpoint(source)
         cfg, state = load_weights(load_path)
-        return cfg, state, path if path.is_dir() else key_file.parent, fingerprint
+        return cfg, state, key_file.parent, _fingerprint(key_file, step)
     if hasattr(source, "cache") and hasattr(source, "source"):  # a Session
         if getattr(source, "source", None) is None:
             raise ValueError("the session has no model: call gpt2.load_gpt2(sess) or gpt2.finetune(sess, ...) first")
@@ -163,8 +126,9 @@ def _load_source(source: Any, config: GPT2Config | None):
 
 
 def _check_state(config: GPT2Config, state: Mapping[str, Any]) -> None:
-    layout = tensor_layout(config)
-    expected = {t.name: (t.shape[::-1] if t.transpose else t.shape) for t in layout}
+    """A state dict given directly (files are checked by weights.load_weights): every tensor of
+    the config, of its shape, and nothing else but known buffers."""
+    expected = expected_shapes(config)
     missing = [n for n in expected if n not in state]
     if missing:
         raise ValueError(f"the weights lack {len(missing)} GPT-2 tensors, e.g. {missing[0]!r}: not a complete GPT-2 model of this config ({config})")
@@ -175,6 +139,11 @@ def _check_state(config: GPT2Config, state: Mapping[str, Any]) -> None:
         got = tuple(np.shape(state[name]))
         if got != shape:
             raise ValueError(f"tensor {name} has shape {got}, but the config ({config}) needs {shape} (GPT-2's Conv1D layout: (in, out))")
+
+
+def _check_finite(name: str, array: np.ndarray) -> None:
+    if not np.isfinite(array).all():
+        raise ValueError(f"tensor {name} holds NaN or infinite values: the checkpoint is damaged or training diverged; export an earlier checkpoint")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,8 +206,7 @@ def _chunks(array: Any, t: _Tensor, dtype: str) -> Iterator[np.ndarray]:
     for r0 in range(0, rows, step):
         part = src[:, r0 : r0 + step].T if t.transpose else src[r0 : r0 + step]  # (rows, in) in stored layout
         part = np.ascontiguousarray(part, dtype=np.float32)
-        if not np.isfinite(part).all():
-            raise ValueError(f"tensor {t.name} holds NaN or infinite values: the checkpoint is damaged or training diverged; export an earlier checkpoint")
+        _check_finite(t.name, part)
         yield to_bf16(part) if t.is_weight and dtype == "bf16" else part.astype("<f4", copy=False)
 
 
@@ -417,7 +385,7 @@ def engine_file(source: str | os.PathLike, dtype: str = "fp32", *, progress: boo
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    load_path, key_file, step = _weights_file(Path(source))
+    load_path, key_file, step = _checkpoint(source)
     fingerprint = _fingerprint(key_file, step)
     name = f"model-{step}.{dtype}.bin" if step is not None else f"{key_file.name.split('.')[0]}.{dtype}.bin"
     beside = key_file.parent / name
@@ -442,27 +410,6 @@ def engine_file(source: str | os.PathLike, dtype: str = "fp32", *, progress: boo
 # HuggingFace folder
 
 
-def _write_safetensors(path: Path, state: Mapping[str, Any], names: list[str]) -> None:
-    """Stream float32 tensors into a safetensors file (8-byte header length, JSON header, data),
-    atomically and without holding a second copy of the weights in memory."""
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name in names:
-        shape = list(np.shape(state[name]))
-        nbytes = 4 * int(np.prod(shape))
-        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
-    with atomic_write(path) as f:
-        f.write(struct.pack("<Q", len(head)) + head)
-        for name in names:
-            array = np.ascontiguousarray(state[name], dtype="<f4")
-            if not np.isfinite(array).all():
-                raise ValueError(f"tensor {name} holds NaN or infinite values: the checkpoint is damaged or training diverged; export an earlier checkpoint")
-            f.write(array)
-
-
 def export_hf(source: Any, out_dir: str | os.PathLike, *, config: GPT2Config | None = None,
               tokenizer_dir: str | os.PathLike | None = None) -> Path:
     """Write ``source`` (anything ``export`` takes) as a HuggingFace folder: ``config.json``
@@ -475,8 +422,11 @@ def export_hf(source: Any, out_dir: str | os.PathLike, *, config: GPT2Config | N
     eot = encoder.get(END_OF_TEXT)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    # The weights keep model.py's names and Conv1D layout: exactly those of OpenAI's gpt2 on the HF hub.
-    _write_safetensors(out_dir / "model.safetensors", state, [t.name for t in tensor_layout(cfg)])
+    # model.py's names and Conv1D layout are exactly those of OpenAI's gpt2 on the HF hub.
+    weights = {name: np.asarray(state[name], dtype=np.float32) for name in expected_shapes(cfg)}
+    for name, array in weights.items():
+        _check_finite(name, array)
+    save_weights(out_dir / "model.safetensors", weights, metadata={"format": "pt"})  # transformers wants "pt"
     hf_config = {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
