@@ -58,10 +58,13 @@ constexpr int kRowBlock = 3, kColBlock = 4;  // 12 accumulators + 3 x + 1 w of 1
 constexpr int kRowBlock = 2, kColBlock = 4;
 #endif
 
-// out[r * ldo + n] = dot(x row r, w row n) for r < RB, n < NB.
+// out[r * ldo + n] = dot(x row r, w row n) for r < RB, n < NB. With `ahead`, also prefetch rows
+// n of the block there whose bit is set in `fetch_rows` (interleaved rows are short streams the
+// hardware prefetcher does not run ahead of; the caller spreads the next block's rows over the
+// row blocks that use this one).
 template <class D, int RB, int NB>
 inline void dot_block(const typename D::T* x, int64_t ldx, const typename D::T* w, int64_t ldw, int64_t K, float* out,
-                      int64_t ldo) {
+                      int64_t ldo, const typename D::T* ahead = nullptr, unsigned fetch_rows = 0) {
   Vf acc[RB][NB];
 #pragma GCC unroll 8
   for (int r = 0; r < RB; ++r)
@@ -69,6 +72,12 @@ inline void dot_block(const typename D::T* x, int64_t ldx, const typename D::T* 
     for (int n = 0; n < NB; ++n) acc[r][n] = vzero();
   int64_t k = 0;
   for (; k + D::kStep <= K; k += D::kStep) {
+    if (ahead != nullptr) {
+#pragma GCC unroll 8
+      for (int n = 0; n < NB; ++n) {
+        if (fetch_rows >> n & 1u) __builtin_prefetch(ahead + n * ldw + k);
+      }
+    }
     typename D::V xv[RB];
 #pragma GCC unroll 8
     for (int r = 0; r < RB; ++r) xv[r] = D::load(x + r * ldx + k);
@@ -88,12 +97,14 @@ inline void dot_block(const typename D::T* x, int64_t ldx, const typename D::T* 
   }
 }
 
-// Rows [0, M) of one column block of NB outputs; the last partial row block uses a smaller RB
-// (same per-output arithmetic, so results do not depend on where a row falls).
+// Rows [0, M) against NB outputs, in row blocks of kRowBlock and a smaller last one.
 template <class D, int NB>
-inline void dot_rows(const typename D::T* x, int64_t M, int64_t K, const typename D::T* w, float* out, int64_t ldo) {
+inline void dot_rows(const typename D::T* x, int64_t M, int64_t K, const typename D::T* w, float* out, int64_t ldo,
+                     const typename D::T* ahead = nullptr, unsigned fetch_rows = 0) {
   int64_t m = 0;
-  for (; m + kRowBlock <= M; m += kRowBlock) dot_block<D, kRowBlock, NB>(x + m * K, K, w, K, K, out + m * ldo, ldo);
+  for (; m + kRowBlock <= M; m += kRowBlock) {
+    dot_block<D, kRowBlock, NB>(x + m * K, K, w, K, K, out + m * ldo, ldo, ahead, fetch_rows);
+  }
   switch (M - m) {
     case 1: dot_block<D, 1, NB>(x + m * K, K, w, K, K, out + m * ldo, ldo); break;
     case 2: if constexpr (kRowBlock > 2) dot_block<D, 2, NB>(x + m * K, K, w, K, K, out + m * ldo, ldo); break;
@@ -118,13 +129,18 @@ inline float gelu_scalar(float x) {
 // work item streams several KB of weights.
 constexpr int64_t kColChunk = 16 * kColBlock;
 
+// Up to this many rows, the weights are read one row after the other (one sequential stream
+// the hardware prefetcher keeps up with: memory-bound decoding); above it, kColBlock rows are
+// interleaved so each weight load serves kRowBlock rows (compute-bound batches and prefill).
+constexpr int64_t kStreamRows = kRowBlock;
+
 template <class D>
 void matmul_t(const typename D::T* x, int64_t M, int64_t K, const typename D::T* w, int64_t N, const float* bias,
               float* y, Epilogue epilogue) {
   const int64_t n_chunks = (N + kColChunk - 1) / kColChunk;
 #pragma omp parallel if (M * N * K >= kParallelWork)
   {
-    float block[kRowBlock * kColBlock];
+    float block[kRowBlock * kColBlock];  // (rows, kColBlock) dot products before the epilogue
 #pragma omp for schedule(dynamic, 1)
     for (int64_t c = 0; c < n_chunks; ++c) {
       const int64_t n_begin = c * kColChunk, n_end = min64(N, n_begin + kColChunk);
@@ -132,8 +148,13 @@ void matmul_t(const typename D::T* x, int64_t M, int64_t K, const typename D::T*
         const int64_t nb = min64(kColBlock, n_end - n0);
         for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
           const int64_t rb = min64(kRowBlock, M - m0);
-          if (nb == kColBlock) {
-            dot_rows<D, kColBlock>(x + m0 * K, rb, K, w + n0 * K, block, kColBlock);
+          if (M > kStreamRows && nb == kColBlock) {
+            // Row block i fetches rows i, i + blocks, ... of the next column block.
+            const int64_t blocks = (M + kRowBlock - 1) / kRowBlock, i = m0 / kRowBlock;
+            unsigned fetch_rows = 0;
+            for (int64_t n = i; n < kColBlock; n += blocks) fetch_rows |= 1u << n;
+            const typename D::T* ahead = n0 + 2 * kColBlock <= N ? w + (n0 + kColBlock) * K : nullptr;
+            dot_rows<D, kColBlock>(x + m0 * K, rb, K, w + n0 * K, block, kColBlock, ahead, fetch_rows);
           } else {
             for (int64_t j = 0; j < nb; ++j) dot_rows<D, 1>(x + m0 * K, rb, K, w + (n0 + j) * K, block + j, kColBlock);
           }
