@@ -13,8 +13,9 @@ What ``load_weights(path)`` accepts:
 - an HF folder or file: ``model.safetensors`` / ``pytorch_model.bin`` with ``config.json``;
 - a single ``.safetensors`` / ``.bin`` file or a TensorFlow checkpoint prefix.
 
-Only ``pytorch_model.bin`` needs torch (imported when one is read). ``save_weights`` writes
-the safetensors format itself, streaming each tensor into an atomically renamed file.
+Only ``pytorch_model.bin`` needs torch (imported when one is read), and ``build_model``, which
+turns a state into a PyTorch ``GPT2``. ``save_weights`` writes the safetensors format itself,
+streaming each tensor into an atomically renamed file.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from .tf_checkpoint import TFCheckpoint, read_checkpoint_state
 
 __all__ = [
     "Checkpoint",
+    "build_model",
     "expected_shapes",
     "find_checkpoint",
     "latest_checkpoint",
@@ -494,3 +496,19 @@ def load_weights(path: str | os.PathLike, *, verify_crc: bool = False) -> tuple[
     config, config_source = _find_config(ckpt, metadata)
     _check_state(config, state, os.fspath(ckpt.path), config_source)
     return config, state
+
+
+def build_model(config: GPT2Config, state: State):
+    """A float32 PyTorch ``GPT2`` holding ``state`` (from ``load_weights``), in eval mode.
+
+    The module is created on the meta device and the tensors assigned, so no random
+    initialisation runs and each weight is copied once (out of the memory map)."""
+    import torch
+
+    from .model import GPT2
+
+    with torch.device("meta"):
+        model = GPT2(config)
+    # torch.tensor copies: the arrays may be read-only maps, which torch.from_numpy warns about
+    model.load_state_dict({name: torch.tensor(array, dtype=torch.float32) for name, array in state.items()}, assign=True)
+    return model.eval()
