@@ -150,5 +150,5 @@ def test_server_argument_and_threads():
 
 
 def test_get_available_gpus_matches_torch():
-    gpus = gpt2.get_available_gpus()
-    assert gpus == [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else gpus == []
+    expected = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    assert gpt2.get_available_gpus() == expected

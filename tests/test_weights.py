@@ -218,6 +218,15 @@ def test_transformers_files_load_identically(hf_folders):
     assert find_checkpoint(root / "bin").format == "torch"
 
 
+def test_legacy_torch_serialization(hf_folders, tmp_path):
+    """The hub's GPT-2 .bin files predate torch's zip format (torch < 1.6)."""
+    model, root = hf_folders
+    shutil.copy(root / "bin" / "config.json", tmp_path)
+    state = torch.load(root / "bin" / "pytorch_model.bin", weights_only=True)
+    torch.save(state, tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    _assert_same(load_weights(tmp_path)[1], _numpy_state(model))
+
+
 def test_hf_keys_with_buffers_and_tied_head(tmp_path):
     """Older transformers saved the causal-mask buffers and lm_head; both are dropped."""
     reference = _numpy_state(random_gpt2())
@@ -243,6 +252,7 @@ def test_hf_config_of_another_architecture(tmp_path):
         load_weights(tmp_path)
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's own, before it refuses
 def test_pickled_bin_is_refused(tmp_path):
     import pickle
 
