@@ -62,6 +62,13 @@ def _crc_bytes(state: int, data: bytes) -> int:
     return state
 
 
+def _feed_zeros(regs: np.ndarray, n: int) -> np.ndarray:
+    """Registers after ``n`` zero bytes."""
+    for _ in range(n):
+        regs = _TABLE[regs & 0xFF] ^ (regs >> 8)
+    return regs
+
+
 class _ZeroShift:
     """The linear map "feed n zero bytes into the register", applied to many registers at once.
 
@@ -79,10 +86,7 @@ class _ZeroShift:
 
     @classmethod
     def of_length(cls, n: int) -> "_ZeroShift":
-        regs = np.uint32(1) << np.arange(32, dtype=np.uint32)
-        for _ in range(n):
-            regs = _TABLE[regs & 0xFF] ^ (regs >> 8)
-        return cls(regs)
+        return cls(_feed_zeros(np.uint32(1) << np.arange(32, dtype=np.uint32), n))
 
     def __call__(self, regs: np.ndarray) -> np.ndarray:
         t = self.tables
@@ -92,16 +96,10 @@ class _ZeroShift:
         return _ZeroShift(self(self.columns))
 
 
-def _zero4(regs: np.ndarray) -> np.ndarray:
-    for _ in range(4):
-        regs = _TABLE[regs & 0xFF] ^ (regs >> 8)
-    return regs
-
-
 # Four bytes per step in the lanes ("slicing by 4" with two 16-bit tables): XOR a 32-bit word
 # into the register, then look up what four byte steps make of its low and high halves.
-_WORD_LO = _zero4(np.arange(1 << 16, dtype=np.uint32))
-_WORD_HI = _zero4(np.arange(1 << 16, dtype=np.uint32) << 16)
+_WORD_LO = _feed_zeros(np.arange(1 << 16, dtype=np.uint32), 4)
+_WORD_HI = _feed_zeros(np.arange(1 << 16, dtype=np.uint32) << 16, 4)
 
 _LANE_BYTES = 256  # bytes per lane: numpy runs 64 lock-step word steps per chunk
 _MAX_LANES = 1 << 16  # lanes per chunk (16 MiB chunks bound the temporary copy)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import re
 import struct
@@ -251,7 +252,6 @@ _ST_MAX_HEADER = 100 << 20  # the safetensors library's own limit
 
 def _read_safetensors(path: Path) -> tuple[dict[str, str], State]:
     """(metadata, tensors mapped from the file); bfloat16 is widened to float32."""
-    import mmap
 
     def damaged(problem: str) -> ValueError:
         return ValueError(f"{os.fspath(path)}: {problem}; the file is damaged or incomplete, save or download it again")
@@ -336,6 +336,8 @@ def save_weights(
         meta["config"] = json.dumps(config.to_hparams())
     header: dict = {"__metadata__": meta}
     offset = 0
+    # widest items first (as the safetensors library does): every tensor then starts aligned
+    arrays = dict(sorted(arrays.items(), key=lambda item: -item[1][1].dtype.itemsize))
     for name, (dtype, array) in arrays.items():
         header[name] = {"dtype": dtype, "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
         offset += array.nbytes
