@@ -476,7 +476,7 @@ def _folder_lock(folder: Path) -> Iterator[None]:
 
 
 def download_gpt2(
-    model_dir: str = "models",
+    model_dir: str | os.PathLike = "models",
     model_name: str = "124M",
     *,
     source: str = "openai",
@@ -522,7 +522,7 @@ def download_file_with_progress(url_base: str, sub_dir: str, model_name: str, fi
     fetch_file(f"{url_base.rstrip('/')}/models/{model_name}/{file_name}", Path(sub_dir) / file_name, _expected("openai", model_name, file_name))
 
 
-def is_gpt2_downloaded(model_dir: str = "models", model_name: str = "124M", source: str | None = None) -> bool:
+def is_gpt2_downloaded(model_dir: str | os.PathLike = "models", model_name: str = "124M", source: str | None = None) -> bool:
     """True when ``<model_dir>/<model_name>`` holds every file of a complete download: OpenAI's seven
     files or (``source=None`` accepts either) the HF files. A ``.part`` file left by an interrupted
     download, or a file of the wrong size, makes it False."""
