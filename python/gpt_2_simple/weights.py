@@ -489,7 +489,7 @@ def load_weights(path: str | os.PathLike, *, verify_crc: bool = False) -> tuple[
     and check them against the config found beside them.
 
     Returns ``(config, {name: array})`` with ``model.py``'s names. ``verify_crc`` also checks
-    TensorFlow's per-tensor CRC32C (reads every byte: ~1 s for 124M on a 2-core VM); the index blocks'
+    TensorFlow's per-tensor CRC32C (reads every byte: 1-2.5 s for 124M on a 2-core VM); the index blocks'
     CRCs are always checked.
     """
     ckpt = find_checkpoint(path)
