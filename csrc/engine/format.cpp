@@ -109,7 +109,10 @@ std::vector<Expected> expected_tensors(ModelWeights& w) {
   return e;
 }
 
-std::string shape_str(int ndim, uint64_t d0, uint64_t d1) { return ndim == 1 ? cat("(", d0, ")") : cat("(", d0, ", ", d1, ")"); }
+std::string shape_str(int ndim, uint64_t d0, uint64_t d1) {
+  if (ndim != 1) return cat("(", d0, ", ", d1, ")");
+  return d1 == 0 ? cat("(", d0, ")") : cat("(", d0, ") with a nonzero unused dimension ", d1);
+}
 
 }  // namespace
 
@@ -145,7 +148,12 @@ std::shared_ptr<const LoadedModel> LoadedModel::open(const std::string& path, bo
     throw SystemError(cat("cannot open model file ", path, ": ", std::strerror(err)), err);
   }
   struct stat st;
-  if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+  if (fstat(fd, &st) != 0) {
+    const int err = errno;
+    ::close(fd);
+    throw SystemError(cat("cannot read model file ", path, ": ", std::strerror(err)), err);
+  }
+  if (!S_ISREG(st.st_mode)) {
     const bool is_dir = S_ISDIR(st.st_mode);
     ::close(fd);
     throw FormatError(is_dir ? cat(path, " is a folder, not a model file: pass the .bin file written by `gpt_2_simple export`")

@@ -50,7 +50,9 @@ struct TensorInfo {
 };
 
 // A validated model file, mapped for as long as this object lives. The engine keeps a
-// shared_ptr to it; every view in weights() points into the mapping.
+// shared_ptr to it; every view in weights() points into the mapping. Like any mmap reader it
+// relies on the file not being truncated in place while mapped: our writers replace files by
+// rename, which leaves an open mapping intact.
 class LoadedModel {
  public:
   // Maps `path` and validates everything but the tensor data checksums (docs/format.md, steps
