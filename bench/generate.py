@@ -198,6 +198,7 @@ def main() -> None:
                 elapsed, t = run(peer, batch)
                 times[peer].append(elapsed)
                 timings[peer].append(t)
+                print(f"batch {batch} {peer}: {batch * args.new / elapsed:.1f} tokens/s (load {load_average():.1f})", flush=True)
         tokens = batch * args.new
         for peer in args.peers:
             tps = [tokens / s for s in times[peer]]

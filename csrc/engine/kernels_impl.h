@@ -214,7 +214,9 @@ void matmul(ThreadPool& pool, const float* x, int64_t M, int64_t K, const Tensor
   }
   // bf16 weights: round the activations to bf16 once, then every dot product is bf16 x bf16
   // products (exact in fp32) accumulated in fp32.
-  for (int64_t i = 0; i < M * K; ++i) xb[i] = f32_to_bf16(x[i]);
+  int64_t i = 0;
+  for (; i + kLanes <= M * K; i += kLanes) vstore_bf16(xb + i, vload(x + i));
+  for (; i < M * K; ++i) xb[i] = f32_to_bf16(x[i]);
   matmul_t<BF16Dot>(pool, xb, M, K, static_cast<const uint16_t*>(w.data), N, bias, y, epilogue);
 }
 
