@@ -1,7 +1,11 @@
 #include "engine/thread_pool.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <chrono>
+#include <condition_variable>
+#include <mutex>
 
 namespace gpt2s {
 
@@ -19,32 +23,42 @@ inline void cpu_relax() {
 // between the kernels of one token (layernorms, bookkeeping), far shorter than a user's pause.
 constexpr auto kSpin = std::chrono::microseconds(200);
 
-}  // namespace
-
-ThreadPool::ThreadPool(int threads)
-    : size_(threads > 0 ? threads : std::max(1, int(std::thread::hardware_concurrency()))) {
-  for (int i = 1; i < size_; ++i) workers_.emplace_back([this, i] { work(i); });
-}
-
-ThreadPool::~ThreadPool() {
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    stop_.store(true);
-  }
-  wake_.notify_all();
-  for (std::thread& t : workers_) t.join();
-}
-
-int ThreadPool::size() const { return size_; }
-
-namespace {
-
 constexpr int kGenerationShift = 40, kCountShift = 20;
 constexpr uint64_t kField = (uint64_t(1) << kCountShift) - 1;  // chunk count and index: 20 bits
 
 uint64_t generation_of(uint64_t job) { return job >> kGenerationShift; }
 
 }  // namespace
+
+struct ThreadPool::Sleep {
+  std::mutex mutex;
+  std::condition_variable wake;
+};
+
+ThreadPool::ThreadPool(int threads)
+    : size_(threads > 0 ? threads : std::max(1, int(std::thread::hardware_concurrency()))),
+      owner_(getpid()),
+      sleep_(new Sleep) {
+  for (int i = 1; i < size_; ++i) workers_.emplace_back([this, i] { work(i); });
+}
+
+ThreadPool::~ThreadPool() {
+  if (getpid() != owner_) {
+    // A fork()ed child: the workers live only in the parent, and the copied mutex and condition
+    // variable may record them as holders or waiters (destroying them could block forever).
+    for (std::thread& t : workers_) t.detach();
+    sleep_.release();
+    return;
+  }
+  {
+    std::lock_guard<std::mutex> lock(sleep_->mutex);
+    stop_.store(true);
+  }
+  sleep_->wake.notify_all();
+  for (std::thread& t : workers_) t.join();
+}
+
+int ThreadPool::size() const { return size_; }
 
 bool ThreadPool::claim(uint64_t generation, int64_t* chunk) {
   uint64_t job = job_.load(std::memory_order_acquire);
@@ -60,7 +74,8 @@ bool ThreadPool::claim(uint64_t generation, int64_t* chunk) {
 }
 
 void ThreadPool::run(int64_t n_chunks, ChunkFn fn, void* context) {
-  if (size_ == 1 || n_chunks <= 1) {
+  // In a fork()ed child the workers (and the state of their mutex) stayed in the parent.
+  if (size_ == 1 || n_chunks <= 1 || getpid() != owner_) {
     for (int64_t c = 0; c < n_chunks; ++c) fn(context, c, 0);
     return;
   }
@@ -80,8 +95,8 @@ void ThreadPool::run_batch(int64_t first, int64_t n_chunks, ChunkFn fn, void* co
   const uint64_t generation = (generation_of(job_.load(std::memory_order_relaxed)) + 1) & ((uint64_t(1) << (64 - kGenerationShift)) - 1);
   job_.store(generation << kGenerationShift | uint64_t(n_chunks) << kCountShift);  // publish (seq_cst, as sleepers_)
   if (sleepers_.load() > 0) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    wake_.notify_all();
+    std::lock_guard<std::mutex> lock(sleep_->mutex);
+    sleep_->wake.notify_all();
   }
   int64_t chunk;
   while (claim(generation, &chunk)) {
@@ -104,9 +119,9 @@ void ThreadPool::work(int index) {
         cpu_relax();
         continue;
       }
-      std::unique_lock<std::mutex> lock(mutex_);
+      std::unique_lock<std::mutex> lock(sleep_->mutex);
       sleepers_.fetch_add(1);
-      wake_.wait(lock, [&] { return generation_of(job_.load()) != seen || stop_.load(); });
+      sleep_->wake.wait(lock, [&] { return generation_of(job_.load()) != seen || stop_.load(); });
       sleepers_.fetch_sub(1);
       spin_until = std::chrono::steady_clock::now() + kSpin;
     }

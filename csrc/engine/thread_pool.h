@@ -10,9 +10,8 @@
 #pragma once
 
 #include <atomic>
-#include <condition_variable>
 #include <cstdint>
-#include <mutex>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -41,6 +40,7 @@ class ThreadPool {
   void run_batch(int64_t first, int64_t n_chunks, ChunkFn fn, void* context);
 
   int size_;
+  int owner_;  // pid of the process whose threads these are
   std::vector<std::thread> workers_;
   // The current job in one word: generation (bits 40-63), chunk count (20-39), next unclaimed
   // chunk (0-19). Claiming compares all three at once, so a late worker can never take a chunk
@@ -52,8 +52,8 @@ class ThreadPool {
   std::atomic<int64_t> done_{0};
   std::atomic<int> sleepers_{0};
   std::atomic<bool> stop_{false};
-  std::mutex mutex_;
-  std::condition_variable wake_;
+  struct Sleep;                   // where idle workers block: a mutex and a condition variable
+  std::unique_ptr<Sleep> sleep_;  // (on the heap, so a fork()ed child can leave it alone)
 };
 
 }  // namespace gpt2s
