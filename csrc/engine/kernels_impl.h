@@ -130,14 +130,23 @@ inline Vf vgelu(Vf x) {
   return vdiv(x, vadd(vset1(1.0f), vexp(u2)));
 }
 
-inline float gelu_scalar(float x) {
-  const float u2 = -1.5957691216057308f * (x + 0.044715f * x * x * x);
-  return x / (1.0f + __builtin_expf(u2 > 88.0f ? 88.0f : u2));
+// y[0, n) = gelu(y[0, n)) in place, every element through vgelu (the tail through a padded vector),
+// so a value's result does not depend on where a chunk boundary falls.
+inline void gelu_inplace(float* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) vstore(y + i, vgelu(vload(y + i)));
+  if (i < n) {
+    float tail[kLanes] = {};
+    for (int64_t t = i; t < n; ++t) tail[t - i] = y[t];
+    vstore(tail, vgelu(vload(tail)));
+    for (int64_t t = i; t < n; ++t) y[t] = tail[t - i];
+  }
 }
 
-// Outputs per parallel work item: small enough to balance two busy cores, large enough that a
-// work item streams several KB of weights.
-constexpr int64_t kColChunk = 16 * kColBlock;
+// Outputs per parallel work item: at most kMaxColChunk (a few hundred KB of weights), and small
+// enough that every thread gets about 8 items, so a thread that falls behind (a busy machine)
+// leaves little for the others to wait on.
+constexpr int64_t kMaxColChunk = 16 * kColBlock;
 
 // Up to this many rows, the weights are read one row after the other (one sequential stream
 // the hardware prefetcher keeps up with: memory-bound decoding); above it, kColBlock rows are
@@ -153,9 +162,10 @@ struct MatmulJob {
   const float* bias;       // (N) or null
   float* y;                // (M, N)
   Epilogue epilogue;
+  int64_t cols;            // outputs per chunk, a multiple of kColBlock
 };
 
-// Outputs [c * kColChunk, (c + 1) * kColChunk) for all M rows.
+// Outputs [c * cols, (c + 1) * cols) for all M rows.
 template <class D>
 void matmul_chunk(void* job_ptr, int64_t c, int /*thread*/) {
   const MatmulJob<D>& j = *static_cast<const MatmulJob<D>*>(job_ptr);
@@ -164,7 +174,7 @@ void matmul_chunk(void* job_ptr, int64_t c, int /*thread*/) {
   const typename D::T* w = j.w;
   float* y = j.y;
   float block[kRowBlock * kColBlock];  // (rows, kColBlock) dot products before the epilogue
-  const int64_t n_begin = c * kColChunk, n_end = min64(N, n_begin + kColChunk);
+  const int64_t n_begin = c * j.cols, n_end = min64(N, n_begin + j.cols);
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kColBlock) {
     const int64_t nb = min64(kColBlock, n_end - n0);
     for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
@@ -189,20 +199,17 @@ void matmul_chunk(void* job_ptr, int64_t c, int /*thread*/) {
     }
   }
   if (j.epilogue == Epilogue::kGelu) {
-    for (int64_t m = 0; m < M; ++m) {
-      float* yr = y + m * N;
-      int64_t n = n_begin;
-      for (; n + kLanes <= n_end; n += kLanes) vstore(yr + n, vgelu(vload(yr + n)));
-      for (; n < n_end; ++n) yr[n] = gelu_scalar(yr[n]);
-    }
+    for (int64_t m = 0; m < M; ++m) gelu_inplace(y + m * N + n_begin, n_end - n_begin);
   }
 }
 
 template <class D>
 void matmul_t(ThreadPool& pool, const typename D::T* x, int64_t M, int64_t K, const typename D::T* w, int64_t N,
               const float* bias, float* y, Epilogue epilogue) {
-  MatmulJob<D> job{x, M, K, w, N, bias, y, epilogue};
-  parallel_chunks(pool, (N + kColChunk - 1) / kColChunk, M * N * K, matmul_chunk<D>, &job);
+  const int64_t blocks = N / (8 * pool.size() * kColBlock);
+  const int64_t cols = kColBlock * (blocks < 1 ? 1 : blocks > kMaxColChunk / kColBlock ? kMaxColChunk / kColBlock : blocks);
+  MatmulJob<D> job{x, M, K, w, N, bias, y, epilogue, cols};
+  parallel_chunks(pool, (N + cols - 1) / cols, M * N * K, matmul_chunk<D>, &job);
 }
 
 void matmul(ThreadPool& pool, const float* x, int64_t M, int64_t K, const TensorView& w, const float* bias, float* y,
