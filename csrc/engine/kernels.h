@@ -1,10 +1,10 @@
-// The CPU kernels, one table per instruction set (kernels_impl.h compiled by kernels_<isa>.cpp with
+// The CPU kernels, one table per instruction set (kernels_impl.h compiled by kernels_isa.cpp with
 // that ISA's flags), chosen at run time from cpu_features().
 //
 // Determinism rule every kernel keeps: the value computed for one token row never depends on which
 // other rows share the call, on the thread count or on the scheduling. Each output of a matmul is
-// one dot product accumulated in a fixed lane order over K and reduced the same way whatever the
-// tile it falls in. So an engine's logits (and its samples) are the same at batch 1 and batch 64.
+// accumulated in its own vector lane, input after input, whatever the row block, panel or thread
+// that computes it. So an engine's logits (and its samples) are the same at batch 1 and batch 64.
 #pragma once
 
 #include <cstdint>
@@ -20,13 +20,30 @@ enum class Epilogue {
   kAdd,    // y += x @ w^T + bias (the residual connection)
 };
 
+// A weight matrix (N outputs, K inputs) rearranged by Kernels::pack into the layout that ISA's
+// matmul streams (kernels_impl.h); `data` holds Kernels::packed_bytes(N, K, dtype) bytes.
+struct PackedMatrix {
+  const void* data = nullptr;
+  DType dtype = DType::F32;
+  int64_t rows = 0;  // N
+  int64_t cols = 0;  // K
+};
+
 struct Kernels {
   const char* isa;  // "avx512bf16", "avx512", "avx2" or "scalar"
 
-  // y (M, N) = epilogue(x (M, K) @ w (N, K)^T + bias (N)); bias may be null. w is fp32 or bf16;
-  // for bf16 the activations are rounded to bf16 once (into xb, M*K values) and multiplied with
-  // fp32 accumulation. Parallel over N.
-  void (*matmul)(ThreadPool& pool, const float* x, int64_t M, int64_t K, const TensorView& w, const float* bias,
+  // Outputs per packed panel: packing rows [r, r + n) of a matrix, r a multiple of this, writes
+  // the bytes at packed_bytes(r, K, dtype) of the whole matrix's packed form.
+  int64_t panel;
+  // Bytes that pack() writes for a stored (N, K) matrix of `dtype`.
+  int64_t (*packed_bytes)(int64_t N, int64_t K, DType dtype);
+  // Rearranges the stored (N, K) matrix w (fp32 or bf16) into out (64-byte aligned). Parallel.
+  void (*pack)(ThreadPool& pool, const TensorView& w, void* out);
+
+  // y (M, N) = epilogue(x (M, K) @ w (N, K)^T + bias (N)); bias may be null. For bf16 weights the
+  // activations are rounded to bf16 once (into xb: M * (K + 1) values) and multiplied with fp32
+  // accumulation. Parallel over N.
+  void (*matmul)(ThreadPool& pool, const float* x, int64_t M, int64_t K, const PackedMatrix& w, const float* bias,
                  float* y, Epilogue epilogue, uint16_t* xb);
 
   // y (M, C) = layernorm(x (M, C)) * g + b, eps 1e-5 (GPT-2's).
