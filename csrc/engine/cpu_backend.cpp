@@ -28,7 +28,7 @@ void release_pages(const TensorView& t) {
 }  // namespace
 
 CpuBackend::CpuBackend(const ModelWeights& weights, int threads)
-    : w_(weights), kernels_(best_kernels()), pool_(threads) {
+    : w_(weights), kernels_(best_kernels()), pool_(threads), kv_dtype_(weights.dtype) {
   // Every matrix a matmul reads, in order, and where its packed copy goes.
   std::vector<std::pair<const TensorView*, PackedMatrix*>> matrices;
   layers_.resize(w_.h.size());
@@ -77,8 +77,9 @@ void CpuBackend::reserve(int32_t slots, int32_t ctx, int32_t max_step_tokens) {
   ctx_ = ctx;
   max_tokens_ = max_step_tokens;
   const int64_t N = max_step_tokens;
-  k_cache_.resize(L * slots * ctx * C);
-  v_cache_.resize(L * slots * ctx * C);
+  const int64_t kv_bytes = L * slots * ctx * C * (kv_dtype_ == DType::F32 ? 4 : 2);
+  k_cache_.resize(kv_bytes);
+  v_cache_.resize(kv_bytes);
   x_.resize(N * C);
   ln_.resize(N * C);
   qkv_.resize(N * 3 * C);
@@ -95,29 +96,20 @@ void CpuBackend::forward(const StepInput& in) {
   const Config& c = w_.config;
   const int64_t C = c.n_embd, NH = c.n_head, HS = C / NH, N = int64_t(in.tokens.size());
   const int64_t R = int64_t(in.sample_at.size());
-  const int64_t layer_kv = int64_t(slots_) * ctx_ * C;  // KV floats per layer
+  const int64_t layer_kv = int64_t(slots_) * ctx_ * C * (kv_dtype_ == DType::F32 ? 4 : 2);  // KV bytes per layer
   const Kernels& k = kernels_;
 
   k.embed(pool_, w_.wte, w_.wpe, in.tokens.data(), in.positions.data(), N, C, x_.data());
   for (const LayerWeights& l : w_.h) {
     const int64_t li = &l - w_.h.data();
-    float* kc = k_cache_.data() + li * layer_kv;  // (slots, NH, ctx, HS)
-    float* vc = v_cache_.data() + li * layer_kv;
+    uint8_t* kc = k_cache_.data() + li * layer_kv;  // (slots, NH, ctx, HS)
+    uint8_t* vc = v_cache_.data() + li * layer_kv;
     k.layernorm(pool_, x_.data(), N, C, static_cast<const float*>(l.ln_1_w.data), static_cast<const float*>(l.ln_1_b.data),
                 ln_.data());
     k.matmul(pool_, ln_.data(), N, C, layers_[size_t(li)].attn_c_attn, static_cast<const float*>(l.attn_c_attn_b.data), qkv_.data(),
              Epilogue::kStore, xb_.data());
-    // The new keys and values go to their rows' slots before attention reads them.
-    for (int64_t i = 0; i < N; ++i) {
-      const float* q = qkv_.data() + i * 3 * C;  // (3C): q, k, v
-      for (int64_t h = 0; h < NH; ++h) {
-        const int64_t at = ((int64_t(in.slots[i]) * NH + h) * ctx_ + in.positions[i]) * HS;
-        std::memcpy(kc + at, q + C + h * HS, size_t(HS) * sizeof(float));
-        std::memcpy(vc + at, q + 2 * C + h * HS, size_t(HS) * sizeof(float));
-      }
-    }
-    k.attention(pool_, qkv_.data(), N, in.slots.data(), in.positions.data(), kc, vc, NH, HS, ctx_, att_.data(),
-                scores_.data());
+    k.attention(pool_, qkv_.data(), N, in.slots.data(), in.positions.data(), kc, vc, kv_dtype_, NH, HS, ctx_,
+                att_.data(), scores_.data());
     k.matmul(pool_, att_.data(), N, C, layers_[size_t(li)].attn_c_proj, static_cast<const float*>(l.attn_c_proj_b.data), x_.data(),
              Epilogue::kAdd, xb_.data());
     k.layernorm(pool_, x_.data(), N, C, static_cast<const float*>(l.ln_2_w.data), static_cast<const float*>(l.ln_2_b.data),

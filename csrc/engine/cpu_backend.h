@@ -46,7 +46,7 @@ class CpuBackend final : public Backend {
 
   void reserve(int32_t slots, int32_t ctx, int32_t max_step_tokens) override;
   void step(const StepInput& in, StepOutput& out) override;
-  int64_t kv_cache_bytes() const override { return int64_t(sizeof(float)) * (k_cache_.size() + v_cache_.size()); }
+  int64_t kv_cache_bytes() const override { return k_cache_.size() + v_cache_.size(); }
   std::string describe() const override;
   int threads() const { return pool_.size(); }
 
@@ -64,8 +64,10 @@ class CpuBackend final : public Backend {
   std::vector<PackedLayer> layers_;
   PackedMatrix head_;  // wte, as the output head
   int32_t slots_ = 0, ctx_ = 0, max_tokens_ = 0;
-  // KV cache, per layer: (slots, NH, ctx, HS) keys and values, layers back to back.
-  Buffer<float> k_cache_, v_cache_;
+  // KV cache, per layer: (slots, NH, ctx, HS) keys and values, layers back to back, in the
+  // weights' dtype (a bf16 model keeps bf16 keys and values: half the memory and reads).
+  DType kv_dtype_;
+  Buffer<uint8_t> k_cache_, v_cache_;
   // Workspace for up to max_tokens_ packed tokens (N) and slots_ sampling rows (R).
   Buffer<float> x_;        // (N, C) residual stream
   Buffer<float> ln_;       // (N, C) layernorm output

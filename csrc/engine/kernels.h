@@ -49,11 +49,13 @@ struct Kernels {
   // y (M, C) = layernorm(x (M, C)) * g + b, eps 1e-5 (GPT-2's).
   void (*layernorm)(ThreadPool& pool, const float* x, int64_t M, int64_t C, const float* g, const float* b, float* y);
 
-  // Causal attention for N tokens over a KV cache of one layer, k/v (slots, NH, T_cap, HS): token i
-  // of slot[i] at position pos[i] attends to positions 0..pos[i] of its slot. q is read from
-  // qkv (N, 3C); out (N, C). scratch: (pool threads, T_cap) floats. Parallel over (token, head).
-  void (*attention)(ThreadPool& pool, const float* qkv, int64_t N, const int32_t* slot, const int32_t* pos,
-                    const float* k, const float* v, int64_t NH, int64_t HS, int64_t T_cap, float* out, float* scratch);
+  // Causal attention for N tokens over the KV cache of one layer: first the tokens' own keys and
+  // values (from qkv (N, 3C)) go to position pos[i] of slot[i], then token i attends to positions
+  // 0..pos[i] of its slot; out (N, C). k and v: (slots, NH, ctx, HS) of kv_dtype (fp32, or bf16:
+  // rounded to nearest even when stored, widened when read). scratch: (pool threads, ctx) floats.
+  // Parallel over (token, head).
+  void (*attention)(ThreadPool& pool, const float* qkv, int64_t N, const int32_t* slot, const int32_t* pos, void* k,
+                    void* v, DType kv_dtype, int64_t NH, int64_t HS, int64_t ctx, float* out, float* scratch);
 
   // x (N, C) = wte[tokens] + wpe[pos], widened to fp32.
   void (*embed)(ThreadPool& pool, const TensorView& wte, const TensorView& wpe, const int32_t* tokens,

@@ -282,15 +282,6 @@ void layernorm(ThreadPool& pool, const float* x, int64_t M, int64_t C, const flo
 
 // ---------------------------------------------------------------------------------------------
 
-inline float dot_f32(const float* a, const float* b, int64_t n) {
-  Vf acc = vzero();
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) acc = vfma(vload(a + i), vload(b + i), acc);
-  float s = vhsum(acc);
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
 // w[i] = exp(x[i] / divisor - m) for i < n (w may be x); returns the float64 sum of the w.
 inline double exp_shifted(const float* x, int64_t n, float divisor, float m, float* w) {
   const Vf vd = vset1(divisor), vm = vset1(m);
@@ -313,40 +304,92 @@ inline double exp_shifted(const float* x, int64_t n, float divisor, float m, flo
   return sum;
 }
 
-struct AttentionJob {
-  const float* qkv;  // (N, 3C)
-  const int32_t* slot;
-  const int32_t* pos;
-  const float* k;    // (slots, NH, T_cap, HS)
-  const float* v;
-  int64_t N, NH, HS, T_cap;
-  float* out;        // (N, C)
-  float* scratch;    // (threads, T_cap)
-  int64_t per_chunk; // (token, head) tasks per chunk
+// The KV cache of one layer: keys and values (slots, NH, ctx, HS), fp32 or bf16 (KVF32 / KVBF16:
+// how a cached row is stored and read back widened to fp32).
+struct KVF32 {
+  using T = float;
+  static void store(float* dst, const float* src, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
+  }
+  static Vf load(const float* p) { return vload(p); }
+  static float value(float a) { return a; }
 };
 
-// One (token, head): softmax(q K^T / sqrt(HS)) V over the token's positions 0..pos.
-void attend(const AttentionJob& j, int64_t i, int64_t h, float* scores) {
+struct KVBF16 {
+  using T = uint16_t;
+  static void store(uint16_t* dst, const float* src, int64_t n) {
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) vstore_bf16(dst + i, vload(src + i));
+    for (; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
+  }
+  static Vf load(const uint16_t* p) { return vload_bf16_f32(p); }
+  static float value(uint16_t a) { return bf16_to_f32(a); }
+};
+
+template <class KV>
+struct AttentionJob {
+  const float* qkv;           // (N, 3C)
+  const int32_t* slot;
+  const int32_t* pos;
+  const typename KV::T* k;    // (slots, NH, ctx, HS)
+  const typename KV::T* v;    // (slots, NH, ctx, HS)
+  int64_t N, NH, HS, ctx;
+  float* out;                 // (N, C)
+  float* scratch;             // (threads, ctx)
+  int64_t per_chunk;          // (token, head) tasks per chunk
+};
+
+// q . k for one cached key row.
+template <class KV>
+inline float dot_key(const float* q, const typename KV::T* k, int64_t HS) {
+  Vf acc = vzero();
+  int64_t d = 0;
+  for (; d + kLanes <= HS; d += kLanes) acc = vfma(vload(q + d), KV::load(k + d), acc);
+  float s = vhsum(acc);
+  for (; d < HS; ++d) s += q[d] * KV::value(k[d]);
+  return s;
+}
+
+// o[v * kLanes ...] = sum over t < T of p[t] * vh[t][d0 + v * kLanes ...], for NV vectors held in
+// registers across the positions.
+template <class KV, int NV>
+inline void weighted_rows(const float* p, int64_t T, const typename KV::T* vh, int64_t HS, int64_t d0, float* o) {
+  Vf acc[NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) acc[v] = vzero();
+  for (int64_t t = 0; t < T; ++t) {
+    const Vf pt = vset1(p[t]);
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[v] = vfma(pt, KV::load(vh + t * HS + d0 + v * kLanes), acc[v]);
+  }
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) vstore(o + d0 + v * kLanes, acc[v]);
+}
+
+// One (token, head): softmax(q K^T / sqrt(HS)) V over the token's positions 0..pos. Each cached
+// key and value of the head is read once.
+template <class KV>
+void attend(const AttentionJob<KV>& j, int64_t i, int64_t h, float* scores) {
   const int64_t C = j.NH * j.HS, HS = j.HS;
   const int64_t T = int64_t(j.pos[i]) + 1;
   const float scale = 1.0f / __builtin_sqrtf(float(HS));
   const float* q = j.qkv + i * 3 * C + h * HS;
-  const float* kh = j.k + (int64_t(j.slot[i]) * j.NH + h) * j.T_cap * HS;  // (T_cap, HS)
-  const float* vh = j.v + (int64_t(j.slot[i]) * j.NH + h) * j.T_cap * HS;  // (T_cap, HS)
+  const typename KV::T* kh = j.k + (int64_t(j.slot[i]) * j.NH + h) * j.ctx * HS;  // (ctx, HS)
+  const typename KV::T* vh = j.v + (int64_t(j.slot[i]) * j.NH + h) * j.ctx * HS;  // (ctx, HS)
   float m = -__builtin_inff();
   for (int64_t t = 0; t < T; ++t) {
-    scores[t] = dot_f32(q, kh + t * HS, HS) * scale;
+    scores[t] = dot_key<KV>(q, kh + t * HS, HS) * scale;
     m = scores[t] > m ? scores[t] : m;
   }
   const float inv = float(1.0 / exp_shifted(scores, T, 1.0f, m, scores));
   float* o = j.out + i * C + h * HS;  // (HS)
-  for (int64_t d = 0; d < HS; ++d) o[d] = 0.0f;
-  for (int64_t t = 0; t < T; ++t) {  // each cached value row read once
-    const Vf p = vset1(scores[t]);
-    const float* vr = vh + t * HS;
-    int64_t d = 0;
-    for (; d + kLanes <= HS; d += kLanes) vstore(o + d, vfma(p, vload(vr + d), vload(o + d)));
-    for (; d < HS; ++d) o[d] += scores[t] * vr[d];
+  int64_t d0 = 0;
+  for (; d0 + 4 * kLanes <= HS; d0 += 4 * kLanes) weighted_rows<KV, 4>(scores, T, vh, HS, d0, o);
+  for (; d0 + kLanes <= HS; d0 += kLanes) weighted_rows<KV, 1>(scores, T, vh, HS, d0, o);
+  for (; d0 < HS; ++d0) {
+    float acc = 0.0f;
+    for (int64_t t = 0; t < T; ++t) acc += scores[t] * KV::value(vh[t * HS + d0]);
+    o[d0] = acc;
   }
   const Vf vinv = vset1(inv);
   int64_t d = 0;
@@ -354,19 +397,39 @@ void attend(const AttentionJob& j, int64_t i, int64_t h, float* scores) {
   for (; d < HS; ++d) o[d] *= inv;
 }
 
-void attention(ThreadPool& pool, const float* qkv, int64_t N, const int32_t* slot, const int32_t* pos, const float* k,
-               const float* v, int64_t NH, int64_t HS, int64_t T_cap, float* out, float* scratch) {
+template <class KV>
+void attention_t(ThreadPool& pool, const float* qkv, int64_t N, const int32_t* slot, const int32_t* pos,
+                 typename KV::T* k, typename KV::T* v, int64_t NH, int64_t HS, int64_t ctx, float* out, float* scratch) {
+  const int64_t C = NH * HS;
+  // The new keys and values first: a token attends to those of earlier tokens of this step.
+  for (int64_t i = 0; i < N; ++i) {
+    for (int64_t h = 0; h < NH; ++h) {
+      const int64_t at = ((int64_t(slot[i]) * NH + h) * ctx + pos[i]) * HS;
+      KV::store(k + at, qkv + i * 3 * C + C + h * HS, HS);
+      KV::store(v + at, qkv + i * 3 * C + 2 * C + h * HS, HS);
+    }
+  }
   const int64_t tasks = N * NH;
-  AttentionJob job{qkv, slot, pos, k, v, N, NH, HS, T_cap, out, scratch, (tasks + 8 * pool.size() - 1) / (8 * pool.size())};
+  AttentionJob<KV> job{qkv, slot, pos, k, v, N, NH, HS, ctx, out, scratch, (tasks + 8 * pool.size() - 1) / (8 * pool.size())};
   int64_t work = 0;  // multiply-adds: two per head dimension and attended position
-  for (int64_t i = 0; i < N; ++i) work += 2 * (int64_t(pos[i]) + 1) * NH * HS;
+  for (int64_t i = 0; i < N; ++i) work += 2 * (int64_t(pos[i]) + 1) * C;
   parallel_chunks(pool, (tasks + job.per_chunk - 1) / job.per_chunk, work, +[](void* p, int64_t c, int thread) {
-    const AttentionJob& j = *static_cast<const AttentionJob*>(p);
-    float* scores = j.scratch + int64_t(thread) * j.T_cap;
+    const AttentionJob<KV>& j = *static_cast<const AttentionJob<KV>*>(p);
+    float* scores = j.scratch + int64_t(thread) * j.ctx;
     for (int64_t task = c * j.per_chunk; task < min64(j.N * j.NH, (c + 1) * j.per_chunk); ++task) {
       attend(j, task / j.NH, task % j.NH, scores);
     }
   }, &job);
+}
+
+void attention(ThreadPool& pool, const float* qkv, int64_t N, const int32_t* slot, const int32_t* pos, void* k, void* v,
+               DType kv_dtype, int64_t NH, int64_t HS, int64_t ctx, float* out, float* scratch) {
+  if (kv_dtype == DType::F32) {
+    attention_t<KVF32>(pool, qkv, N, slot, pos, static_cast<float*>(k), static_cast<float*>(v), NH, HS, ctx, out, scratch);
+  } else {
+    attention_t<KVBF16>(pool, qkv, N, slot, pos, static_cast<uint16_t*>(k), static_cast<uint16_t*>(v), NH, HS, ctx, out,
+                        scratch);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
