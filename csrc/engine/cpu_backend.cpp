@@ -58,7 +58,7 @@ CpuBackend::CpuBackend(const ModelWeights& weights, int threads)
       part.data = static_cast<const uint8_t*>(view.data) + r0 * row_bytes;
       part.rows = std::min(slice, view.rows - r0);
       kernels_.pack(pool_, part, out + kernels_.packed_bytes(r0, view.cols, view.dtype));
-      release_pages(part);  // wte too: the embedding reads a few of its rows back on demand
+      release_pages(part);
     }
     *matrices[i].second = PackedMatrix{out, view.dtype, view.rows, view.cols};
   }
@@ -99,7 +99,7 @@ void CpuBackend::forward(const StepInput& in) {
   const int64_t layer_kv = int64_t(slots_) * ctx_ * C * (kv_dtype_ == DType::F32 ? 4 : 2);  // KV bytes per layer
   const Kernels& k = kernels_;
 
-  k.embed(pool_, w_.wte, w_.wpe, in.tokens.data(), in.positions.data(), N, C, x_.data());
+  k.embed(pool_, head_, w_.wpe, in.tokens.data(), in.positions.data(), N, C, x_.data());
   for (const LayerWeights& l : w_.h) {
     const int64_t li = &l - w_.h.data();
     uint8_t* kc = k_cache_.data() + li * layer_kv;  // (slots, NH, ctx, HS)

@@ -57,8 +57,9 @@ struct Kernels {
   void (*attention)(ThreadPool& pool, const float* qkv, int64_t N, const int32_t* slot, const int32_t* pos, void* k,
                     void* v, DType kv_dtype, int64_t NH, int64_t HS, int64_t ctx, float* out, float* scratch);
 
-  // x (N, C) = wte[tokens] + wpe[pos], widened to fp32.
-  void (*embed)(ThreadPool& pool, const TensorView& wte, const TensorView& wpe, const int32_t* tokens,
+  // x (N, C) = wte[tokens] + wpe[pos], widened to fp32; wte is read from its packed form (the
+  // output head's), so the file's copy is never touched again.
+  void (*embed)(ThreadPool& pool, const PackedMatrix& wte, const TensorView& wpe, const int32_t* tokens,
                 const int32_t* pos, int64_t N, int64_t C, float* x);
 
   // Sampler helpers. max_value: the largest of x[0..n), NaN ignored (-inf if none).

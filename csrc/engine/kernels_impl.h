@@ -434,21 +434,15 @@ void attention(ThreadPool& pool, const float* qkv, int64_t N, const int32_t* slo
 
 // ---------------------------------------------------------------------------------------------
 
-// out (C) += row `row` of t (fp32 or bf16), widened to fp32.
-inline void add_row(const TensorView& t, int64_t row, int64_t C, float* out) {
-  if (t.dtype == DType::F32) {
-    const float* src = static_cast<const float*>(t.data) + row * C;
-    for (int64_t c = 0; c < C; ++c) out[c] += src[c];
-    return;
-  }
-  const uint16_t* src = static_cast<const uint16_t*>(t.data) + row * C;
-  int64_t c = 0;
-  for (; c + kLanes <= C; c += kLanes) vstore(out + c, vadd(vload(out + c), vload_bf16_f32(src + c)));
-  for (; c < C; ++c) out[c] += bf16_to_f32(src[c]);
+// Element (n, k) of a packed matrix (the layout of pack()), widened to fp32.
+inline float packed_at(const PackedMatrix& w, int64_t n, int64_t k) {
+  const int64_t p = n / kPanel, i = n % kPanel, K = w.cols;
+  if (w.dtype == DType::F32) return static_cast<const float*>(w.data)[(p * K + k) * kPanel + i];
+  return bf16_to_f32(static_cast<const uint16_t*>(w.data)[((p * pairs(K) + k / 2) * kPanel + i) * 2 + k % 2]);
 }
 
 struct EmbedJob {
-  const TensorView* wte;
+  const PackedMatrix* wte;
   const TensorView* wpe;
   const int32_t* tokens;
   const int32_t* pos;
@@ -456,15 +450,17 @@ struct EmbedJob {
   float* x;  // (N, C)
 };
 
-void embed(ThreadPool& pool, const TensorView& wte, const TensorView& wpe, const int32_t* tokens, const int32_t* pos,
+void embed(ThreadPool& pool, const PackedMatrix& wte, const TensorView& wpe, const int32_t* tokens, const int32_t* pos,
            int64_t N, int64_t C, float* x) {
   EmbedJob job{&wte, &wpe, tokens, pos, C, x};
   parallel_chunks(pool, N, N * C, +[](void* p, int64_t i, int) {
     const EmbedJob& j = *static_cast<const EmbedJob*>(p);
     float* xr = j.x + i * j.C;
-    for (int64_t c = 0; c < j.C; ++c) xr[c] = 0.0f;
-    add_row(*j.wte, j.tokens[i], j.C, xr);
-    add_row(*j.wpe, j.pos[i], j.C, xr);
+    for (int64_t c = 0; c < j.C; ++c) {
+      const float pe = j.wpe->dtype == DType::F32 ? static_cast<const float*>(j.wpe->data)[j.pos[i] * j.C + c]
+                                                  : bf16_to_f32(static_cast<const uint16_t*>(j.wpe->data)[j.pos[i] * j.C + c]);
+      xr[c] = packed_at(*j.wte, j.tokens[i], c) + pe;
+    }
   }, &job);
 }
 
