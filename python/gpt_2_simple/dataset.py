@@ -323,15 +323,18 @@ class Windows:
 
     def batch(self, indices) -> tuple[np.ndarray, np.ndarray]:
         """Windows ``indices`` as (tokens (N, L) int64, zero-padded; lengths (N,))."""
-        x = np.zeros((len(indices), self.length), dtype=np.int64)
-        lengths = np.zeros(len(indices), dtype=np.int64)
-        for row, i in enumerate(indices):
+        found = []
+        for i in indices:
             c = int(np.searchsorted(self.ends, i, side="right"))
-            start = int(i) - (int(self.ends[c - 1]) if c else 0)
-            w = self.chunks[c][start : start + self.length]
+            found.append(self.window(c, int(i) - (int(self.ends[c - 1]) if c else 0)))
+        return self.stack(found)
+
+    def stack(self, windows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens (N, L) int64, zero-padded; lengths (N,)) of up to L-token windows."""
+        x = np.zeros((len(windows), self.length), dtype=np.int64)
+        for row, w in enumerate(windows):
             x[row, : len(w)] = w
-            lengths[row] = len(w)
-        return x, lengths
+        return x, np.array([len(w) for w in windows], dtype=np.int64)
 
     def tiling(self, limit: int) -> list[tuple[int, int]]:
         """Non-overlapping (chunk, start) windows covering every chunk, at most ``limit`` of them
