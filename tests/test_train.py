@@ -13,6 +13,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 import gpt_2_simple as gpt2
+from gpt_2_simple.train import checkpoint_steps, latest_checkpoint
 from gpt_2_simple.config import GPT2Config
 from gpt_2_simple.dataset import Windows, WindowSampler
 from gpt_2_simple.model import GPT2
@@ -110,27 +111,27 @@ def test_exact_resume_is_bitwise(root):
 def test_steps_add_to_the_run_and_max_checkpoints(root, capsys):
     run(root, steps=6, save_every=2, max_checkpoints=2)
     folder = root / "checkpoint" / "run1"
-    assert gpt2.train.checkpoint_steps(folder) == [4, 6]
+    assert checkpoint_steps(folder) == [4, 6]
     run(root, steps=3, save_every=2, max_checkpoints=2)
-    assert gpt2.train.checkpoint_steps(folder) == [8, 9]
+    assert checkpoint_steps(folder) == [8, 9]
     assert (folder / "counter").read_text() == "9\n"
     assert sorted(p.name for p in folder.glob("train_state-*")) == ["train_state-8.pt", "train_state-9.pt"]
     out = capsys.readouterr().out
     assert "[7 | " in out and "Loading checkpoint" in out
     # overwrite (with 'latest'): the old checkpoints go at once
     run(root, steps=1, overwrite=True, max_checkpoints=5)
-    assert gpt2.train.checkpoint_steps(folder) == [9, 10]
+    assert checkpoint_steps(folder) == [9, 10]
 
 
 def test_restore_fresh_restarts_numbering_and_replaces_the_old_run(root, capsys):
     run(root, steps=5)
     run(root, steps=2, restore_from="fresh", max_checkpoints=3)
     folder = root / "checkpoint" / "run1"
-    assert gpt2.train.checkpoint_steps(folder) == [2]  # model-5 would shadow it as 'latest'
+    assert checkpoint_steps(folder) == [2]  # model-5 would shadow it as 'latest'
     assert "[1 | " in capsys.readouterr().out.split("Training...")[-1]
     # restore_from a path: its weights, step numbering from 1
     run(root, steps=1, restore_from=str(folder), run_name="other")
-    assert gpt2.train.checkpoint_steps(root / "checkpoint" / "other") == [1]
+    assert checkpoint_steps(root / "checkpoint" / "other") == [1]
 
 
 def test_accumulation_averages_gradients(root):
@@ -196,7 +197,7 @@ def test_short_dataset_trains_on_shorter_windows(root, capsys):
     (root / "short.txt").write_text("To be, or not to be.", encoding="utf-8")
     run(root, steps=2, dataset=root / "short.txt")
     assert "training on" in capsys.readouterr().out
-    assert gpt2.train.checkpoint_steps(root / "checkpoint" / "run1") == [2]
+    assert checkpoint_steps(root / "checkpoint" / "run1") == [2]
 
 
 @pytest.mark.parametrize(

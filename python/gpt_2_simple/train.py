@@ -447,8 +447,11 @@ class _Trainer:
         return base_config, None, 0, None
 
     def _write_run_files(self, config) -> None:
-        """hparams.json and the tokenizer files, as the original copied them into the run."""
+        """hparams.json and the tokenizer files, as the original copied them into the run; temporary
+        files left by a process killed mid-save are removed."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        for p in self.run_dir.glob(".*.tmp"):  # fileio.atomic_write's ".<name>.<random>.tmp"
+            p.unlink()
         _write_atomic(self.run_dir / "hparams.json", json.dumps(config.to_hparams(), indent=2) + "\n")
         base = Path(self.model_dir) / self.model_name
         for name in ("encoder.json", "vocab.bpe"):
