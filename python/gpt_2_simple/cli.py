@@ -80,6 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_generate_args(p)
     p.set_defaults(handler=_cmd_generate)
+
+    p = sub.add_parser("download", help="download a pretrained GPT-2 into --model_dir")
+    p.add_argument("--model_name", default="124M", help="124M, 355M, 774M or 1558M (117M/345M: their first names)")
+    p.add_argument("--model_dir", default="models", help="folder to put <model_name>/ in (default: models)")
+    p.add_argument("--source", choices=["openai", "hf"], default="openai",
+                   help="openai: OpenAI's TF checkpoint, as the original (mirror: GPT_2_SIMPLE_BASE_URL); "
+                   "hf: the Hugging Face hub's safetensors (mirror: GPT_2_SIMPLE_HF_BASE_URL or HF_ENDPOINT)")
+    p.set_defaults(handler=_cmd_download)
     return parser
 
 
@@ -89,6 +97,13 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
 
 def _cmd_generate(args: argparse.Namespace) -> None:
     raise NotImplementedError("generate: implemented in the engine issue")
+
+
+def _cmd_download(args: argparse.Namespace) -> None:
+    from .download import download_gpt2
+
+    folder = download_gpt2(model_dir=args.model_dir, model_name=args.model_name, source=args.source)
+    print(f"GPT-2 {args.model_name} is in {folder}")
 
 
 def _normalise_argv(argv: list[str]) -> list[str]:
