@@ -13,7 +13,8 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 import gpt_2_simple as gpt2
-from gpt_2_simple.train import checkpoint_steps, latest_checkpoint
+from gpt_2_simple.train import checkpoint_steps
+from gpt_2_simple.weights import latest_checkpoint
 from gpt_2_simple.config import GPT2Config
 from gpt_2_simple.dataset import Windows, WindowSampler
 from gpt_2_simple.model import GPT2
@@ -85,14 +86,13 @@ def test_run_folder_log_lines_and_learning(root, capsys):
         assert m.group(3) == f"{entry['loss']:.2f}" and m.group(4) == f"{num / den:.2f}"
     assert np.mean([e["loss"] for e in log[-5:]]) < np.mean([e["loss"] for e in log[:5]]) - 1.0
     # the session now holds the trained weights
-    assert sess.source == str(folder)
+    assert sess.source == folder and sess.checkpoint.step == 25
     trained = weights(root, 25)
     torch.testing.assert_close(sess.model.state_dict()["h.0.attn.c_attn.weight"], torch.from_numpy(trained["h.0.attn.c_attn.weight"]))
-    assert load_file.__module__  # safetensors metadata names the step
     from safetensors import safe_open
 
     with safe_open(str(folder / "model-25.safetensors"), "np") as f:
-        assert f.metadata() == {"format": "gpt_2_simple", "step": "25"}
+        assert f.metadata()["format"] == "gpt_2_simple" and f.metadata()["step"] == "25"
 
 
 def test_exact_resume_is_bitwise(root):
@@ -232,3 +232,21 @@ def test_from_scratch_size_needs_no_download(tmp_path, monkeypatch):
     gpt2.finetune(sess, str(tmp_path / "data.txt"), model_name="tiny", steps=1, batch_size=1, accumulate_gradients=1, seed=0, progress=False)
     assert GPT2Config.from_file(tmp_path / "checkpoint/run1/hparams.json") == gpt2.config.SCRATCH["tiny"]
     assert sess.config == gpt2.config.SCRATCH["tiny"]
+
+
+def test_samples_every_n_steps_in_the_original_format(root, capsys):
+    run(root, steps=4, sample_every=3, sample_num=3, batch_size=2, sample_length=12)
+    folder = root / "samples" / "run1"
+    assert sorted(p.name for p in folder.iterdir()) == ["samples-4"]  # named by the counter, as the original
+    text = (folder / "samples-4").read_text(encoding="utf-8")
+    parts = re.split(r"^======== SAMPLE (\d) ========\n", text, flags=re.M)
+    assert parts[0] == "" and parts[1::2] == ["1", "2", "3"]
+    enc = get_encoder()
+    for body in parts[2::2]:
+        assert body.endswith("\n")
+        assert 8 <= len(enc.encode(body.rstrip("\n").rstrip("\n"))) <= 16  # 1 context token + 12 sampled
+    assert f"======== SAMPLE 3 ========\n{parts[6].rstrip(chr(10))}" in capsys.readouterr().out
+    # samples draw from their own random stream: training is the same with and without them
+    run(root, steps=4, run_name="nosamples")
+    for k, v in weights(root, 4).items():
+        np.testing.assert_array_equal(v, weights(root, 4, "nosamples")[k])

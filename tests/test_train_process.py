@@ -16,14 +16,16 @@ import torch
 from safetensors.numpy import load_file
 
 import gpt_2_simple as gpt2
-from gpt_2_simple.train import checkpoint_steps, latest_checkpoint
+from gpt_2_simple.train import checkpoint_steps
+from gpt_2_simple.weights import latest_checkpoint
 from test_train import make_base_model, make_text, run, weights
 
 PYTHON_PATH = str(Path(gpt2.__file__).resolve().parents[1])
 SCRIPT = """
 import json, sys
 import gpt_2_simple as gpt2
-from gpt_2_simple.train import checkpoint_steps, latest_checkpoint
+from gpt_2_simple.train import checkpoint_steps
+from gpt_2_simple.weights import latest_checkpoint
 kw = json.loads(sys.argv[1])
 dataset = kw.pop("dataset")
 gpt2.finetune(gpt2.start_tf_sess(), dataset, **kw)
@@ -99,8 +101,8 @@ def test_kill_9_during_saves_never_breaks_the_latest_checkpoint(root):
         proc.wait()
         torn += any(folder.glob(".*.tmp"))  # the kill landed inside a write
         latest = latest_checkpoint(folder)
-        step = int(latest.stem.split("-")[1])
-        assert set(load_file(str(latest))) == set(load_file(str(root / "models/tt/model-0.safetensors")))
+        step = latest.step
+        assert set(load_file(str(latest.path))) == set(load_file(str(root / "models/tt/model-0.safetensors")))
         state = torch.load(folder / f"train_state-{step}.pt", weights_only=False)
         assert state["step"] == step
         assert int((folder / "counter").read_text()) in (step, step - 1)  # counter is written last

@@ -36,7 +36,7 @@ from .fileio import atomic_write
 from .plot import loss_png
 from .tokenizer import BUNDLED_DIR, get_encoder
 
-__all__ = ["finetune", "latest_checkpoint", "checkpoint_steps", "OPTIMIZERS"]
+__all__ = ["finetune", "checkpoint_steps", "OPTIMIZERS"]
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SAMPLE_DIR = "samples"  # relative to the working directory, as in the original
@@ -53,16 +53,6 @@ def checkpoint_steps(folder: str | os.PathLike) -> list[int]:
     if not folder.is_dir():
         return []
     return sorted(int(m.group(1)) for p in folder.iterdir() if (m := _CHECKPOINT.fullmatch(p.name)))
-
-
-def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
-    """The newest checkpoint of a run folder: the highest step whose weights file exists."""
-    steps = checkpoint_steps(folder)
-    return Path(folder) / f"model-{steps[-1]}.safetensors" if steps else None
-
-
-def _has_tf_checkpoint(folder: Path) -> bool:
-    return (folder / "checkpoint").is_file() or any(folder.glob("*.index"))
 
 
 def _read_counter(folder: Path) -> int | None:
@@ -244,15 +234,18 @@ def _check_args(steps, batch_size, learning_rate, accumulate_gradients, sample_e
 
 
 def _base_model(model_name: str, model_dir: str):
-    """(folder with the base weights or None for a from-scratch size, its config)."""
-    folder = Path(model_dir) / model_name
-    if folder.is_dir() and ((folder / "hparams.json").is_file() or (folder / "config.json").is_file()):
-        return folder, None
+    """(folder with the base weights or None for a from-scratch size, its config or None)."""
+    from .weights import latest_checkpoint
+
+    names = [model_name, configs.ALIASES.get(model_name)] + [old for old, new in configs.ALIASES.items() if new == model_name]
+    for name in filter(None, names):  # models/117M serves for 124M and the other way round
+        if latest_checkpoint(Path(model_dir) / name) is not None:
+            return Path(model_dir) / name, None
     name = configs.canonical_name(model_name)  # unknown names: a ValueError listing the known ones
     if name in configs.SCRATCH:
         return None, configs.SCRATCH[name]
     raise FileNotFoundError(
-        f"base model {model_name} not found in {folder}; download it first with "
+        f"base model {model_name} not found in {Path(model_dir) / model_name}; download it first with "
         f"gpt_2_simple.download_gpt2(model_name={model_name!r}) (the CLI does this for you), "
         "or train a from-scratch size: " + ", ".join(configs.SCRATCH)
     )
@@ -372,24 +365,14 @@ _LAUNCH_ARGS = {
 _TRAINER_ARGS = (_LAUNCH_ARGS - {"progress"}) | {"progress", "device", "dist", "say"}
 
 
-def _attach(sess, run_dir: Path, config=None, model=None) -> None:
+def _attach(sess, run_dir: Path, model=None) -> None:
     """Point the session at the trained run (the original's finetune left its graph loaded)."""
     if sess is None:
         return
-    if model is None:
-        from .weights import load_weights
-
-        config, state = load_weights(run_dir)
-        import torch
-
-        from .model import GPT2
-
-        model = GPT2(config)
-        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
-    sess.source = str(run_dir)
-    sess.config = config
-    sess.model = model.eval()
-    getattr(sess, "cache", {}).clear()
+    if model is None:  # trained in other processes: load what they saved
+        sess.load(run_dir)
+    else:
+        sess.attach(model.eval(), run_dir)
 
 
 def _inputs_and_targets(x, lengths):
@@ -414,12 +397,14 @@ class _Trainer:
         the saved training state (exact resume) when restoring this run's latest checkpoint."""
         from .weights import load_weights
 
+        from .weights import latest_checkpoint
+
         restore = self.restore_from
         if restore == "latest":
             latest = latest_checkpoint(self.run_dir)
-            if latest is not None or (self.run_dir.is_dir() and _has_tf_checkpoint(self.run_dir)):
-                config, state = load_weights(latest or self.run_dir)
-                step = int(_CHECKPOINT.fullmatch(latest.name).group(1)) if latest else (_read_counter(self.run_dir) or 0)
+            if latest is not None:
+                config, state = load_weights(latest.path)
+                step = latest.step if latest.step is not None else (_read_counter(self.run_dir) or 0)
                 expected = _named_config(self.model_name, self.model_dir)
                 if expected is not None and config != expected:
                     raise ValueError(
@@ -428,11 +413,11 @@ class _Trainer:
                     )
                 train_state = None
                 state_path = self.run_dir / f"train_state-{step}.pt"
-                if latest is not None and state_path.is_file():
+                if latest.format == "safetensors" and state_path.is_file():
                     import torch
 
                     train_state = torch.load(state_path, map_location="cpu", weights_only=False)
-                self.say("Loading checkpoint", latest or self.run_dir)
+                self.say("Loading checkpoint", latest.path)
                 return config, state, step, train_state
         if restore not in ("latest", "fresh"):
             config, state = load_weights(restore)
@@ -594,6 +579,7 @@ class _Trainer:
         import torch
 
         from .model import GPT2
+        from .weights import build_model
 
         if self.mixed_precision in (None, "auto"):
             self.bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -614,12 +600,8 @@ class _Trainer:
             self.say("For larger models, the recommended finetune() parameters are:\n\tuse_memory_saving_gradients = True\n\tonly_train_transformer_layers = True\n\taccumulate_gradients = 1\n")
 
         torch.manual_seed(self.seed)
-        self.model = model = GPT2(config)
-        if state is not None:
-            missing = set(model.state_dict()) ^ set(state)
-            if missing:
-                raise ValueError(f"checkpoint tensors do not match the model: {sorted(missing)[:5]}")
-            model.load_state_dict({k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in state.items()})
+        self.model = model = GPT2(config) if state is None else build_model(config, state)
+        del state
         model.to(self.device).train()
         model.gradient_checkpointing = bool(self.use_memory_saving_gradients)
         if self.only_train_transformer_layers:
@@ -661,7 +643,7 @@ class _Trainer:
         self.updating = self.in_step = False
         self.global_step = start_step
         resumed = self.restore_from == "latest" and start_step > 0
-        self.saved: list[int] = [start_step] if resumed and latest_checkpoint(self.run_dir) else []
+        self.saved: list[int] = [start_step] if resumed and start_step in checkpoint_steps(self.run_dir) else []
         self.log = _Log(self.run_dir, self.dist.main)
         self.log.open(start_step if resumed else None)
         if self.overwrite and self.restore_from == "latest" and self.dist.main:
@@ -675,7 +657,7 @@ class _Trainer:
             self._loop(start_step)
         finally:
             self.log.close()
-        _attach(sess, self.run_dir, config, model)
+        _attach(sess, self.run_dir, model)
 
     def _loop(self, start_step: int) -> None:
         from tqdm.auto import tqdm
