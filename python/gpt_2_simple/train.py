@@ -276,7 +276,7 @@ def _build_optimizer(name: str, params: list, lr: float, device_type: str):
 
 def finetune(
     sess,
-    dataset,
+    dataset: str | os.PathLike | None,
     steps: int = -1,
     model_name: str = "124M",
     model_dir: str = "models",
@@ -311,6 +311,7 @@ def finetune(
 ) -> None:
     """Fine-tune a model on ``dataset`` and save it in ``checkpoint_dir/run_name``.
 
+    ``dataset``: a text file, .csv, .npz, folder or glob (None: the bundled Shakespeare corpus).
     Parameters and defaults are the original's (see docs/finetune.md for each); ``steps`` is the
     number of steps to add (-1: until Ctrl-C / SIGTERM, which save a checkpoint and return).
     ``model_name`` is a downloaded model in ``model_dir`` or a from-scratch size ('tiny', 'mini',
@@ -330,6 +331,9 @@ def finetune(
     _check_args(steps, batch_size, learning_rate, accumulate_gradients, sample_every, sample_length, sample_num, save_every, print_every, max_checkpoints, optimizer, val_fraction, val_every)
     if restore_from not in ("latest", "fresh") and not os.path.exists(restore_from):
         raise FileNotFoundError(f"restore_from={restore_from!r}: no such checkpoint; use 'latest', 'fresh' or a checkpoint path")
+    if dataset is None:
+        dataset = str(BUNDLED_DIR / "shakespeare.txt")
+        print(f"No dataset given: training on the bundled Shakespeare corpus ({dataset})")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     threads = getattr(sess, "threads", -1)
     if multi_gpu and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
