@@ -126,3 +126,18 @@ def test_two_process_ddp_equals_one_process(root):
         np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-5, err_msg=k)
     losses = [[json.loads(line)["loss"] for line in (root / f"checkpoint/{name}/log.jsonl").read_text().splitlines()] for name in ("ddp", "single")]
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+
+
+def test_multi_gpu_launcher_runs_data_parallel_workers(root):
+    """multi_gpu=True starts one process per GPU through train._launch; here two CPU processes
+    (gloo) stand in for two GPUs. The parent then loads what rank 0 saved."""
+    kw = json.loads(finetune_args(root, batch_size=1, run_name="launched", steps=3, accumulate_gradients=2, learning_rate=1e-3))
+    code = ("import json, sys\nfrom gpt_2_simple import train\nkw = json.loads(sys.argv[1])\n"
+            "train._launch(2, {**kw, 'device': 'cpu', 'threads': 1})\nprint('launched', flush=True)\n")
+    proc = start(root, "-c", code, json.dumps(kw))
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0 and out.count("Saving ") == 1, out
+    run(root, batch_size=2, run_name="single", steps=3, accumulate_gradients=2, learning_rate=1e-3)
+    a, b = weights(root, 3, "launched"), weights(root, 3, "single")
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-5, err_msg=k)

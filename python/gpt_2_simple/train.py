@@ -558,8 +558,9 @@ class _Trainer:
         for m in range(accum):
             rows = slice((m * world + self.dist.rank) * b, (m * world + self.dist.rank + 1) * b)
             xi, ti = inputs[rows].to(self.device, non_blocking=True), target[rows].to(self.device, non_blocking=True)
-            sync = m == accum - 1 or world == 1
-            with (contextlib.nullcontext() if sync else self.train_model.no_sync()), self.autocast():
+            # DDP all-reduces gradients in the last micro-batch's backward only.
+            sync = self.ddp is None or m == accum - 1
+            with (contextlib.nullcontext() if sync else self.ddp.no_sync()), self.autocast():
                 logits = self.train_model(xi)  # (b, T, V)
                 loss = F.cross_entropy(logits.float().flatten(0, 1), ti.flatten(), ignore_index=-100, reduction="sum")
             # DDP averages gradients over processes: scale so the result is the global token mean.
@@ -619,11 +620,12 @@ class _Trainer:
                 group["lr"] = self.learning_rate  # this call's learning rate, not the saved one
         elif train_state is not None:
             self.say(f"Optimizer changed from {train_state.get('optimizer_name')} to {self.optimizer}: starting it fresh")
-        self.train_model = model
+        self.ddp = None
         if self.dist.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
-            self.train_model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self.ddp = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.train_model = self.ddp or model
         if self.compile:
             self.train_model = torch.compile(self.train_model)
 
