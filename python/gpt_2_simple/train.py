@@ -366,7 +366,7 @@ _LAUNCH_ARGS = {
     "print_every", "max_checkpoints", "use_memory_saving_gradients", "only_train_transformer_layers", "optimizer",
     "overwrite", "val_fraction", "val_every", "mixed_precision", "compile", "seed", "errors", "progress",
 }
-_TRAINER_ARGS = (_LAUNCH_ARGS - {"progress"}) | {"progress", "device", "dist", "say"}
+_TRAINER_ARGS = _LAUNCH_ARGS | {"device", "dist", "say"}
 
 
 def _attach(sess, run_dir: Path, model=None) -> None:
@@ -598,9 +598,15 @@ class _Trainer:
         config, state, start_step, train_state = self._load_start()
         if self.seed is None:
             self.seed = int(train_state["seed"]) if train_state else int(np.random.SeedSequence().entropy % (1 << 63))
+            if self.dist.world > 1:  # one data stream for all processes: rank 0's seed
+                shared = [self.seed]
+                torch.distributed.broadcast_object_list(shared, src=0)
+                self.seed = shared[0]
         self.config = config
         if self.dist.main:
             self._write_run_files(config)
+        if self.dist.world > 1:
+            torch.distributed.barrier()  # the others read the tokenizer files rank 0 just wrote
         if configs.ALIASES.get(self.model_name, self.model_name) in set(configs.PRETRAINED) - {"124M"}:
             self.say("For larger models, the recommended finetune() parameters are:\n\tuse_memory_saving_gradients = True\n\tonly_train_transformer_layers = True\n\taccumulate_gradients = 1\n")
 
@@ -650,14 +656,15 @@ class _Trainer:
         self.global_step = start_step
         resumed = self.restore_from == "latest" and start_step > 0
         self.saved: list[int] = [start_step] if resumed and start_step in checkpoint_steps(self.run_dir) else []
-        self.log = _Log(self.run_dir, self.dist.main)
-        self.log.open(start_step if resumed else None)
         if self.overwrite and self.restore_from == "latest" and self.dist.main:
             # The original removed the run's old checkpoints and event files, then saved.
             for p in list(self.run_dir.iterdir()):
                 m = _CHECKPOINT.fullmatch(p.name) or re.fullmatch(r"train_state-(\d+)\.pt", p.name)
                 if p.name.startswith("events") or (m and int(m.group(1)) != start_step):
                     p.unlink()
+        self.log = _Log(self.run_dir, self.dist.main)
+        self.log.open(start_step if resumed else None)
+        if self.overwrite and self.restore_from == "latest":
             self.save(start_step)
         try:
             self._loop(start_step)
