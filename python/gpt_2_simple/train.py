@@ -29,12 +29,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from . import config as configs
 from .dataset import Windows, WindowSampler, load_dataset, split_chunks
 from .fileio import atomic_write
+from .model import GPT2
 from .plot import loss_png
 from .tokenizer import BUNDLED_DIR, get_encoder
+from .weights import build_model, latest_checkpoint, load_weights, save_weights
 
 __all__ = ["finetune", "checkpoint_steps", "OPTIMIZERS"]
 
@@ -116,7 +120,6 @@ def _launch(nprocs: int, kwargs: dict) -> None:
     Forked where possible (a user script without a ``__main__`` guard is not re-run); spawned when
     CUDA is already initialised here, which a forked child could not use.
     """
-    import torch
     import torch.multiprocessing as mp
 
     method = "spawn" if torch.cuda.is_initialized() or "fork" not in mp.get_all_start_methods() else "fork"
@@ -235,8 +238,6 @@ def _check_args(steps, batch_size, learning_rate, accumulate_gradients, sample_e
 
 def _base_model(model_name: str, model_dir: str):
     """(folder with the base weights or None for a from-scratch size, its config or None)."""
-    from .weights import latest_checkpoint
-
     names = [model_name, configs.ALIASES.get(model_name)] + [old for old, new in configs.ALIASES.items() if new == model_name]
     for name in filter(None, names):  # models/117M serves for 124M and the other way round
         if latest_checkpoint(Path(model_dir) / name) is not None:
@@ -263,8 +264,6 @@ def _named_config(model_name: str, model_dir: str):
 
 
 def _build_optimizer(name: str, params: list, lr: float, device_type: str):
-    import torch
-
     fused = {"fused": True} if device_type == "cuda" else {}
     if name == "adam":  # the original's tf AdamOptimizer: no weight decay, eps 1e-8
         return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, **fused)
@@ -326,8 +325,6 @@ def finetune(
 
     On return the session holds the trained model, so ``generate(sess)`` uses it.
     """
-    import torch
-
     _check_args(steps, batch_size, learning_rate, accumulate_gradients, sample_every, sample_length, sample_num, save_every, print_every, max_checkpoints, optimizer, val_fraction, val_every)
     if restore_from not in ("latest", "fresh") and not os.path.exists(restore_from):
         raise FileNotFoundError(f"restore_from={restore_from!r}: no such checkpoint; use 'latest', 'fresh' or a checkpoint path")
@@ -382,8 +379,6 @@ def _attach(sess, run_dir: Path, model=None) -> None:
 def _inputs_and_targets(x, lengths):
     """Windows (N, L) with their lengths -> model inputs (N, L-1) and next-token targets (N, L-1),
     -100 (ignored by the loss) past each window's end."""
-    import torch
-
     target = x[:, 1:].clone()
     target[torch.arange(target.shape[1])[None, :] >= (lengths - 1)[:, None]] = -100
     return x[:, :-1], target
@@ -399,10 +394,6 @@ class _Trainer:
     def _load_start(self):
         """Config, weights (numpy dict or None for a fresh init), the step to continue from, and
         the saved training state (exact resume) when restoring this run's latest checkpoint."""
-        from .weights import load_weights
-
-        from .weights import latest_checkpoint
-
         restore = self.restore_from
         if restore == "latest":
             latest = latest_checkpoint(self.run_dir)
@@ -418,9 +409,7 @@ class _Trainer:
                 train_state = None
                 state_path = self.run_dir / f"train_state-{step}.pt"
                 if latest.format == "safetensors" and state_path.is_file():
-                    import torch
-
-                    train_state = torch.load(state_path, map_location="cpu", weights_only=False)
+                                train_state = torch.load(state_path, map_location="cpu", weights_only=False)
                 self.say("Loading checkpoint", latest.path)
                 return config, state, step, train_state
         if restore not in ("latest", "fresh"):
@@ -453,10 +442,6 @@ class _Trainer:
     def save(self, step: int) -> None:
         """Training state, then weights, then counter, each atomically: a checkpoint's weights
         never exist without its state, and a kill at any moment leaves the previous one whole."""
-        import torch
-
-        from .weights import save_weights
-
         if not self.dist.main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -515,9 +500,6 @@ class _Trainer:
 
     def validate(self) -> tuple[float, float]:
         """Mean token loss and perplexity on the fixed validation windows."""
-        import torch
-        import torch.nn.functional as F
-
         total, count = 0.0, 0
         tiles = self.val_windows.tiling(VAL_WINDOWS)
         self.model.eval()
@@ -535,8 +517,6 @@ class _Trainer:
     # --------------------------------------------------------------- training
 
     def autocast(self):
-        import torch
-
         if not self.bf16:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
@@ -544,9 +524,6 @@ class _Trainer:
     def train_step(self, stop_requested: bool) -> tuple[float, bool]:
         """One optimizer step over batch_size x accumulate_gradients windows per process; returns
         the mean token loss over all processes, and whether any process was asked to stop."""
-        import torch
-        import torch.nn.functional as F
-
         b, world, accum = self.batch_size, self.dist.world, self.accumulate_gradients
         self.sampler_before_step = self.sampler.state()
         # Every process draws the same global batch and takes its share, so the data (and the
@@ -554,7 +531,7 @@ class _Trainer:
         x, lengths = self.sampler.sample(b * world * accum)
         n_targets = int((lengths - 1).sum())
         inputs, target = _inputs_and_targets(torch.from_numpy(x), torch.from_numpy(lengths))
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for m in range(accum):
             rows = slice((m * world + self.dist.rank) * b, (m * world + self.dist.rank + 1) * b)
             xi, ti = inputs[rows].to(self.device, non_blocking=True), target[rows].to(self.device, non_blocking=True)
@@ -565,7 +542,7 @@ class _Trainer:
                 loss = F.cross_entropy(logits.float().flatten(0, 1), ti.flatten(), ignore_index=-100, reduction="sum")
             # DDP averages gradients over processes: scale so the result is the global token mean.
             (loss * (world / n_targets)).backward()
-            loss_sum += loss.detach().double().cpu()
+            loss_sum += loss.detach().double()
         self.updating = True
         self.opt.step()
         self.global_step += 1
@@ -573,19 +550,12 @@ class _Trainer:
         self.in_step = False
         self.opt.zero_grad(set_to_none=True)
         if world > 1:
-            import torch.distributed as td
-
-            packed = torch.stack([loss_sum, torch.tensor(float(stop_requested), dtype=torch.float64)]).to(self.device)
-            td.all_reduce(packed)
-            loss_sum, stop_requested = packed[0].cpu(), bool(packed[1].item() > 0)
-        return float(loss_sum) / n_targets, stop_requested
+            packed = torch.stack([loss_sum, torch.tensor(float(stop_requested), dtype=torch.float64, device=self.device)])
+            torch.distributed.all_reduce(packed)
+            loss_sum, stop_requested = packed[0], bool(packed[1].item() > 0)
+        return float(loss_sum) / n_targets, stop_requested  # the one host sync of the step
 
     def run(self, sess) -> None:
-        import torch
-
-        from .model import GPT2
-        from .weights import build_model
-
         if self.mixed_precision in (None, "auto"):
             self.bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
         elif self.mixed_precision in (True, "bf16"):
