@@ -200,11 +200,11 @@ def main() -> None:
         tokens = chunks[0]
         results["throughput"] = []
         print("throughput: tiny", flush=True)
-        results["throughput"].append(throughput(root, "tiny", model_dir, data, tokens, batch=8, steps=12, reps=args.reps))
+        results["throughput"].append(throughput(root, "tiny", model_dir, data, tokens, batch=8, steps=8, reps=args.reps))
         if not args.skip_124m:
             make_model_folder(model_dir, "m256", GPT2Config(n_ctx=256))
             print("throughput: 124M geometry", flush=True)
-            results["throughput"].append(throughput(root, "m256", model_dir, data, tokens, batch=2, steps=4, reps=args.reps))
+            results["throughput"].append(throughput(root, "m256", model_dir, data, tokens, batch=2, steps=3, reps=args.reps))
         if not args.skip_memory:
             print("memory", flush=True)
             results["memory"] = memory(root, model_dir, data)

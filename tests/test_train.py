@@ -264,3 +264,27 @@ def test_bf16_autocast_and_compile_train_the_same_model(root):
         assert np.abs(bf16[k] - eager[k]).max() < 2e-2, k
     with pytest.raises(ValueError, match="mixed_precision"):
         run(root, steps=1, mixed_precision="fp16")
+
+
+def test_resumes_an_original_tensorflow_run_and_trains_from_a_tf_model(tmp_path, monkeypatch):
+    """The original's files: checkpoint/run1 (model-5.* + counter, written by TensorFlow) and an
+    OpenAI-layout models/<name> folder. Step numbering continues from the TF run's step."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    fixtures = Path(__file__).parent / "fixtures" / "tf"
+    shutil.copytree(fixtures / "checkpoint", tmp_path / "checkpoint")
+    shutil.copytree(fixtures / "models", tmp_path / "models")  # models/tiny: a folder wins over the from-scratch size
+    ids = np.random.default_rng(0).integers(0, 64, 3000)  # this model's vocabulary has 64 tokens
+    np.savez(tmp_path / "ids.npz", ids)
+    common = dict(model_name="tiny", model_dir=str(tmp_path / "models"), batch_size=2, accumulate_gradients=1, sample_every=10**9, print_every=1, seed=0, progress=False)
+    sess = gpt2.start_tf_sess()
+    gpt2.finetune(sess, "ids.npz", steps=3, **common)
+    assert checkpoint_steps(tmp_path / "checkpoint/run1") == [8]
+    assert (tmp_path / "checkpoint/run1/model-5.index").is_file()  # the original's files are left alone
+    assert sess.config.n_vocab == 64 and latest_checkpoint(tmp_path / "checkpoint/run1").step == 8
+    gpt2.finetune(gpt2.start_tf_sess(), "ids.npz", steps=2, restore_from="fresh", run_name="from_tf_model", **common)
+    assert checkpoint_steps(tmp_path / "checkpoint/from_tf_model") == [2]
+    (tmp_path / "text.txt").write_text("ordinary text has ids far above 64", encoding="utf-8")
+    with pytest.raises(ValueError, match="outside this model's vocabulary of 64"):
+        gpt2.finetune(gpt2.start_tf_sess(), "text.txt", steps=1, run_name="other", **common)

@@ -608,6 +608,9 @@ class _Trainer:
         self.say("Loading dataset...")
         self.enc = get_encoder(self.run_dir)
         chunks = load_dataset(self.enc, self.dataset, self.combine, errors=self.errors, progress=self.progress and self.dist.main)
+        top = max((int(c.max()) for c in chunks if len(c)), default=0)
+        if top >= config.n_vocab:
+            raise ValueError(f"the dataset holds token id {top}, outside this model's vocabulary of {config.n_vocab}: encode it with the model's own tokenizer")
         train_chunks, val_chunks = split_chunks(chunks, self.val_fraction)
         self.windows = Windows(train_chunks, config.n_ctx + 1)
         self.val_windows = Windows(val_chunks, config.n_ctx + 1) if val_chunks else None
