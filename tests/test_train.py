@@ -288,3 +288,15 @@ def test_resumes_an_original_tensorflow_run_and_trains_from_a_tf_model(tmp_path,
     (tmp_path / "text.txt").write_text("ordinary text has ids far above 64", encoding="utf-8")
     with pytest.raises(ValueError, match="outside this model's vocabulary of 64"):
         gpt2.finetune(gpt2.start_tf_sess(), "text.txt", steps=1, run_name="other", **common)
+
+
+def test_tensorboard_events_when_installed(root):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run(root, steps=4, val_fraction=0.1, val_every=2)
+    events = EventAccumulator(str(root / "checkpoint" / "run1"))
+    events.Reload()
+    log = [json.loads(line) for line in (root / "checkpoint/run1/log.jsonl").read_text().splitlines()]
+    assert [(e.step, round(e.value, 5)) for e in events.Scalars("loss")] == [(x["step"], round(x["loss"], 5)) for x in log if "loss" in x]
+    assert [e.step for e in events.Scalars("val_loss")] == [2, 4]
