@@ -373,7 +373,7 @@ def _attach(sess, run_dir: Path, model=None) -> None:
     if model is None:  # trained in other processes: load what they saved
         sess.load(run_dir)
     else:
-        sess.attach(model.eval(), run_dir)
+        sess.attach(model.float().cpu().eval(), run_dir)  # the session's model lives on the CPU
 
 
 def _inputs_and_targets(x, lengths):
