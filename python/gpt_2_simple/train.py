@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from . import config as configs
 from .dataset import Windows, WindowSampler, load_dataset, split_chunks
@@ -646,8 +647,6 @@ class _Trainer:
         _attach(sess, self.run_dir, model)
 
     def _loop(self, start_step: int) -> None:
-        from tqdm.auto import tqdm
-
         counter = start_step + 1
         counter_base = counter
         val_every = self.val_every or 100
