@@ -188,8 +188,15 @@ def main() -> None:
     }
     cpu_name = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
     results["cpu"] = cpu_name[0] if cpu_name else results["cpu"]
+    out = ROOT / "bench" / "results" / "finetune.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every section: a long run that is stopped keeps what it measured
+        out.write_text(json.dumps(results, indent=2) + "\n")
+
     print("encoding", flush=True)
     results["encoding"] = encoding()
+    save()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model_dir = root / "models"
@@ -201,16 +208,16 @@ def main() -> None:
         results["throughput"] = []
         print("throughput: tiny", flush=True)
         results["throughput"].append(throughput(root, "tiny", model_dir, data, tokens, batch=8, steps=8, reps=args.reps))
+        save()
         if not args.skip_124m:
             make_model_folder(model_dir, "m256", GPT2Config(n_ctx=256))
             print("throughput: 124M geometry", flush=True)
             results["throughput"].append(throughput(root, "m256", model_dir, data, tokens, batch=2, steps=3, reps=args.reps))
+            save()
         if not args.skip_memory:
             print("memory", flush=True)
             results["memory"] = memory(root, model_dir, data)
-    out = ROOT / "bench" / "results" / "finetune.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    save()
     print(f"wrote {out}")
 
 
