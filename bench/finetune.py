@@ -7,9 +7,11 @@
   and the final save are excluded) and in a plain loop over ``transformers.GPT2LMHeadModel``
   (forward, cross-entropy, backward, step). Interleaved ours/theirs, one warm-up pair, medians
   and per-pair ratios. Geometries: 'tiny' (from scratch) and 124M (random init, n_ctx 256).
-- memory: peak RSS of a child process running 2 ``finetune`` steps of 124M geometry at 1024
-  tokens, with and without ``use_memory_saving_gradients`` (activation checkpointing), and the
-  same for transformers with and without ``gradient_checkpointing_enable()``.
+- memory: peak RSS of a child process running one ``finetune`` step ('small': 51M, 8 layers,
+  batch 2 x 1024 tokens, SGD so that no optimizer state hides the activations) with and without
+  ``use_memory_saving_gradients`` (activation checkpointing), and the same for transformers with
+  and without ``gradient_checkpointing_enable()``. (With Adam on 124M at batch 1 the peak of the
+  whole process is Adam's first step, not the activations, and checkpointing cannot show.)
 - encoding: ``load_dataset`` on shakespeare.txt, one process and with worker processes.
 
 Results: bench/results/finetune.json.
@@ -118,39 +120,38 @@ MEMORY_CHILD = r"""
 import json, resource, sys, time
 sys.path.insert(0, sys.argv[1])
 import torch
-which, checkpointing, model_dir, data, ckpt = sys.argv[2], sys.argv[3] == "1", sys.argv[4], sys.argv[5], sys.argv[6]
+which, checkpointing, data, ckpt = sys.argv[2], sys.argv[3] == "1", sys.argv[4], sys.argv[5]
 if which == "ours":
     import gpt_2_simple as gpt2
-    gpt2.finetune(gpt2.start_tf_sess(), data, steps=2, model_name="m1024", model_dir=model_dir, checkpoint_dir=ckpt, batch_size=1, accumulate_gradients=1,
+    gpt2.finetune(gpt2.start_tf_sess(), data, steps=1, model_name="small", checkpoint_dir=ckpt, batch_size=2, accumulate_gradients=1, optimizer="sgd",
                   use_memory_saving_gradients=checkpointing, sample_every=10**9, save_every=10**9, progress=False, seed=0, restore_from="fresh")
 else:
-    import numpy as np, transformers
-    cfg = transformers.GPT2Config(n_positions=1024, n_embd=768, n_layer=12, n_head=12, activation_function="gelu_new")
+    import transformers
+    cfg = transformers.GPT2Config(n_positions=1024, n_embd=512, n_layer=8, n_head=8, activation_function="gelu_new")
     model = transformers.GPT2LMHeadModel(cfg).train()
     if checkpointing:
         model.gradient_checkpointing_enable()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    x = torch.randint(0, 50257, (1, 1025))
-    for _ in range(2):
-        logits = model(input_ids=x[:, :-1]).logits
-        torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[0, 1:]).backward()
-        opt.step(); opt.zero_grad(set_to_none=True)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    x = torch.randint(0, 50257, (2, 1025))
+    logits = model(input_ids=x[:, :-1]).logits
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()).backward()
+    opt.step()
 print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
 
-def memory(root: Path, model_dir: Path, data: Path) -> dict:
-    make_model_folder(model_dir, "m1024", GPT2Config())  # 124M geometry, 1024-token context
+def memory(root: Path, data: Path) -> dict:
     out = {}
     for which in ("ours", "transformers"):
         for checkpointing in (False, True):
-            proc = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(ROOT / "python"), which, str(int(checkpointing)), str(model_dir), str(data), str(root / "mem")],
+            proc = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(ROOT / "python"), which, str(int(checkpointing)), str(data), str(root / "mem")],
                                   capture_output=True, text=True, check=True)
             peak = json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_mb"]
             out[f"{which}_{'checkpointing' if checkpointing else 'plain'}_peak_rss_mb"] = peak
             print(f"  {which} checkpointing={checkpointing}: peak RSS {peak:,.0f} MB", flush=True)
     out["ours_saving_mb"] = out["ours_plain_peak_rss_mb"] - out["ours_checkpointing_peak_rss_mb"]
-    out["conditions"] = "124M geometry, batch 1, 1024 tokens, Adam, fp32, 2 steps, peak RSS of the whole child process"
+    out["conditions"] = ("'small' geometry (51M: 8 layers, 512 wide, n_ctx 1024), batch 2 x 1024 tokens, fp32, one SGD step "
+                         "(no optimizer state, so the peak is the forward/backward), peak RSS of the whole child process")
     return out
 
 
@@ -177,9 +178,19 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--skip-124m", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--only-memory", action="store_true", help="measure memory only and update the memory record of an existing results file")
     args = parser.parse_args()
     import transformers
 
+    if args.only_memory:
+        out = ROOT / "bench" / "results" / "finetune.json"
+        results = json.loads(out.read_text()) if out.exists() else {}
+        with tempfile.TemporaryDirectory() as tmp:
+            chunks = ds.load_dataset(get_encoder(), CORPUS, progress=False)
+            np.savez(Path(tmp) / "shakespeare.npz", *chunks)
+            results["memory"] = memory(Path(tmp), Path(tmp) / "shakespeare.npz")
+        out.write_text(json.dumps(results, indent=2) + "\n")
+        return
     results = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
@@ -216,7 +227,7 @@ def main() -> None:
             save()
         if not args.skip_memory:
             print("memory", flush=True)
-            results["memory"] = memory(root, model_dir, data)
+            results["memory"] = memory(root, data)
     save()
     print(f"wrote {out}")
 
