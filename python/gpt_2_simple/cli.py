@@ -63,7 +63,13 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--truncate", default=None, help="cut each text at this string (generation stops there)")
     p.add_argument("--include_prefix", nargs="?", const=True, default=True, type=_bool)
     p.add_argument("--sample_delim", default="=" * 20 + "\n")
-    p.add_argument("--seed", type=int, default=None, help="make the output reproducible")
+    p.add_argument("--seed", type=int, default=None, help="make the output reproducible (the same whatever --batch_size)")
+    p.add_argument("--prompts", default=None, metavar="FILE", help="prompts file: one per line, or JSONL rows {\"prompt\": ..., optional temperature/top_k/top_p/length/seed}; --nsamples texts each")
+    p.add_argument("--output", default=None, metavar="OUT.jsonl", help="write one JSON record per text here (written as they finish) instead of --folder files")
+    p.add_argument("--resume", action="store_true", help="add only the texts missing from --output (after a crash or Ctrl-C)")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="engine weights (default: bf16, the faster)")
+    p.add_argument("--backend", default="auto", choices=["auto", "cpu", "cuda"], help="engine backend (auto: CUDA when available)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores, split between local processes)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,7 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate texts into files")
     _add_model_args(p)
     _add_generate_args(p)
-    p.set_defaults(handler=_cmd_generate)
+    p.set_defaults(handler=_cmd_generate, model_name=None)  # a run, unless --model_name names a base model
+
+    p = sub.add_parser("merge", help="merge the part files of a sharded `generate --output` into one file")
+    p.add_argument("output", help="the --output file the sharded run was given")
+    p.set_defaults(handler=_cmd_merge)
     return parser
 
 
@@ -88,7 +98,15 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
-    raise NotImplementedError("generate: implemented in the engine issue")
+    from .batch import run_generate
+
+    run_generate(args)
+
+
+def _cmd_merge(args: argparse.Namespace) -> None:
+    from .batch import merge
+
+    print(f"gpt_2_simple merge: {merge(args.output)} samples in {args.output}", file=sys.stderr)
 
 
 def _normalise_argv(argv: list[str]) -> list[str]:
