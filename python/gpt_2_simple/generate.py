@@ -308,7 +308,8 @@ def generate(sess,
     stops generating it there. ``temperature`` 0 is greedy; ``top_k``/``top_p`` 0 are off, and a
     nonzero ``top_p`` overrides ``top_k``. With a ``seed`` the texts are reproducible and do not
     depend on ``batch_size``; without one a random seed is drawn (logged, and kept in
-    ``sess.cache['seed']``). ``sample_dir`` is accepted for compatibility and unused, as in the original.
+    ``sess.cache['seed']``). The engine's weight dtype and backend are ``sess.dtype`` and
+    ``sess.backend`` when set (default bf16, auto). ``sample_dir`` is unused, as in the original.
     """
     if batch_size is None:
         batch_size = 1
@@ -328,7 +329,7 @@ def generate(sess,
         cache["seed"] = seed
 
     source = model_source(sess, run_name, checkpoint_dir, model_name, model_dir)
-    engine = load_engine(source, sess=sess)
+    engine = load_engine(source, sess=sess, dtype=getattr(sess, "dtype", None), backend=getattr(sess, "backend", None) or "auto")
     specs = [SampleSpec(p, length, temperature, top_k, top_p, seed, i) for i, p in enumerate(prompts)]
     settings = GenerateSettings(truncate or None, bool(include_prefix))
     if len(prompts) == 1:
