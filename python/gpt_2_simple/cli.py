@@ -72,6 +72,16 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores, split between local processes)")
 
 
+def _add_export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run_name", default="run1", help="run folder under --checkpoint_dir to export (default: run1)")
+    p.add_argument("--checkpoint_dir", default="checkpoint", help="folder holding the runs (default: checkpoint)")
+    p.add_argument("--model_name", default=None, help="export the base model --model_dir/<name> (e.g. 124M) instead of a run")
+    p.add_argument("--model_dir", default="models", help="folder holding downloaded base models (default: models)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weight type: fp32 (exact) or bf16 (half the size, faster)")
+    p.add_argument("-o", "--output", default=None, help="file to write (default: model-<step>.<dtype>.bin beside the checkpoint, the file generate reuses)")
+    p.add_argument("--hf", default=None, metavar="OUT_DIR", help="write a HuggingFace folder (config.json, model.safetensors, vocab.json, merges.txt) instead")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpt_2_simple", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="mode", metavar="MODE")
@@ -90,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="merge the part files of a sharded `generate --output` into one file")
     p.add_argument("output", help="the --output file the sharded run was given")
     p.set_defaults(handler=_cmd_merge)
+
+    p = sub.add_parser("export", help="export a run or model to the engine's single-file format (or a HuggingFace folder)")
+    _add_export_args(p)
+    p.set_defaults(handler=_cmd_export)
     return parser
 
 
@@ -107,6 +121,19 @@ def _cmd_merge(args: argparse.Namespace) -> None:
     from .batch import merge
 
     print(f"gpt_2_simple merge: {merge(args.output)} samples in {args.output}", file=sys.stderr)
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from .export import engine_file, export, export_hf
+
+    source = os.path.join(args.model_dir, args.model_name) if args.model_name else os.path.join(args.checkpoint_dir, args.run_name)
+    if args.hf:
+        path = export_hf(source, args.hf)
+    elif args.output:
+        path = export(source, args.output, args.dtype)
+    else:
+        path = engine_file(source, args.dtype)
+    print(path)
 
 
 def _normalise_argv(argv: list[str]) -> list[str]:
