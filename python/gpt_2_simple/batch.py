@@ -28,7 +28,6 @@ from .generate import (
     GenerateSettings,
     InOrder,
     SampleSpec,
-    _encoder_for,
     check_seed,
     check_settings,
     generate_samples,
@@ -389,7 +388,7 @@ def run_generate(args: argparse.Namespace) -> None:
 
     source = model_source(None, args.run_name, args.checkpoint_dir, args.model_name, args.model_dir)
     shard.pin_device()
-    engine = load_engine(source, dtype=args.dtype, backend=args.backend, threads=args.threads or shard.threads())
+    engine, enc = load_engine(source, dtype=args.dtype, backend=args.backend, threads=args.threads or shard.threads())
     settings = GenerateSettings(args.truncate or None, args.include_prefix)
     progress = Progress(len(mine_idx), shard)
 
@@ -411,7 +410,7 @@ def run_generate(args: argparse.Namespace) -> None:
             progress.update(sample)
 
     try:
-        generate_samples(engine, _encoder_for(source), [specs[i] for i in mine_idx], settings,
+        generate_samples(engine, enc, [specs[i] for i in mine_idx], settings,
                          batch_size=args.batch_size, on_sample=on_sample)
     except KeyboardInterrupt:
         if output is not None:

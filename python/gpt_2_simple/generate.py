@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 
 from tqdm.auto import tqdm
 
-from .tokenizer import Encoder, get_encoder
+from .tokenizer import Encoder
 
 __all__ = [
     "generate",
@@ -44,6 +44,7 @@ __all__ = [
     "sample_text",
     "model_source",
     "load_engine",
+    "InOrder",
     "generate_samples",
     "DEFAULT_DTYPE",
 ]
@@ -154,57 +155,53 @@ def _stops_early(enc: Encoder, prompt_tokens: Sequence[int], prefix: str | None,
 
 
 def model_source(sess, run_name: str = "run1", checkpoint_dir: str = "checkpoint", model_name: str | None = None,
-                 model_dir: str = "models") -> str:
-    """Where the weights come from: the session's loaded model (after ``load_gpt2``/``finetune``),
-    else ``model_dir/model_name`` when ``model_name`` is given, else ``checkpoint_dir/run_name``."""
-    source = getattr(sess, "source", None)
-    if source is not None:
-        return os.fspath(source)
+                 model_dir: str = "models") -> Path:
+    """Which weights to generate from: the session's checkpoint (after ``load_gpt2``/``finetune``),
+    else the base model ``model_dir/model_name`` when ``model_name`` is given, else the newest
+    checkpoint of ``checkpoint_dir/run_name`` (the original read the same folders)."""
+    from .session import _model_folder
+    from .weights import latest_checkpoint
+
+    loaded = getattr(sess, "checkpoint", None)
+    if loaded is not None:
+        return Path(loaded.path)  # the one load_gpt2 picked, not necessarily the newest
+    if getattr(sess, "source", None) is not None:
+        return Path(sess.source)
     if model_name:
-        path = os.path.join(model_dir, model_name)
-        if not os.path.exists(path):
-            raise FileNotFoundError(
-                f"no model at {path}: download it with gpt2.download_gpt2(model_name={model_name!r}) "
-                f"or `gpt_2_simple download {model_name}`, or pass model_dir"
-            )
-        return path
-    path = os.path.join(checkpoint_dir, run_name)
-    if not os.path.exists(path):
+        return _model_folder(model_dir, model_name)
+    folder = Path(checkpoint_dir, run_name)
+    if latest_checkpoint(folder) is None:
         raise FileNotFoundError(
-            f"no run at {path}: fine-tune one first (gpt2.finetune / `gpt_2_simple finetune`), "
-            "or pass the right run_name and checkpoint_dir (or model_name for a base model)"
+            f"no checkpoint in {folder}: fine-tune one first (gpt2.finetune / `gpt_2_simple finetune`), "
+            "or pass the right run_name and checkpoint_dir (or model_name for a downloaded model)"
         )
-    return path
+    return folder
 
 
 def load_engine(source: str | os.PathLike, *, sess=None, dtype: str | None = None, backend: str = "auto",
-                threads: int | None = None):
-    """The engine for ``source``, exported to the flat binary on first use (cached beside the
-    checkpoint, rebuilt when it changes) and kept in ``sess.cache`` between calls."""
+                threads: int | None = None) -> tuple[object, Encoder]:
+    """The engine for ``source`` and the tokenizer embedded in its model file. The model is
+    exported to the flat binary on first use (cached beside the checkpoint, rebuilt when the
+    checkpoint changes); the loaded engine is kept in ``sess.cache`` between calls."""
     from .engine import Engine
-    from .export import engine_file
+    from .export import engine_file, read_tokenizer
 
     path = Path(engine_file(source, dtype=dtype or DEFAULT_DTYPE))
     if threads is None:
         threads = getattr(sess, "threads", None)
     if threads is not None and threads < 1:
-        threads = None  # -1 (the session's default): the engine uses every core
+        threads = None  # -1 (the session's default): every core
     stat = path.stat()
     key = (os.fspath(path.resolve()), stat.st_mtime_ns, stat.st_size, backend, threads)
     cache = getattr(sess, "cache", None)
-    if cache is not None and cache.get("engine_key") == key:
-        return cache["engine"]
     if cache is not None:
+        if cache.get("engine_key") == key:
+            return cache["engine"], cache["encoder"]
         cache.pop("engine", None)  # unmap the previous model before loading the next
-    engine = Engine(path, backend=backend, threads=threads)
+    loaded = Engine(path, backend=backend, threads=threads), read_tokenizer(path)
     if cache is not None:
-        cache.update(engine=engine, engine_key=key)
-    return engine
-
-
-def _encoder_for(source: str | os.PathLike) -> Encoder:
-    folder = Path(source)
-    return get_encoder(folder if folder.is_dir() else folder.parent)
+        cache.update(engine=loaded[0], encoder=loaded[1], engine_key=key)
+    return loaded
 
 
 def generate_samples(engine, enc: Encoder, specs: Sequence[SampleSpec], settings: GenerateSettings = GenerateSettings(),
@@ -329,7 +326,8 @@ def generate(sess,
         cache["seed"] = seed
 
     source = model_source(sess, run_name, checkpoint_dir, model_name, model_dir)
-    engine = load_engine(source, sess=sess, dtype=getattr(sess, "dtype", None), backend=getattr(sess, "backend", None) or "auto")
+    engine, enc = load_engine(source, sess=sess, dtype=getattr(sess, "dtype", None),
+                              backend=getattr(sess, "backend", None) or "auto")
     specs = [SampleSpec(p, length, temperature, top_k, top_p, seed, i) for i, p in enumerate(prompts)]
     settings = GenerateSettings(truncate or None, bool(include_prefix))
     if len(prompts) == 1:
@@ -357,8 +355,7 @@ def generate(sess,
         ordered(i, sample)
 
     try:
-        samples = generate_samples(engine, _encoder_for(source), specs, settings, batch_size=batch_size,
-                                   on_sample=on_sample)
+        samples = generate_samples(engine, enc, specs, settings, batch_size=batch_size, on_sample=on_sample)
     finally:
         bar.close()
         if out is not None:
