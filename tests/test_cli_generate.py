@@ -132,8 +132,14 @@ def test_resume_after_ctrl_c_and_kill_gives_the_uninterrupted_file(workdir):
     assert out.read_bytes() == (workdir / "whole.jsonl").read_bytes()
 
 
-def _sharded(workdir, args):
-    procs = [start(workdir, *args, env={"RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r)}) for r in (0, 1)]
+def _sharded(workdir, args, first_part=None):
+    """Ranks 0 and 1 of 2; rank 1 starts only once rank 0 has written to ``first_part``."""
+    procs = [start(workdir, *args, env={"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})]
+    deadline = time.time() + 120
+    while first_part is not None and not (first_part.exists() and first_part.stat().st_size):
+        assert procs[0].poll() is None and time.time() < deadline
+        time.sleep(0.02)
+    procs.append(start(workdir, *args, env={"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}))
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
@@ -145,7 +151,7 @@ def test_two_processes_merge_to_the_single_process_output(workdir):
     (workdir / "prompts.txt").write_text("one\ntwo\nthree\n", encoding="utf-8")
     cli(workdir, *args, "--output", "single.jsonl")
     single = (workdir / "single.jsonl").read_bytes()
-    _sharded(workdir, args + ["--output", "sharded.jsonl"])
+    _sharded(workdir, args + ["--output", "sharded.jsonl"], workdir / "sharded.jsonl.part-00000-of-00002")
     assert (workdir / "sharded.jsonl").read_bytes() == single
     assert not list(workdir.glob("sharded.jsonl.part-*"))
     # gen/ files: each process writes whole files; together the same texts as one process.

@@ -10,15 +10,17 @@ torchrun only sets environment variables.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Iterable
+from typing import IO
 
 from tqdm.auto import tqdm
 
@@ -253,15 +255,18 @@ def merge(output: str | os.PathLike, total: int | None = None) -> int:
     return len(records)
 
 
-def _lines(paths: Iterable[Path]) -> int:
-    return sum(p.read_bytes().count(b"\n") for p in paths if p.exists())
-
-
 def _wait_for_ranks(output: Path, total: int, poll_s: float = 0.5) -> None:
-    """Rank 0: wait until the other ranks' parts hold every sample (records are never duplicated)."""
+    """Rank 0: wait until the output and the parts hold every sample (counting lines is cheap;
+    the records are read once the count says they may all be there)."""
     with tqdm(total=total, desc="waiting for the other ranks", unit="sample", leave=False) as bar:
-        while (done := _lines([output, *_part_files(output)])) < total:
-            bar.update(done - bar.n)
+        while True:
+            lines = 0
+            for path in [output, *_part_files(output)]:
+                with contextlib.suppress(FileNotFoundError):
+                    lines += path.read_bytes().count(b"\n")
+            if lines >= total and len(_existing_records(output)) >= total:
+                return
+            bar.update(min(lines, total) - bar.n)
             time.sleep(poll_s)
 
 
@@ -364,10 +369,12 @@ def run_generate(args: argparse.Namespace) -> None:
 
     existing: dict[int, dict] = {}
     if output is not None:
-        parts = _part_files(output)
-        if (output.exists() or parts) and not args.resume:
-            raise FileExistsError(f"{output} (or its part files) exists: pass --resume to add the missing samples, "
-                                  "or choose another --output")
+        # The other ranks of this run may have created their parts already: only ours and older
+        # runs' files mean there is something to resume.
+        ours = re.compile(rf"\.part-\d{{5}}-of-{shard.world:05d}$")
+        left = [p for p in [output, *_part_files(output)] if p.exists() and (p == mine or not ours.search(p.name))]
+        if left and not args.resume:
+            raise FileExistsError(f"{left[0]} exists: pass --resume to add the missing samples, or choose another --output")
         existing = _existing_records(output, repair=mine)
 
     seed = args.seed
