@@ -19,10 +19,9 @@ def save_run(folder, model, step):
     (folder / "counter").write_text(str(step))
 
 
-def reference(model, prompts, *, length, temperature=0.7, top_k=0, top_p=0.0, seed, truncate=None, include_prefix=True,
-              first_index=0):
-    """The original's generate() on the PyTorch generator: full length, then its text rules.
-    Sample ``i`` of ``prompts`` draws with (seed, first_index + i)."""
+def reference_tokens(model, prompts, *, length, temperature=0.7, top_k=0, top_p=0.0, seed, first_index=0):
+    """The original's sampling on the PyTorch generator, full length: (prompt ids, generated ids)
+    per sample; sample ``i`` of ``prompts`` draws with (seed, first_index + i)."""
     requests = []
     for i, prefix in enumerate(prompts, start=first_index):
         context = ENC.encode(prefix) if prefix else [ENC.eot_token]
@@ -30,4 +29,14 @@ def reference(model, prompts, *, length, temperature=0.7, top_k=0, top_p=0.0, se
         requests.append(Request(prompt=context, max_new_tokens=max(new, 0), temperature=temperature,
                                 top_k=0 if top_p > 0 else top_k, top_p=top_p, seed=seed, sample_index=i))
     results = generate_tokens(model, requests, batch_size=len(requests))
-    return [original_text(ENC, r.prompt, res.tokens, p, truncate, include_prefix) for r, res, p in zip(requests, results, prompts)]
+    return [(r.prompt, res.tokens) for r, res in zip(requests, results)]
+
+
+def texts_of(outputs, prompts, truncate=None, include_prefix=True):
+    """The original's text rules applied to ``reference_tokens`` outputs."""
+    return [original_text(ENC, context, tokens, p, truncate, include_prefix) for (context, tokens), p in zip(outputs, prompts)]
+
+
+def reference(model, prompts, *, truncate=None, include_prefix=True, **sampling):
+    """The original's generate() on the PyTorch generator: full length, then its text rules."""
+    return texts_of(reference_tokens(model, prompts, **sampling), prompts, truncate, include_prefix)

@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import gpt_2_simple as gpt2  # noqa: E402
-from generate_helpers import reference, save_run  # noqa: E402
+from generate_helpers import reference, reference_tokens, save_run, texts_of  # noqa: E402
 from gpt_2_simple.generate import GenerateSettings, SampleSpec, generate_samples, load_engine  # noqa: E402
 from reference import TINY, random_gpt2  # noqa: E402
 
@@ -39,11 +39,11 @@ def sess(workdir, monkeypatch):
 
 
 CASES = [
-    dict(length=24, temperature=0.7),
-    dict(length=24, temperature=1.0, top_k=40, prefix="Hello there"),
-    dict(length=20, temperature=0.9, top_p=0.9, top_k=5, prefix="<|startoftext|>"),
-    dict(length=16, temperature=0.0, prefix="The"),
-    dict(length=150, temperature=0.8, top_k=100, prefix="A long text"),  # > n_ctx=64: sliding window
+    dict(length=16, temperature=0.7),
+    dict(length=16, temperature=1.0, top_k=40, prefix="Hello there"),
+    dict(length=16, temperature=0.9, top_p=0.9, top_k=5, prefix="<|startoftext|>"),
+    dict(length=12, temperature=0.0, prefix="The"),
+    dict(length=100, temperature=0.8, top_k=100, prefix="A long text"),  # > n_ctx=64: sliding window
 ]
 
 
@@ -51,8 +51,8 @@ CASES = [
 def test_texts_match_the_pytorch_reference(sess, models, case):
     case = dict(case)
     prefix = case.pop("prefix", None)
-    got = gpt2.generate(sess, return_as_list=True, prefix=prefix, nsamples=5, batch_size=2, seed=11, **case)
-    assert got == reference(models[1], [prefix] * 5, seed=11, **case)
+    got = gpt2.generate(sess, return_as_list=True, prefix=prefix, nsamples=3, batch_size=2, seed=11, **case)
+    assert got == reference(models[1], [prefix] * 3, seed=11, **case)
     assert len(set(got)) > 1 or case["temperature"] == 0
 
 
@@ -68,22 +68,21 @@ def _truncate_candidates(texts, prefix):
 
 @pytest.mark.parametrize("include_prefix", [True, False])
 def test_truncate_stops_early_and_keeps_the_originals_text(sess, models, include_prefix):
-    prefix, length = "Once upon", 40
-    full = reference(models[1], [prefix] * 6, length=length, temperature=1.0, top_k=50, seed=3)
-    truncate = _truncate_candidates(full, prefix)[0]
-    expected = reference(models[1], [prefix] * 6, length=length, temperature=1.0, top_k=50, seed=3,
-                         truncate=truncate, include_prefix=include_prefix)
-    got = gpt2.generate(sess, return_as_list=True, prefix=prefix, nsamples=6, batch_size=4, length=length,
+    prefix, length, prompts = "Once upon", 30, ["Once upon"] * 5
+    outputs = reference_tokens(models[1], prompts, length=length, temperature=1.0, top_k=50, seed=3)
+    truncate = _truncate_candidates(texts_of(outputs, prompts), prefix)[0]
+    expected = texts_of(outputs, prompts, truncate, include_prefix)
+    got = gpt2.generate(sess, return_as_list=True, prefix=prefix, nsamples=5, batch_size=4, length=length,
                         temperature=1.0, top_k=50, seed=3, truncate=truncate, include_prefix=include_prefix)
     assert got == expected
-    assert any(truncate not in t for t in got)  # it was found and cut somewhere
+    assert expected != texts_of(outputs, prompts)  # it was found and cut somewhere
     # The engine really stopped those rows at the truncate string.
     engine, enc = load_engine(sess.checkpoint.path, sess=sess, dtype="fp32")
-    specs = [SampleSpec(prefix, length, 1.0, 50, 0.0, 3, i) for i in range(6)]
+    specs = [SampleSpec(prefix, length, 1.0, 50, 0.0, 3, i) for i in range(5)]
     samples = generate_samples(engine, enc, specs, GenerateSettings(truncate, include_prefix), batch_size=4)
     max_new = length - len(enc.encode(prefix))
     stopped = [s for s in samples if s.finish_reason == "stop_sequence"]
-    assert stopped and all(s.n_tokens < max_new for s in stopped)
+    assert any(s.n_tokens < max_new for s in stopped)
     assert all(s.n_tokens == max_new for s in samples if s.finish_reason == "length")
 
 
