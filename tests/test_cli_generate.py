@@ -198,6 +198,8 @@ def test_generate_command_never_imports_torch(workdir):
         ({}, ["--output", "o.jsonl", "--nfiles", "2"], r"--nfiles"),
         ({}, ["--prefix", "x", "--prompts", "p.txt"], r"either --prefix or --prompts"),
         ({"d.jsonl": '{"index": 0}\nbroken\n{"index": 1}\n'}, ["--output", "d.jsonl", "--resume"], r"d.jsonl line 2"),
+        ({"long.txt": "short\n" + " ".join(["word"] * 70) + "\n"}, ["--prompts", "long.txt"], r"long.txt line 2: the prompt is 70 tokens, longer than the model's context of 64"),
+        ({}, ["--prefix", " ".join(["word"] * 70)], r"prefix is 70 tokens, longer than the model's context of 64"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(workdir, monkeypatch, capsys, files, args, message):

@@ -2,8 +2,11 @@
 transcription of the original's post-processing applied to the same token outputs, and the
 argument checks. No engine needed."""
 
+import os
 import random
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -129,6 +132,7 @@ def test_stopping_at_truncate_gives_the_full_length_text(shakespeare_text):
         (dict(length=2.5), "length"),
         (dict(temperature=-0.1), "temperature"),
         (dict(temperature=float("nan")), "temperature"),
+        (dict(temperature=float("inf")), "temperature"),
         (dict(top_k=-1), "top_k"),
         (dict(top_p=1.5), "top_p"),
         (dict(top_p=-0.1), "top_p"),
@@ -160,3 +164,14 @@ def test_prefix_forms():
     assert _prompts("Hi", 2) == ["Hi", "Hi"]
     assert _prompts(["a", "", "c"], 1) == ["a", None, "c"]
     assert _prompts(("a", "b"), 2) == ["a", "b"]
+
+
+def test_gpt2_generate_stays_the_function_when_its_module_is_imported():
+    """``import gpt_2_simple.generate`` binds the module on the package; the public names
+    generate / export must stay the functions (scripts call ``gpt2.generate(sess)``)."""
+    code = ("import gpt_2_simple as gpt2, gpt_2_simple.generate, gpt_2_simple.batch, gpt_2_simple.export\n"
+            "from gpt_2_simple.generate import generate_samples\n"
+            "print(gpt2.generate.__name__, gpt2.generate_to_file.__name__, gpt2.export.__name__, type(gpt2.tokenizer).__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.stdout.split() == ["generate", "generate_to_file", "export", "module"], out.stderr

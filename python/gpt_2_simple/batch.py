@@ -396,6 +396,11 @@ def run_generate(args: argparse.Namespace) -> None:
     source = model_source(None, args.run_name, args.checkpoint_dir, args.model_name, args.model_dir)
     shard.pin_device()
     engine, enc = load_engine(source, dtype=args.dtype, backend=args.backend, threads=args.threads or shard.threads())
+    for p in prompts if args.prompts else []:  # (--prefix gets generate_samples' message)
+        n = len(enc.encode(p.text)) if p.text else 1
+        if n > engine.config.n_ctx:
+            raise ValueError(f"{p.where}: the prompt is {n} tokens, longer than the model's context of "
+                             f"{engine.config.n_ctx}; shorten it")
     settings = GenerateSettings(args.truncate or None, args.include_prefix)
     progress = Progress(len(mine_idx), shard)
 

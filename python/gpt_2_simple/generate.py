@@ -21,6 +21,7 @@ Never imports torch: generation runs on the exported flat binary (``export.engin
 from __future__ import annotations
 
 import logging
+import math
 import numbers
 import os
 import random
@@ -70,7 +71,7 @@ def check_settings(*, length, temperature, top_k, top_p, where: str = "") -> Non
     at = f"{where}: " if where else ""
     if not _is_int(length) or length < 0:
         raise ValueError(f"{at}length must be an integer >= 0 (tokens per text, prefix included), got {length!r}")
-    if not _is_number(temperature) or not temperature >= 0:
+    if not _is_number(temperature) or not 0 <= temperature < math.inf:
         raise ValueError(f"{at}temperature must be a number >= 0 (0 picks the most likely token), got {temperature!r}")
     if not _is_int(top_k) or top_k < 0:
         raise ValueError(f"{at}top_k must be an integer >= 0 (0 turns it off), got {top_k!r}")
