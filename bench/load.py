@@ -58,25 +58,27 @@ def timed(fn) -> float:
     return elapsed
 
 
-def prepare(folder: Path) -> dict[str, Path]:
-    """124M-geometry files with random weights (reused from an earlier run in the same folder)."""
+def prepare(folder: Path) -> tuple[dict[str, Path], dict[str, float]]:
+    """124M-geometry files with random weights (reused from an earlier run in the same folder),
+    and how long exporting them took (one run each; empty when reused)."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = {"fp32": folder / "124M.fp32.bin", "bf16": folder / "124M.bf16.bin", "cold": folder / "124M.fp32.cold.bin",
              "safetensors": folder / "run" / "model-1.safetensors", "hf": folder / "hf"}
     if all(p.exists() for p in paths.values()):
-        return paths
+        return paths, {}
     config = GPT2Config()  # 124M
     rng = np.random.default_rng(0)
     state = {name: (rng.standard_normal(shape, dtype=np.float32) * 0.02) for name, shape in expected_shapes(config).items()}
+    export_s = {}
     for dtype in ("fp32", "bf16"):
-        export((config, state), paths[dtype], dtype)
+        export_s[dtype] = timed(lambda: export((config, state), paths[dtype], dtype, progress=False))
     # A copy for the cold case, so evicting it from the page cache leaves the other cases warm.
     shutil.copyfile(paths["fp32"], paths["cold"])
     paths["safetensors"].parent.mkdir(exist_ok=True)
     config.save(paths["safetensors"].parent / "hparams.json")
     save_weights(paths["safetensors"], state, config)
     export_hf((config, state), paths["hf"])
-    return paths
+    return paths, export_s
 
 
 def summary(times: list[float]) -> dict:
@@ -89,7 +91,7 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=Path("/tmp/gpt2s-load-bench"))
     parser.add_argument("--no-transformers", action="store_true", help="skip the transformers peer (slow to import)")
     args = parser.parse_args()
-    paths = prepare(args.dir)
+    paths, export_s = prepare(args.dir)
 
     import safetensors.numpy
 
@@ -136,6 +138,7 @@ def main() -> None:
         "file_bytes": {k: os.path.getsize(v) for k, v in paths.items() if v.is_file()},
         "versions": {"numpy": np.__version__, **({"torch": torch.__version__, "transformers": transformers.__version__} if not args.no_transformers else {})},
         "results": results,
+        "export_s": export_s,  # export() of the same random weights from memory, one run each
     }
     out = ROOT / "bench" / "results" / "load.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -144,6 +147,8 @@ def main() -> None:
     for name, r in results.items():
         ratio = f"{r['ratio_to_ours_fp32_open']:.0f}x" if "ratio_to_ours_fp32_open" in r else ""
         print(f"{name:38s} {1e3 * r['min_s']:9.2f} {1e3 * r['median_s']:10.2f} {1e3 * r['max_s']:9.2f}  {ratio}")
+    for dtype, seconds in export_s.items():
+        print(f"export {dtype}: {seconds:.2f} s (one run)")
     print(f"written to {out}")
 
 

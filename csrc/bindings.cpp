@@ -73,22 +73,8 @@ py::dict describe_model(const ModelFile& file, bool data) {
     };
     add("wte.weight", w.wte);
     add("wpe.weight", w.wpe);
-    for (size_t i = 0; i < w.h.size(); ++i) {
-      const gpt2s::LayerWeights& l = w.h[i];
-      const std::string p = "h." + std::to_string(i) + ".";
-      add(p + "ln_1.weight", l.ln_1_w);
-      add(p + "ln_1.bias", l.ln_1_b);
-      add(p + "attn.c_attn.weight", l.attn_c_attn_w);
-      add(p + "attn.c_attn.bias", l.attn_c_attn_b);
-      add(p + "attn.c_proj.weight", l.attn_c_proj_w);
-      add(p + "attn.c_proj.bias", l.attn_c_proj_b);
-      add(p + "ln_2.weight", l.ln_2_w);
-      add(p + "ln_2.bias", l.ln_2_b);
-      add(p + "mlp.c_fc.weight", l.mlp_c_fc_w);
-      add(p + "mlp.c_fc.bias", l.mlp_c_fc_b);
-      add(p + "mlp.c_proj.weight", l.mlp_c_proj_w);
-      add(p + "mlp.c_proj.bias", l.mlp_c_proj_b);
-    }
+    for (size_t i = 0; i < w.h.size(); ++i)
+      for (const gpt2s::LayerTensor& t : gpt2s::kLayerTensors) add("h." + std::to_string(i) + "." + t.suffix, w.h[i].*t.field);
     add("ln_f.weight", w.ln_f_w);
     add("ln_f.bias", w.ln_f_b);
     d["data"] = views;

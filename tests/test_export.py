@@ -462,3 +462,11 @@ def test_export_does_not_import_torch():
     code = "import sys, gpt_2_simple.export, gpt_2_simple.cli; assert 'torch' not in sys.modules, 'torch imported'"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "python")}
     subprocess.run([sys.executable, "-c", code], env=env, check=True)
+
+
+def test_an_export_is_its_own_engine_file(exported, tmp_path):
+    assert engine_file(exported["bf16"], "bf16") == exported["bf16"]
+    with pytest.raises(ValueError, match="holds bf16 weights, not fp32"):
+        engine_file(exported["bf16"], "fp32")
+    with pytest.raises(ValueError, match="is already an exported model file"):
+        export(exported["fp32"], tmp_path / "again.bin")

@@ -150,5 +150,21 @@ def test_server_argument_and_threads():
 
 
 def test_get_available_gpus_matches_torch():
-    gpus = gpt2.get_available_gpus()
-    assert gpus == [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else gpus == []
+    expected = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    assert gpt2.get_available_gpus() == expected
+
+
+def test_downloaded_hf_layout_and_partial_downloads(tmp_path, monkeypatch):
+    """download_gpt2(source='hf') leaves config.json + model.safetensors; an interrupted download
+    leaves only model.safetensors.part, which is not a model."""
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "models" / "124M"
+    shutil.copytree(FIXTURE / "hf", folder)
+    (folder / ".download.lock").write_bytes(b"")
+    sess = gpt2.start_tf_sess()
+    gpt2.load_gpt2(sess, model_name="124M")
+    assert sess.checkpoint.name == "model.safetensors"
+    np.testing.assert_array_equal(sess.weights["wpe.weight"], load_weights(FIXTURE / "models" / "tiny")[1]["wpe.weight"])
+    (folder / "model.safetensors").rename(folder / "model.safetensors.part")
+    with pytest.raises(FileNotFoundError, match="no model in models/124M: download it first"):
+        gpt2.load_gpt2(sess, model_name="124M")

@@ -104,6 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a run or model to the engine's single-file format (or a HuggingFace folder)")
     _add_export_args(p)
     p.set_defaults(handler=_cmd_export)
+
+    p = sub.add_parser("download", help="download a pretrained GPT-2 into --model_dir")
+    p.add_argument("--model_name", default="124M", help="124M, 355M, 774M or 1558M (117M/345M: their first names)")
+    p.add_argument("--model_dir", default="models", help="folder to put <model_name>/ in (default: models)")
+    p.add_argument("--source", choices=["openai", "hf"], default="openai",
+                   help="openai: OpenAI's TF checkpoint, as the original (mirror: GPT_2_SIMPLE_BASE_URL); "
+                   "hf: the Hugging Face hub's safetensors (mirror: GPT_2_SIMPLE_HF_BASE_URL or HF_ENDPOINT)")
+    p.set_defaults(handler=_cmd_download)
     return parser
 
 
@@ -134,6 +142,13 @@ def _cmd_export(args: argparse.Namespace) -> None:
     else:
         path = engine_file(source, args.dtype)
     print(path)
+
+
+def _cmd_download(args: argparse.Namespace) -> None:
+    from .download import download_gpt2
+
+    folder = download_gpt2(model_dir=args.model_dir, model_name=args.model_name, source=args.source)
+    print(f"GPT-2 {args.model_name} is in {folder}")
 
 
 def _normalise_argv(argv: list[str]) -> list[str]:
