@@ -268,6 +268,28 @@ def test_threads_do_not_change_results(tmp_path):
         assert (i0, s0) == (i1, s1) and np.array_equal(x0, x1)
 
 
+def test_fork_after_use_neither_hangs_nor_changes_results(tmp_path):
+    # A forked child has none of the pool's worker threads: it must generate alone and exit cleanly.
+    wide = GPT2Config(n_vocab=257, n_ctx=64, n_embd=256, n_head=4, n_layer=2)
+    path = export(random_gpt2(wide, seed=3), tmp_path / "wide.bin", "fp32", tokenizer_dir=_byte_tokenizer(tmp_path / "tok"), progress=False)
+    code = f"""
+import os, sys, time
+from gpt_2_simple.engine import Engine, Request
+e = Engine({str(path)!r}, threads=2)
+reqs = [Request(list(range(1, 30)), 8, temperature=1.0, sample_index=i) for i in range(4)]
+expected = e.generate(reqs, batch_size=4)
+time.sleep(0.05)  # the workers go to sleep on their condition variable
+pid = os.fork()
+if pid == 0:
+    ok = e.generate(reqs, batch_size=4) == expected
+    sys.exit(0 if ok else 3)  # a normal exit: the engine is destroyed at shutdown
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    assert subprocess.run([sys.executable, "-c", code], env=env, timeout=120).returncode == 0
+
+
 def test_concurrent_calls_from_python_threads(engine):
     requests = _mixed_requests(8, seed=7)
     expected = engine.generate(requests, batch_size=4)

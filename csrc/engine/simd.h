@@ -4,7 +4,9 @@
 // shared inline function compiled with AVX-512 flags could be the copy the linker keeps for the
 // scalar path (and crash an older CPU).
 //
-// Vf: kLanes floats. Vb: 2 * kLanes bf16 values (one bf16 dot-product step).
+// Vf: kLanes floats. Vb: 2 * kLanes bf16 values (one bf16 dot-product step). bf16 conversions
+// round to nearest even exactly like kernels_impl.h's scalar f32_to_bf16, lane for lane, so a value
+// converts the same whether it falls in a vector or in a tail.
 
 #if defined(__AVX512F__)
 
@@ -45,6 +47,16 @@ inline Vf vdot_bf16(Vf acc, Vb x, Vb w) {
 // kLanes bf16 values widened to fp32 (exact).
 inline Vf vload_bf16_f32(const uint16_t* p) {
   return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16))};
+}
+// kLanes floats rounded to bf16, nearest even, NaN kept quiet: bit for bit the scalar f32_to_bf16
+// of kernels_impl.h (not vcvtneps2bf16, which flushes denormals).
+inline void vstore_bf16(uint16_t* p, Vf a) {
+  const __m512i bits = _mm512_castps_si512(a.v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(a.v, a.v, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
 }
 
 #elif defined(__AVX2__)
@@ -90,6 +102,16 @@ inline Vf vdot_bf16(Vf acc, Vb x, Vb w) {
 }
 inline Vf vload_bf16_f32(const uint16_t* p) {
   return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16))};
+}
+inline void vstore_bf16(uint16_t* p, Vf a) {
+  const __m256i bits = _mm256_castps_si256(a.v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(a.v, a.v, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_or_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(0x40)), nan);
+  // u32 lanes (all < 2^16) to u16: pack within 128-bit halves, then gather the halves' low parts.
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
 }
 
 #else  // portable C++: small fixed-size arrays the compiler may map onto whatever SIMD the target has
@@ -141,6 +163,13 @@ inline Vf vdot_bf16(Vf acc, Vb x, Vb w) {
   return acc;
 }
 inline Vf vload_bf16_f32(const uint16_t* p) { GPT2S_LANES(bf16_bits_to_f32(p[i])); }
+inline void vstore_bf16(uint16_t* p, Vf a) {
+  for (int i = 0; i < kLanes; ++i) {
+    uint32_t bits;
+    __builtin_memcpy(&bits, &a.v[i], 4);
+    p[i] = (bits & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t((bits >> 16) | 0x40) : uint16_t((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+  }
+}
 #undef GPT2S_LANES
 
 #endif

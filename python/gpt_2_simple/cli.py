@@ -64,18 +64,24 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
 
 def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nfiles", type=int, default=1, help="number of files to write into --folder")
-    p.add_argument("--nsamples", type=int, default=1, help="texts per file")
+    p.add_argument("--nsamples", type=int, default=1, help="texts per file (per prompt with --prompts)")
     p.add_argument("--folder", default="gen", help="output folder (existing files are never overwritten)")
-    p.add_argument("--length", type=int, default=1023, help="tokens to generate per text (may exceed the context window)")
-    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--length", type=int, default=1023, help="tokens per text, the prefix's included, as in the original (may exceed the context window)")
+    p.add_argument("--temperature", type=float, default=0.7, help="randomness (0: always the most likely token)")
     p.add_argument("--top_k", type=int, default=0, help="sample from the k most likely tokens (0: off)")
     p.add_argument("--top_p", type=float, default=0.0, help="nucleus sampling (overrides --top_k when nonzero)")
-    p.add_argument("--batch_size", type=int, default=1)
+    p.add_argument("--batch_size", type=int, default=1, help="texts generated together (finished ones are replaced at once)")
     p.add_argument("--prefix", default=None, help="text every sample starts from")
     p.add_argument("--truncate", default=None, help="cut each text at this string (generation stops there)")
-    p.add_argument("--include_prefix", nargs="?", const=True, default=True, type=_bool)
-    p.add_argument("--sample_delim", default="=" * 20 + "\n")
-    p.add_argument("--seed", type=int, default=None, help="make the output reproducible")
+    p.add_argument("--include_prefix", nargs="?", const=True, default=True, type=_bool, help="with --truncate: False keeps only the text after the prefix")
+    p.add_argument("--sample_delim", default="=" * 20 + "\n", help="written after each text in a file (none with one text per file)")
+    p.add_argument("--seed", type=int, default=None, help="make the output reproducible (the same whatever --batch_size)")
+    p.add_argument("--prompts", default=None, metavar="FILE", help="prompts file: one per line, or JSONL rows {\"prompt\": ..., optional temperature/top_k/top_p/length/seed}; --nsamples texts each")
+    p.add_argument("--output", default=None, metavar="OUT.jsonl", help="write one JSON record per text here (written as they finish) instead of --folder files")
+    p.add_argument("--resume", action="store_true", help="add only the texts missing from --output (after a crash or Ctrl-C)")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="engine weights (default: bf16, the faster)")
+    p.add_argument("--backend", default="auto", choices=["auto", "cpu", "cuda"], help="engine backend (auto: CUDA when available)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores, split between local processes)")
 
 
 def _add_export_args(p: argparse.ArgumentParser) -> None:
@@ -101,7 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate texts into files")
     _add_model_args(p)
     _add_generate_args(p)
-    p.set_defaults(handler=_cmd_generate)
+    p.set_defaults(handler=_cmd_generate, model_name=None)  # a run, unless --model_name names a base model
+
+    p = sub.add_parser("merge", help="merge the part files of a sharded `generate --output` into one file")
+    p.add_argument("output", help="the --output file the sharded run was given")
+    p.set_defaults(handler=_cmd_merge)
 
     p = sub.add_parser("score", help="score texts: mean token log-likelihood and perplexity under a model")
     p.add_argument("file", help="UTF-8 text file: one text per line (or the whole file with --whole); - reads standard input")
@@ -204,7 +214,15 @@ def _cmd_score(args: argparse.Namespace) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
-    raise NotImplementedError("generate: implemented in the engine issue")
+    from .batch import run_generate
+
+    run_generate(args)
+
+
+def _cmd_merge(args: argparse.Namespace) -> None:
+    from .batch import merge
+
+    print(f"gpt_2_simple merge: {merge(args.output)} samples in {args.output}", file=sys.stderr)
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
