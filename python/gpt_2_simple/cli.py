@@ -66,6 +66,16 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="make the output reproducible")
 
 
+def _add_export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run_name", default="run1", help="run folder under --checkpoint_dir to export (default: run1)")
+    p.add_argument("--checkpoint_dir", default="checkpoint", help="folder holding the runs (default: checkpoint)")
+    p.add_argument("--model_name", default=None, help="export the base model --model_dir/<name> (e.g. 124M) instead of a run")
+    p.add_argument("--model_dir", default="models", help="folder holding downloaded base models (default: models)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weight type: fp32 (exact) or bf16 (half the size, faster)")
+    p.add_argument("-o", "--output", default=None, help="file to write (default: model-<step>.<dtype>.bin beside the checkpoint, the file generate reuses)")
+    p.add_argument("--hf", default=None, metavar="OUT_DIR", help="write a HuggingFace folder (config.json, model.safetensors, vocab.json, merges.txt) instead")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpt_2_simple", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="mode", metavar="MODE")
@@ -88,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="openai: OpenAI's TF checkpoint, as the original (mirror: GPT_2_SIMPLE_BASE_URL); "
                    "hf: the Hugging Face hub's safetensors (mirror: GPT_2_SIMPLE_HF_BASE_URL or HF_ENDPOINT)")
     p.set_defaults(handler=_cmd_download)
+
+    p = sub.add_parser("export", help="export a run or model to the engine's single-file format (or a HuggingFace folder)")
+    _add_export_args(p)
+    p.set_defaults(handler=_cmd_export)
     return parser
 
 
@@ -104,6 +118,19 @@ def _cmd_download(args: argparse.Namespace) -> None:
 
     folder = download_gpt2(model_dir=args.model_dir, model_name=args.model_name, source=args.source)
     print(f"GPT-2 {args.model_name} is in {folder}")
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from .export import engine_file, export, export_hf
+
+    source = os.path.join(args.model_dir, args.model_name) if args.model_name else os.path.join(args.checkpoint_dir, args.run_name)
+    if args.hf:
+        path = export_hf(source, args.hf)
+    elif args.output:
+        path = export(source, args.output, args.dtype)
+    else:
+        path = engine_file(source, args.dtype)
+    print(path)
 
 
 def _normalise_argv(argv: list[str]) -> list[str]:

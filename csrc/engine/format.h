@@ -1,0 +1,94 @@
+// The flat binary model file (docs/format.md): memory-mapped read-only, validated completely
+// before anything points into it, and turned into the ModelWeights the engines read.
+// Every failure is a FormatError (or SystemError for the operating system's refusals) whose
+// message names the file, the problem and the fix; no input can make the loader read outside the
+// mapping or allocate more than the file's size justifies.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "model.h"
+
+namespace gpt2s {
+
+inline constexpr char kFormatMagic[8] = {'G', 'P', 'T', '2', 'S', 'B', 'I', 'N'};
+inline constexpr uint32_t kFormatVersion = 1;
+inline constexpr uint64_t kHeaderSize = 128;
+inline constexpr uint64_t kTableEntrySize = 128;
+inline constexpr uint64_t kAlignment = 64;
+
+// The file is not a valid model file (wrong kind, damaged, hostile or from another version).
+class FormatError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// The operating system refused to open or map the file; `code` is the errno value.
+class SystemError : public std::runtime_error {
+ public:
+  SystemError(const std::string& message, int code) : std::runtime_error(message), code(code) {}
+  int code;
+};
+
+const char* dtype_name(DType dtype);
+size_t dtype_size(DType dtype);
+
+// One entry of the tensor table, as validated.
+struct TensorInfo {
+  std::string name;
+  DType dtype = DType::F32;
+  int ndim = 0;
+  int64_t shape[2] = {0, 0};  // shape[1] is 0 for vectors
+  uint64_t offset = 0;
+  uint64_t nbytes = 0;
+  uint32_t crc32 = 0;
+};
+
+// A validated model file, mapped for as long as this object lives. The engine keeps a
+// shared_ptr to it; every view in weights() points into the mapping.
+class LoadedModel {
+ public:
+  // Maps `path` and validates everything but the tensor data checksums (docs/format.md, steps
+  // 1-6); with verify_data, also each tensor's CRC-32 (a full read of the file).
+  static std::shared_ptr<const LoadedModel> open(const std::string& path, bool verify_data = false);
+
+  ~LoadedModel();
+  LoadedModel(const LoadedModel&) = delete;
+  LoadedModel& operator=(const LoadedModel&) = delete;
+
+  const ModelWeights& weights() const { return weights_; }
+  const std::string& path() const { return path_; }
+  uint64_t file_size() const { return size_; }
+  uint32_t version() const { return version_; }
+  uint32_t flags() const { return flags_; }
+  const std::vector<TensorInfo>& tensors() const { return tensors_; }  // in table order
+  std::string_view token_kinds() const { return token_kinds_; }         // V bytes: 0 byte-level, 1 special
+  std::string_view merges() const { return merges_; }                   // vocab.bpe, verbatim
+  std::string_view metadata() const { return metadata_; }               // JSON text
+
+  // Checks every tensor's CRC-32 (in parallel); throws FormatError naming the first damaged one.
+  void verify_data() const;
+
+ private:
+  LoadedModel() = default;
+  void parse();
+
+  std::string path_;
+  const uint8_t* base_ = nullptr;
+  uint64_t size_ = 0;
+  uint32_t version_ = 0;
+  uint32_t flags_ = 0;
+  ModelWeights weights_;
+  std::vector<TensorInfo> tensors_;
+  std::string_view token_kinds_, merges_, metadata_;
+};
+
+// CRC-32 as zlib computes it (ISO-HDLC), continuing from `crc` (0 to start).
+uint32_t crc32(uint32_t crc, const void* data, size_t n);
+
+}  // namespace gpt2s

@@ -1,0 +1,468 @@
+"""Export a model to the flat binary the C++ engines memory-map (docs/format.md), or to a
+HuggingFace folder that ``transformers`` loads.
+
+``export(source, "model.bin", dtype="bf16")`` takes a run folder (``checkpoint/run1``), a model
+folder (``models/124M``, TensorFlow or HuggingFace files), a single weights file, our PyTorch
+``GPT2``, a session, or ``(config, state_dict)``. ``engine_file(source, dtype)`` is what
+``generate()`` uses: the export of the newest checkpoint, cached beside it and rebuilt when the
+checkpoint changes. Nothing here imports torch unless the source is a torch module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import hashlib
+import json
+import os
+import re
+import struct
+import zlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from . import __version__
+from .config import GPT2Config
+from .fileio import atomic_write
+from .weights import expected_shapes, find_checkpoint, load_weights, save_weights
+from .tokenizer import BUNDLED_DIR, END_OF_TEXT, Encoder, bytes_to_unicode
+
+__all__ = ["export", "export_hf", "engine_file", "inspect", "verify", "read_tokenizer", "write_tokenizer_files", "DTYPES"]
+
+MAGIC = b"GPT2SBIN"
+FORMAT_VERSION = 1
+DTYPES = {"fp32": 0, "bf16": 1}  # on-disk codes; 2 is reserved for int8
+ALIGN = 64
+# docs/format.md, "Header" and "Tensor table": both 128 bytes.
+HEADER = struct.Struct("<8sIIQ5IIIiQIIQQQQQ12sI")
+ENTRY = struct.Struct("<64sII2QQQQQII")
+TOKENIZER_HEAD = struct.Struct("<IIQQ")
+CRC_OFFSET = 124
+# Elements converted and written at a time: bounds the extra memory an export needs (~64 MB).
+CHUNK_ELEMENTS = 1 << 23
+# The Conv1D projection weights, stored transposed.
+MATRICES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# Buffers and tied copies that some state dicts carry besides GPT-2's parameters.
+IGNORED = re.compile(r"^(lm_head\.weight|h\.\d+\.attn\.(bias|masked_bias))$")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tensor:
+    name: str
+    shape: tuple[int, ...]  # as stored: matrices (out, in)
+    is_weight: bool  # stored in the file's weight dtype (else always fp32)
+    transpose: bool  # a Conv1D matrix: the source holds (in, out)
+
+
+def tensor_layout(config: GPT2Config) -> list[_Tensor]:
+    """The tensors of a model file in their canonical order (docs/format.md, "Tensor table"):
+    model.py's state-dict order, Conv1D matrices transposed to (out, in)."""
+    out = []
+    for name, shape in expected_shapes(config).items():
+        matrix = name.endswith(MATRICES)
+        out.append(_Tensor(name, shape[::-1] if matrix else shape, matrix or name in ("wte.weight", "wpe.weight"), matrix))
+    return out
+
+
+def to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), rounding to nearest even as PyTorch does; NaNs
+    stay NaN (quiet)."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    # Adding 0x7FFF plus the lowest kept bit rounds half to even; it cannot wrap for non-NaN inputs.
+    rounded = ((bits + (np.uint32(0x7FFF) + ((bits >> 16) & 1))) >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        rounded[nan] = ((bits[nan] >> 16) | 0x0040).astype(np.uint16)
+    return rounded
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources: whatever the user hands us -> (config, Conv1D-layout arrays, tokenizer folder, provenance)
+
+
+def _checkpoint(source: str | os.PathLike) -> tuple[Path, Path, int | None]:
+    """``(what to load, file to key a cache on, step or None)`` for the newest weights at ``source``
+    (weights.find_checkpoint decides which). The key file's size and mtime identify the checkpoint;
+    for a TensorFlow checkpoint it is the ``.index``, which every save rewrites."""
+    ckpt = find_checkpoint(source)
+    key = Path(f"{ckpt.path}.index") if ckpt.format == "tf" else ckpt.path
+    return ckpt.path, key, ckpt.step
+
+
+def _fingerprint(file: Path, step: int | None) -> dict:
+    st = file.stat()
+    return {"path": str(file.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "step": step}
+
+
+def _load_source(source: Any, config: GPT2Config | None):
+    """-> (config, {name: array in model.py layout}, tokenizer folder, provenance or None)."""
+    if isinstance(source, (str, os.PathLike)):
+        load_path, key_file, step = _checkpoint(source)
+        cfg, state = load_weights(load_path)
+        return cfg, state, key_file.parent, _fingerprint(key_file, step)
+    if hasattr(source, "cache") and hasattr(source, "source"):  # a Session
+        if getattr(source, "source", None) is None:
+            raise ValueError("the session has no model: call gpt2.load_gpt2(sess) or gpt2.finetune(sess, ...) first")
+        return _load_source(source.source, config)
+    if hasattr(source, "state_dict") and isinstance(getattr(source, "config", None), GPT2Config):  # our GPT2 module
+        state = {}
+        for name, t in source.state_dict().items():
+            t = t.detach().cpu()
+            state[name] = (t if t.dtype.is_floating_point and t.dtype.itemsize == 4 else t.float()).numpy()
+        return source.config, state, None, None
+    if isinstance(source, tuple) and len(source) == 2:
+        config, source = source
+    if isinstance(source, Mapping):
+        if not isinstance(config, GPT2Config):
+            raise ValueError("a state dict needs its GPT2Config: export((config, state), ...) or export(state, ..., config=config)")
+        return config, source, None, None
+    raise TypeError(
+        f"cannot export a {type(source).__name__}: pass a run or model folder, a weights file, a GPT2 module, "
+        "a session, or (GPT2Config, state_dict)"
+    )
+
+
+def _check_state(config: GPT2Config, state: Mapping[str, Any]) -> None:
+    """A state dict given directly (files are checked by weights.load_weights): every tensor of
+    the config, of its shape, and nothing else but known buffers."""
+    expected = expected_shapes(config)
+    missing = [n for n in expected if n not in state]
+    if missing:
+        raise ValueError(f"the weights lack {len(missing)} GPT-2 tensors, e.g. {missing[0]!r}: not a complete GPT-2 model of this config ({config})")
+    extra = [n for n in state if n not in expected and not IGNORED.match(n)]
+    if extra:
+        raise ValueError(f"the weights hold tensors GPT-2 does not have, e.g. {extra[0]!r}; pass model.py's state dict (names like 'h.0.attn.c_attn.weight')")
+    for name, shape in expected.items():
+        got = tuple(np.shape(state[name]))
+        if got != shape:
+            raise ValueError(f"tensor {name} has shape {got}, but the config ({config}) needs {shape} (GPT-2's Conv1D layout: (in, out))")
+
+
+def _check_finite(name: str, array: np.ndarray) -> None:
+    if not np.isfinite(array).all():
+        raise ValueError(f"tensor {name} holds NaN or infinite values: the checkpoint is damaged or training diverged; export an earlier checkpoint")
+
+
+# ---------------------------------------------------------------------------------------------
+# The tokenizer section
+
+
+def _tokenizer_files(folder: Path | None, n_vocab: int) -> tuple[dict[str, int], bytes]:
+    """``folder``'s encoder.json (checked) and vocab.bpe bytes; GPT-2's bundled files when it has none."""
+    if folder is None or not (folder / "encoder.json").is_file():
+        folder = BUNDLED_DIR
+    enc_path, bpe_path = folder / "encoder.json", folder / "vocab.bpe"
+    if not bpe_path.is_file():
+        raise FileNotFoundError(f"{bpe_path} is missing (it belongs with {enc_path}); copy vocab.bpe from the model download")
+    try:
+        encoder = json.loads(enc_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{enc_path} is not valid JSON ({e}); copy encoder.json from the model download") from None
+    if sorted(encoder.values()) != list(range(len(encoder))):
+        raise ValueError(f"{enc_path} does not number its tokens 0..{len(encoder) - 1} once each; copy encoder.json from the model download")
+    if len(encoder) != n_vocab:
+        raise ValueError(f"the tokenizer in {folder} has {len(encoder)} tokens but the model's n_vocab is {n_vocab}; use the model's own encoder.json")
+    return encoder, bpe_path.read_bytes()
+
+
+def _tokenizer_section(encoder: dict[str, int], merges: bytes) -> tuple[bytes, int]:
+    """-> (the tokenizer section of docs/format.md, the end-of-text id or -1)."""
+    byte_decoder = {c: b for b, c in bytes_to_unicode().items()}
+    kinds = bytearray(len(encoder))
+    pieces = []
+    for i, text in enumerate(sorted(encoder, key=encoder.__getitem__)):
+        if text == END_OF_TEXT or any(c not in byte_decoder for c in text):
+            kinds[i] = 1  # special: stored as its literal text
+            pieces.append(text.encode("utf-8"))
+        else:
+            pieces.append(bytes(byte_decoder[c] for c in text))
+    ends = np.zeros(len(pieces) + 1, dtype="<u4")
+    np.cumsum([len(p) for p in pieces], out=ends[1:])
+    blob = b"".join(pieces)
+    section = TOKENIZER_HEAD.pack(len(pieces), 0, len(blob), len(merges)) + ends.tobytes() + bytes(kinds) + blob + merges
+    return section, encoder.get(END_OF_TEXT, -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def _align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def _nbytes(t: _Tensor, dtype: str) -> int:
+    return int(np.prod(t.shape)) * (2 if t.is_weight and dtype == "bf16" else 4)
+
+
+def _chunks(array: Any, t: _Tensor, dtype: str) -> Iterator[np.ndarray]:
+    """The stored bytes of one tensor, a few MB at a time (rows of the stored layout)."""
+    src = np.asarray(array)
+    rows = t.shape[0]
+    step = max(1, CHUNK_ELEMENTS // max(1, src.size // rows))
+    for r0 in range(0, rows, step):
+        part = src[:, r0 : r0 + step].T if t.transpose else src[r0 : r0 + step]  # (rows, in) in stored layout
+        part = np.ascontiguousarray(part, dtype=np.float32)
+        _check_finite(t.name, part)
+        yield to_bf16(part) if t.is_weight and dtype == "bf16" else part.astype("<f4", copy=False)
+
+
+def _write(out_path: Path, config: GPT2Config, state: Mapping[str, Any], dtype: str, tokenizer: tuple[bytes, int], metadata: dict, progress: bool) -> None:
+    layout = tensor_layout(config)
+    tok_bytes, eot = tokenizer
+    meta_bytes = json.dumps(metadata, sort_keys=True).encode("utf-8")
+    table_offset = HEADER.size
+    tok_offset = _align(table_offset + ENTRY.size * len(layout))
+    meta_offset = _align(tok_offset + len(tok_bytes))
+    data_offset = _align(meta_offset + len(meta_bytes))
+    offsets, end = [], data_offset
+    for t in layout:
+        offsets.append(end)
+        end = _align(end + _nbytes(t, dtype))
+    file_size = offsets[-1] + _nbytes(layout[-1], dtype)  # no padding after the last tensor
+
+    from tqdm.auto import tqdm
+
+    crcs = []
+    with atomic_write(out_path) as f, tqdm(total=file_size, unit="B", unit_scale=True, desc=f"export {out_path.name}",
+                                           disable=not progress or file_size < (256 << 20)) as bar:
+        f.write(bytes(data_offset))
+        for t, offset in zip(layout, offsets):
+            f.write(bytes(offset - f.tell()))  # zero padding to the 64-byte boundary
+            crc = 0
+            for chunk in _chunks(state[t.name], t, dtype):
+                crc = zlib.crc32(chunk, crc)
+                f.write(chunk)
+                bar.update(chunk.nbytes)
+            crcs.append(crc)
+        assert f.tell() == file_size
+        head = bytearray(data_offset)
+        HEADER.pack_into(head, 0, MAGIC, FORMAT_VERSION, HEADER.size, file_size, config.n_vocab, config.n_ctx, config.n_embd,
+                         config.n_head, config.n_layer, DTYPES[dtype], 0, eot, table_offset, len(layout), ENTRY.size,
+                         tok_offset, len(tok_bytes), meta_offset, len(meta_bytes), data_offset, bytes(12), 0)
+        for i, (t, offset, crc) in enumerate(zip(layout, offsets, crcs)):
+            code = DTYPES[dtype] if t.is_weight else DTYPES["fp32"]
+            shape = (*t.shape, 0)[:2]
+            ENTRY.pack_into(head, table_offset + i * ENTRY.size, t.name.encode("ascii"), code, len(t.shape), *shape, offset,
+                            _nbytes(t, dtype), 0, 0, crc, 0)
+        head[tok_offset : tok_offset + len(tok_bytes)] = tok_bytes
+        head[meta_offset : meta_offset + len(meta_bytes)] = meta_bytes
+        struct.pack_into("<I", head, CRC_OFFSET, zlib.crc32(head))  # the crc field is still zero here
+        f.seek(0)
+        f.write(head)
+
+
+def export(source: Any, out_path: str | os.PathLike, dtype: str = "fp32", *, config: GPT2Config | None = None,
+           tokenizer_dir: str | os.PathLike | None = None, progress: bool = True) -> Path:
+    """Write ``source`` as one flat model file at ``out_path`` (docs/format.md); returns the path.
+
+    ``source``: a run folder (``checkpoint/run1``: its newest checkpoint), a model folder
+    (``models/124M``, TensorFlow or HuggingFace files), a weights file, our PyTorch ``GPT2``, a
+    session, or ``(GPT2Config, state_dict)`` (``model.py`` names, Conv1D layout).
+    ``dtype``: ``"fp32"`` (exact) or ``"bf16"`` (half the size, faster on CPU; rounded to nearest even).
+    The tokenizer embedded is the source folder's ``encoder.json``/``vocab.bpe`` (or ``tokenizer_dir``'s),
+    else GPT-2's. The file is written atomically: a crash leaves the old file or none, never half of one.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    cfg, state, folder, provenance = _load_source(source, config)
+    _check_state(cfg, state)
+    metadata: dict[str, Any] = {"writer": f"gpt_2_simple {__version__}"}
+    if provenance is not None:
+        metadata["source"] = provenance
+    tokenizer = _tokenizer_section(*_tokenizer_files(Path(tokenizer_dir) if tokenizer_dir is not None else folder, cfg.n_vocab))
+    out_path = Path(out_path)
+    _write(out_path, cfg, state, dtype, tokenizer, metadata, progress)
+    return out_path
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading back (through the C++ loader, so Python sees exactly what the engine validates)
+
+
+def _engine_module():
+    try:
+        from . import _engine
+    except ImportError as e:
+        raise ImportError(f"gpt_2_simple's C++ extension is not built ({e}); reinstall with `pip install .` (see CONTRIBUTING.md)") from None
+    return _engine
+
+
+def inspect(path: str | os.PathLike, *, verify: bool = False, data: bool = False) -> dict:
+    """Validate a model file and describe it: ``version``, ``config`` (a dict), ``dtype``,
+    ``eot_token``, ``tensors`` (the table), ``token_bytes``, ``token_kinds``, ``merges`` and
+    ``metadata`` (parsed JSON; None if unreadable). ``verify`` also checks every tensor's checksum
+    (reads the whole file); ``data`` adds ``data``: each tensor's stored bytes.
+    A damaged or foreign file raises ValueError naming the problem."""
+    info = _engine_module().inspect(os.fspath(path), verify=verify, data=data)
+    try:
+        info["metadata"] = json.loads(info["metadata"])
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        info["metadata"] = None
+    return info
+
+
+def verify(path: str | os.PathLike) -> None:
+    """Check a model file completely, data checksums included; raises ValueError if it is damaged."""
+    _engine_module().inspect(os.fspath(path), verify=True)
+
+
+def _encoder_json(info: dict) -> dict[str, int]:
+    byte_encoder = bytes_to_unicode()
+    return {
+        (raw.decode("utf-8") if kind else "".join(byte_encoder[b] for b in raw)): i
+        for i, (raw, kind) in enumerate(zip(info["token_bytes"], info["token_kinds"]))
+    }
+
+
+def read_tokenizer(path: str | os.PathLike) -> Encoder:
+    """The tokenizer embedded in a model file: all a deployment needs besides the file itself."""
+    info = inspect(path)
+    lines = info["merges"].decode("utf-8").split("\n")[1:]  # after the '#version' line
+    return Encoder(_encoder_json(info), [tuple(line.split(" ")) for line in lines if line])
+
+
+def write_tokenizer_files(path: str | os.PathLike, folder: str | os.PathLike) -> None:
+    """Rebuild ``encoder.json`` and ``vocab.bpe`` in ``folder`` from a model file (byte-identical to
+    GPT-2's own files when the model uses GPT-2's tokenizer)."""
+    info = inspect(path)
+    folder = Path(folder)
+    with atomic_write(folder / "encoder.json") as f:
+        f.write(json.dumps(_encoder_json(info)).encode("utf-8"))
+    with atomic_write(folder / "vocab.bpe") as f:
+        f.write(info["merges"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The export cache used by generate()
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt_2_simple" / "engines"
+
+
+def _is_current(file: Path, fingerprint: dict, dtype: str) -> bool:
+    """True when ``file`` is a valid export in ``dtype`` of the checkpoint ``fingerprint`` names.
+
+    The checkpoint is identified by its file name, size, modification time and step: cheap (one
+    stat) and reliable, since checkpoints are written once under a new name and replaced by rename.
+    The path is not compared, so a run folder that was moved or copied with its export keeps it."""
+    if not file.is_file():
+        return False
+    try:
+        info = inspect(file)
+    except (ValueError, OSError):
+        return False  # damaged or from another format version: rebuild
+    source = (info["metadata"] or {}).get("source")
+    if info["dtype"] != dtype or not isinstance(source, dict):
+        return False
+    keys = ("size", "mtime_ns", "step")
+    return Path(str(source.get("path", ""))).name == Path(fingerprint["path"]).name and all(source.get(k) == fingerprint[k] for k in keys)
+
+
+def _remove_stale(folder: Path) -> None:
+    """Exports of checkpoints that training has since deleted (max_checkpoints) are dead weight."""
+    for f in folder.glob("model-*.bin"):
+        m = re.fullmatch(r"model-(\d+)\.(\w+)\.bin", f.name)
+        if m and m.group(2) in DTYPES:
+            step = m.group(1)
+            if not (folder / f"model-{step}.safetensors").is_file() and not (folder / f"model-{step}.index").is_file():
+                f.unlink(missing_ok=True)
+
+
+def engine_file(source: str | os.PathLike, dtype: str = "fp32", *, progress: bool = True) -> Path:
+    """The flat model file of ``source``'s newest checkpoint, exporting it only when needed.
+
+    For a run folder this is ``<run>/model-<step>.<dtype>.bin`` (docs/design.md, "Run folder"); a
+    model folder or weights file gets ``<name>.<dtype>.bin`` beside it. When that folder is not
+    writable the file goes to ``$XDG_CACHE_HOME/gpt_2_simple/engines/`` (default ``~/.cache``).
+    An existing export is reused when its metadata names the same checkpoint (file name, size,
+    modification time, step) and it passes the loader's validation; otherwise it is rebuilt,
+    atomically, so a crash never leaves a broken file. Exports of deleted checkpoints are removed.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    load_path, key_file, step = _checkpoint(source)
+    fingerprint = _fingerprint(key_file, step)
+    name = f"model-{step}.{dtype}.bin" if step is not None else f"{key_file.name.split('.')[0]}.{dtype}.bin"
+    beside = key_file.parent / name
+    cached = _cache_dir() / hashlib.sha256(str(key_file.parent.resolve()).encode()).hexdigest()[:16] / name
+    for candidate in (beside, cached):
+        if _is_current(candidate, fingerprint, dtype):
+            return candidate
+    try:
+        if not os.access(beside.parent, os.W_OK):
+            raise PermissionError(errno.EACCES, "folder is not writable", str(beside.parent))
+        export(load_path, beside, dtype, progress=progress)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        return export(load_path, cached, dtype, progress=progress)
+    if step is not None:
+        _remove_stale(beside.parent)
+    return beside
+
+
+# ---------------------------------------------------------------------------------------------
+# HuggingFace folder
+
+
+def export_hf(source: Any, out_dir: str | os.PathLike, *, config: GPT2Config | None = None,
+              tokenizer_dir: str | os.PathLike | None = None) -> Path:
+    """Write ``source`` (anything ``export`` takes) as a HuggingFace folder: ``config.json``
+    (GPT2LMHeadModel), ``model.safetensors`` (float32), ``vocab.json``, ``merges.txt``,
+    ``tokenizer_config.json`` and ``generation_config.json``. ``transformers.GPT2LMHeadModel`` and
+    ``GPT2Tokenizer`` load it with ``from_pretrained(out_dir)``; it can be shared on a model hub."""
+    cfg, state, folder, _ = _load_source(source, config)
+    _check_state(cfg, state)
+    encoder, merges = _tokenizer_files(Path(tokenizer_dir) if tokenizer_dir is not None else folder, cfg.n_vocab)
+    eot = encoder.get(END_OF_TEXT)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # model.py's names and Conv1D layout are exactly those of OpenAI's gpt2 on the HF hub.
+    weights = {name: np.asarray(state[name], dtype=np.float32) for name in expected_shapes(cfg)}
+    for name, array in weights.items():
+        _check_finite(name, array)
+    save_weights(out_dir / "model.safetensors", weights, metadata={"format": "pt"})  # transformers wants "pt"
+    hf_config = {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": cfg.n_vocab,
+        "n_positions": cfg.n_ctx,
+        "n_ctx": cfg.n_ctx,
+        "n_embd": cfg.n_embd,
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "n_inner": None,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": 1e-5,
+        "initializer_range": 0.02,
+        "resid_pdrop": 0.1,
+        "embd_pdrop": 0.1,
+        "attn_pdrop": 0.1,
+        "scale_attn_weights": True,
+        "tie_word_embeddings": True,
+        "use_cache": True,
+        "bos_token_id": eot,
+        "eos_token_id": eot,
+        "torch_dtype": "float32",
+    }
+    special = {"bos_token": END_OF_TEXT, "eos_token": END_OF_TEXT, "unk_token": END_OF_TEXT} if eot is not None else {}
+    files = {
+        "config.json": hf_config,
+        "generation_config.json": {"bos_token_id": eot, "eos_token_id": eot},
+        "tokenizer_config.json": {"tokenizer_class": "GPT2Tokenizer", "model_max_length": cfg.n_ctx, "add_prefix_space": False, **special},
+        "special_tokens_map.json": special,
+    }
+    for name, content in files.items():
+        with atomic_write(out_dir / name, "w") as f:
+            json.dump(content, f, indent=2)
+            f.write("\n")
+    with atomic_write(out_dir / "vocab.json") as f:
+        f.write(json.dumps(encoder).encode("utf-8"))
+    with atomic_write(out_dir / "merges.txt") as f:
+        f.write(merges)
+    return out_dir
