@@ -7,7 +7,14 @@
 #include <omp.h>
 #endif
 
+#include <pybind11/numpy.h>
+
+#include <climits>
+#include <cmath>
+
+#include "engine/cpu_backend.h"
 #include "engine/cpu_features.h"
+#include "engine/engine.h"
 #include "engine/format.h"
 
 namespace py = pybind11;
@@ -86,6 +93,175 @@ py::dict inspect_model(const std::string& path, bool verify, bool data) {
   return d;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Engine (csrc/engine/engine.h). Requests arrive as any objects with Request's attributes
+// (python/gpt_2_simple/engine.py); every field is converted and checked here, with a ValueError
+// naming requests[i].<field>, before the C++ core sees it.
+
+[[noreturn]] void bad_field(size_t i, const char* field, const std::string& problem) {
+  throw py::value_error("requests[" + std::to_string(i) + "]." + field + " " + problem);
+}
+
+// A Python int in [lo, hi], else a ValueError naming the field.
+long long int_in(py::handle value, size_t i, const char* field, long long lo, long long hi) {
+  if (PyBool_Check(value.ptr()) || !PyIndex_Check(value.ptr())) {
+    bad_field(i, field, "must be an integer, got " + std::string(py::repr(value)));
+  }
+  int overflow = 0;
+  const py::object index = py::reinterpret_steal<py::object>(PyNumber_Index(value.ptr()));
+  if (!index) throw py::error_already_set();
+  const long long v = PyLong_AsLongLongAndOverflow(index.ptr(), &overflow);
+  if (overflow != 0 || v < lo || v > hi) {
+    bad_field(i, field, "must be in [" + std::to_string(lo) + ", " + std::to_string(hi) + "], got " + std::string(py::repr(value)));
+  }
+  return v;
+}
+
+uint64_t uint64_field(py::handle value, size_t i, const char* field) {
+  if (!PyIndex_Check(value.ptr()) || PyBool_Check(value.ptr())) bad_field(i, field, "must be an integer in [0, 2**64)");
+  const py::object index = py::reinterpret_steal<py::object>(PyNumber_Index(value.ptr()));
+  if (!index) throw py::error_already_set();
+  const unsigned long long v = PyLong_AsUnsignedLongLong(index.ptr());
+  if (PyErr_Occurred()) {
+    PyErr_Clear();
+    bad_field(i, field, "must be an integer in [0, 2**64), got " + std::string(py::repr(value)));
+  }
+  return v;
+}
+
+float float_field(py::handle value, size_t i, const char* field) {
+  const double v = PyFloat_AsDouble(value.ptr());
+  if (PyErr_Occurred()) {
+    PyErr_Clear();
+    bad_field(i, field, "must be a number, got " + std::string(py::repr(value)));
+  }
+  return float(v);
+}
+
+std::vector<int32_t> token_list(py::handle value, size_t i, const char* field, int32_t n_vocab) {
+  std::vector<int32_t> ids;
+  for (py::handle t : py::iter(value)) ids.push_back(int32_t(int_in(t, i, field, 0, n_vocab - 1)));
+  return ids;
+}
+
+gpt2s::GenRequest to_request(py::handle r, size_t i, const gpt2s::Config& config) {
+  gpt2s::GenRequest g;
+  auto attr = [&](const char* name) {
+    if (!py::hasattr(r, name)) bad_field(i, name, "is missing: pass gpt_2_simple.engine.Request objects");
+    return r.attr(name);
+  };
+  g.prompt = token_list(attr("prompt"), i, "prompt", config.n_vocab);
+  g.max_new_tokens = int_in(attr("max_new_tokens"), i, "max_new_tokens", 0, LLONG_MAX / 2);
+  g.sampling.temperature = float_field(attr("temperature"), i, "temperature");
+  // top_k beyond the vocabulary keeps everything, like 0.
+  g.sampling.top_k = int32_t(std::min<long long>(int_in(attr("top_k"), i, "top_k", 0, LLONG_MAX), config.n_vocab));
+  g.sampling.top_p = float_field(attr("top_p"), i, "top_p");
+  g.sampling.seed = uint64_field(attr("seed"), i, "seed");
+  g.sampling.sample_index = uint64_field(attr("sample_index"), i, "sample_index");
+  g.stop_ids = token_list(attr("stop_ids"), i, "stop_ids", config.n_vocab);
+  for (py::handle s : py::iter(attr("stop_sequences"))) {
+    if (PyUnicode_Check(s.ptr())) {
+      g.stop_sequences.push_back(s.cast<std::string>());  // UTF-8
+    } else if (PyBytes_Check(s.ptr()) || PyByteArray_Check(s.ptr())) {
+      g.stop_sequences.push_back(std::string(py::bytes(py::reinterpret_borrow<py::object>(s))));
+    } else {
+      bad_field(i, "stop_sequences", "must hold bytes or str values, got " + std::string(py::repr(s)));
+    }
+  }
+  return g;
+}
+
+py::dict timings_dict(const gpt2s::Timings& t) {
+  py::dict d;
+  d["prefill_tokens"] = t.prefill_tokens;
+  d["prefill_steps"] = t.prefill_steps;
+  d["prefill_seconds"] = t.prefill_seconds;
+  d["decode_tokens"] = t.decode_tokens;
+  d["decode_steps"] = t.decode_steps;
+  d["decode_seconds"] = t.decode_seconds;
+  d["decode_sample_seconds"] = t.decode_sample_seconds;
+  d["total_seconds"] = t.total_seconds;
+  d["slots"] = t.slots;
+  d["ctx"] = t.ctx;
+  d["kv_cache_bytes"] = t.kv_cache_bytes;
+  return d;
+}
+
+// Runs with the GIL released; callbacks take it back for their Python call. An exception raised by
+// a callback (or KeyboardInterrupt, noticed once per step) ends the call and propagates.
+py::list engine_generate(gpt2s::Engine& engine, py::iterable requests, int64_t batch_size, py::object on_token,
+                         py::object on_finish, py::object on_logits) {
+  if (batch_size < 1 || batch_size > INT32_MAX) throw py::value_error("batch_size must be >= 1, got " + std::to_string(batch_size));
+  const gpt2s::Config& config = engine.weights().config;
+  std::vector<gpt2s::GenRequest> reqs;
+  for (py::handle r : requests) reqs.push_back(to_request(r, reqs.size(), config));
+  gpt2s::validate_requests(reqs, config);
+
+  gpt2s::Callbacks cb;
+  if (!on_token.is_none()) {
+    cb.on_token = [&](int64_t i, int32_t token) {
+      py::gil_scoped_acquire gil;
+      on_token(i, token);
+    };
+  }
+  if (!on_finish.is_none()) {
+    cb.on_finish = [&](int64_t i, const gpt2s::GenResult& r) {
+      py::gil_scoped_acquire gil;
+      on_finish(i, py::cast(r.tokens), gpt2s::finish_reason_name(r.finish_reason));
+    };
+  }
+  if (!on_logits.is_none()) {
+    cb.on_logits = [&](int64_t i, int64_t step, const float* logits) {
+      py::gil_scoped_acquire gil;
+      on_logits(i, step, py::array_t<float>(config.n_vocab, logits));  // a copy the callback may keep
+    };
+  }
+  cb.poll = []() {
+    py::gil_scoped_acquire gil;
+    if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+  };
+  std::vector<gpt2s::GenResult> results;
+  {
+    py::gil_scoped_release release;
+    results = engine.generate(reqs, int32_t(batch_size), cb);
+  }
+  py::list out;
+  for (const gpt2s::GenResult& r : results) out.append(py::make_tuple(py::cast(r.tokens), gpt2s::finish_reason_name(r.finish_reason)));
+  return out;
+}
+
+void bind_engine(py::module_& m) {
+  py::class_<gpt2s::Engine>(m, "Engine", "A model file loaded for generation on the CPU (see gpt_2_simple.engine.Engine).")
+      .def(py::init([](const std::string& path, int threads) {
+             if (threads < 0) throw py::value_error("threads must be >= 1, or 0 for all cores; got " + std::to_string(threads));
+             py::gil_scoped_release release;
+             std::shared_ptr<const gpt2s::LoadedModel> model = gpt2s::LoadedModel::open(path);
+             auto backend = std::make_unique<gpt2s::CpuBackend>(model->weights(), threads);
+             return std::make_unique<gpt2s::Engine>(model, std::move(backend));
+           }),
+           py::arg("path"), py::arg("threads") = 0)
+      .def_property_readonly("config",
+                             [](const gpt2s::Engine& e) {
+                               const gpt2s::Config& c = e.weights().config;
+                               py::dict d;
+                               d["n_vocab"] = c.n_vocab;
+                               d["n_ctx"] = c.n_ctx;
+                               d["n_embd"] = c.n_embd;
+                               d["n_head"] = c.n_head;
+                               d["n_layer"] = c.n_layer;
+                               return d;
+                             })
+      .def_property_readonly("dtype", [](const gpt2s::Engine& e) { return gpt2s::dtype_name(e.weights().dtype); })
+      .def_property_readonly("eot_token", [](const gpt2s::Engine& e) { return e.weights().eot_token; })
+      .def_property_readonly("path", [](const gpt2s::Engine& e) { return e.model().path(); })
+      .def_property_readonly("device", [](const gpt2s::Engine& e) { return e.backend().describe(); })
+      .def("generate", &engine_generate, py::arg("requests"), py::kw_only(), py::arg("batch_size"),
+           py::arg("on_token") = py::none(), py::arg("on_finish") = py::none(), py::arg("on_logits") = py::none(),
+           "Generate for every request; returns [(tokens, finish_reason)] in request order.")
+      .def("last_timings", [](gpt2s::Engine& e) { return timings_dict(e.last_timings()); },
+           "Where the time of the last completed generate call went (prefill/decode/sampling seconds and counts).");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_engine, m) {
@@ -109,6 +285,8 @@ PYBIND11_MODULE(_engine, m) {
         "the embedded tokenizer (token_bytes, token_kinds, merges) and the metadata JSON. verify=True also checks every "
         "tensor's checksum (reads the whole file); data=True adds each tensor's bytes as the engine sees them. "
         "Raises FormatError (a ValueError) naming the problem.");
+
+  bind_engine(m);
 
   m.def(
       "cpu_features",

@@ -22,8 +22,11 @@ CpuFeatures detect() {
   // Lower the reported level on request (tests of the fallback paths, or a misbehaving CPU).
   const char* cap = std::getenv("GPT2S_ISA");
   if (cap != nullptr) {
+    if (std::strcmp(cap, "avx512") == 0 || std::strcmp(cap, "avx2") == 0 || std::strcmp(cap, "scalar") == 0) {
+      f.avx512bf16 = false;  // "avx512": AVX-512 without BF16 (the emulated bf16 dot-product path)
+    }
     if (std::strcmp(cap, "avx2") == 0 || std::strcmp(cap, "scalar") == 0) {
-      f.avx512f = f.avx512bw = f.avx512vl = f.avx512bf16 = false;
+      f.avx512f = f.avx512bw = f.avx512vl = false;
     }
     if (std::strcmp(cap, "scalar") == 0) {
       f.avx2 = f.fma = f.f16c = false;

@@ -1,0 +1,68 @@
+// The CPU backend: GPT-2's forward pass over packed tokens with the SIMD kernels of kernels.h, a KV
+// cache sized per generate call, and the sampler of sampler.h. OpenMP threads inside each kernel.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "engine/backend.h"
+#include "engine/kernels.h"
+#include "engine/model.h"
+#include "engine/sampler.h"
+
+namespace gpt2s {
+
+// An uninitialised array: pages are only touched (and counted in RSS) when written.
+template <typename T>
+class Buffer {
+ public:
+  void resize(int64_t n) {
+    if (n != size_) {
+      data_.reset(n > 0 ? new T[size_t(n)] : nullptr);
+      size_ = n;
+    }
+  }
+  T* data() const { return data_.get(); }
+  int64_t size() const { return size_; }
+
+ private:
+  std::unique_ptr<T[]> data_;
+  int64_t size_ = 0;
+};
+
+class CpuBackend final : public Backend {
+ public:
+  // `weights` must outlive the backend. threads <= 0: all cores (OpenMP's default).
+  CpuBackend(const ModelWeights& weights, int threads);
+
+  void reserve(int32_t slots, int32_t ctx, int32_t max_step_tokens) override;
+  void step(const StepInput& in, StepOutput& out) override;
+  int64_t kv_cache_bytes() const override { return int64_t(sizeof(float)) * (k_cache_.size() + v_cache_.size()); }
+  std::string describe() const override;
+  int threads() const { return threads_; }
+
+ private:
+  void forward(const StepInput& in);  // leaves the logits of the sampling rows in logits_
+
+  const ModelWeights& w_;
+  const Kernels& kernels_;
+  int threads_;
+  int32_t slots_ = 0, ctx_ = 0, max_tokens_ = 0;
+  // KV cache, per layer: (slots, NH, ctx, HS) keys and values, layers back to back.
+  Buffer<float> k_cache_, v_cache_;
+  // Workspace for up to max_tokens_ packed tokens (N) and slots_ sampling rows (R).
+  Buffer<float> x_;        // (N, C) residual stream
+  Buffer<float> ln_;       // (N, C) layernorm output
+  Buffer<float> qkv_;      // (N, 3C)
+  Buffer<float> att_;      // (N, C) attention output
+  Buffer<float> fc_;       // (N, 4C) MLP hidden
+  Buffer<float> xf_;       // (R, C) final layernorm of the sampling rows
+  Buffer<float> logits_;   // (R, V)
+  Buffer<float> scores_;   // (threads, ctx) attention scratch
+  Buffer<uint16_t> xb_;    // (N, 4C) activations rounded to bf16 (bf16 weights only)
+  std::vector<SamplerScratch> samplers_;  // one per thread
+};
+
+}  // namespace gpt2s

@@ -1,0 +1,26 @@
+#include "engine/kernels.h"
+
+#include <string>
+
+#include "engine/cpu_features.h"
+
+namespace gpt2s {
+
+// One table per compiled ISA (kernels_isa.cpp); the x86 SIMD ones only on x86 builds.
+namespace scalar { extern const Kernels table; }
+#if defined(GPT2S_X86_KERNELS)
+namespace avx2 { extern const Kernels table; }
+namespace avx512 { extern const Kernels table; }
+namespace avx512bf16 { extern const Kernels table; }
+#endif
+
+const Kernels& best_kernels() {
+#if defined(GPT2S_X86_KERNELS)
+  const std::string isa = best_isa();
+  if (isa == "avx512") return cpu_features().avx512bf16 ? avx512bf16::table : avx512::table;
+  if (isa == "avx2") return avx2::table;
+#endif
+  return scalar::table;
+}
+
+}  // namespace gpt2s

@@ -1,0 +1,347 @@
+"""The C++ engine against the PyTorch model and the PyTorch reference generator (torch_generate):
+logits at every step on every SIMD path and dtype, greedy and sampled tokens, the sampler draw for
+draw against sampling.py, stops, continuous batching, callbacks, threads and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from gpt_2_simple import sampling
+from gpt_2_simple.config import GPT2Config
+from gpt_2_simple.engine import Engine, Request, Result
+from gpt_2_simple.export import export
+from gpt_2_simple.tokenizer import END_OF_TEXT, bytes_to_unicode
+from gpt_2_simple.torch_generate import generate_tokens, window_size
+from reference import TINY, random_gpt2
+
+ISAS = ["native", "avx512", "avx2", "scalar"]  # native: AVX-512 with BF16 where this CPU has it
+# bf16: the engine rounds activations to bf16 at each matmul input (docs/engine.md); against
+# model.py with the same bf16 weights that costs up to ~1% of the logits' spread.
+TOLERANCE = {"fp32": dict(atol=1e-4, rtol=1e-4), "bf16": dict(atol=3e-2, rtol=0.0)}
+
+
+# Most tests use a byte-level vocabulary (256 bytes + <|endoftext|>): GPT-2's 50257-token head
+# would dominate their run time. The logits and sampler tests use GPT-2's vocabulary.
+BYTES = GPT2Config(n_vocab=257, n_ctx=64, n_embd=64, n_head=4, n_layer=2)
+
+
+def _byte_tokenizer(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    encoder = {bytes_to_unicode()[b]: b for b in range(256)} | {END_OF_TEXT: 256}
+    (folder / "encoder.json").write_text(json.dumps(encoder), encoding="utf-8")
+    (folder / "vocab.bpe").write_text("#version: 0.2\n", encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_gpt2()
+
+
+@pytest.fixture(scope="module")
+def files(model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("engine")
+    return {dtype: export(model, folder / f"tiny.{dtype}.bin", dtype, progress=False) for dtype in ("fp32", "bf16")}
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """(model, engine file) with the byte vocabulary."""
+    folder = tmp_path_factory.mktemp("engine_bytes")
+    model = random_gpt2(BYTES, seed=2)
+    return model, export(model, folder / "bytes.fp32.bin", "fp32", tokenizer_dir=_byte_tokenizer(folder / "tok"), progress=False)
+
+
+@pytest.fixture(scope="module")
+def engine(small):
+    return Engine(small[1], backend="cpu")
+
+
+TOKEN_BYTES = [bytes([b]) for b in range(256)] + [END_OF_TEXT.encode()]
+
+
+def _bf16_model(model):
+    """model.py with the weights the bf16 file holds (matrices and embeddings rounded to bf16)."""
+    rounded = random_gpt2()
+    with torch.no_grad():
+        for (name, p), (_, src) in zip(rounded.named_parameters(), model.named_parameters()):
+            is_weight = name.endswith("weight") and ".ln_" not in name and not name.startswith("ln_f")
+            p.copy_(src.to(torch.bfloat16).float() if is_weight else src)
+    return rounded
+
+
+def _prompts(lengths, seed=0, vocab=TINY.n_vocab):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, n).tolist() for n in lengths]
+
+
+def _run_in_subprocess(path, isa: str, requests: list[dict], batch_size: int) -> dict:
+    """Engine.generate in a fresh process with GPT2S_ISA=isa (the cap is read once per process);
+    returns its results and every step's logits."""
+    code = f"""
+import json, sys, numpy as np
+from gpt_2_simple import _engine
+from gpt_2_simple.engine import Engine, Request
+e = Engine({os.fspath(path)!r}, backend="cpu")
+logits = {{}}
+res = e.generate([Request(**r) for r in json.loads(sys.stdin.read())], batch_size={batch_size},
+                 on_logits=lambda i, s, x: logits.__setitem__(f"{{i}}_{{s}}", x))
+np.savez(sys.argv[1], **logits)
+print(json.dumps({{"tokens": [r.tokens for r in res], "isa": e.device}}))
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    if isa != "native":
+        env["GPT2S_ISA"] = isa
+    else:
+        env.pop("GPT2S_ISA", None)
+    out_npz = os.path.join(os.path.dirname(path), f"logits_{isa}.npz")
+    proc = subprocess.run([sys.executable, "-c", code, out_npz], input=json.dumps(requests), capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    with np.load(out_npz) as z:
+        result["logits"] = {k: z[k] for k in z.files}
+    return result
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("isa", ISAS)
+def test_logits_match_pytorch_at_every_step(model, files, isa, dtype):
+    # Four prompts of different lengths prefilled together, then decoded together; the 33-token
+    # prompt is longer than a SIMD vector and not a multiple of one.
+    prompts = _prompts([1, 7, 20, 33])
+    requests = [dict(prompt=p, max_new_tokens=12, temperature=1.0, seed=3, sample_index=i) for i, p in enumerate(prompts)]
+    out = _run_in_subprocess(files[dtype], isa, requests, batch_size=4)
+    if isa != "native":
+        assert out["isa"].startswith(f"cpu {isa},")
+    reference = model if dtype == "fp32" else _bf16_model(model)
+    for i, (prompt, tokens) in enumerate(zip(prompts, out["tokens"])):
+        assert len(tokens) == 12
+        with torch.no_grad():
+            expected = reference(torch.tensor([prompt + tokens]))[0, len(prompt) - 1 :].numpy()  # (13, V)
+        for step in range(12):
+            np.testing.assert_allclose(out["logits"][f"{i}_{step}"], expected[step], **TOLERANCE[dtype], err_msg=f"{isa} {dtype} row {i} step {step}")
+
+
+def test_greedy_equals_pytorch_past_the_context(small, engine):
+    # 10 + 150 tokens in a 64-token context: the window slides three times.
+    requests = [Request(p, 150, temperature=0.0) for p in _prompts([10, 40], seed=1, vocab=BYTES.n_vocab)]
+    expected = generate_tokens(small[0], requests)
+    assert [r.tokens for r in engine.generate(requests, batch_size=2)] == [r.tokens for r in expected]
+    assert window_size(BYTES.n_ctx) == 32
+
+
+def _mixed_requests(n: int, seed: int = 0, max_new: int = 20) -> list[Request]:
+    rng = np.random.default_rng(seed)
+    prompts = _prompts(rng.integers(1, 30, n), seed=seed, vocab=BYTES.n_vocab)
+    return [
+        Request(
+            p, int(rng.integers(1, max_new)), temperature=float(rng.choice([0.0, 0.7, 1.0, 1.5])),
+            top_k=int(rng.choice([0, 1, 5, 40, 1000])), top_p=float(rng.choice([0.0, 0.5, 0.9, 1.0])),
+            seed=int(rng.integers(0, 2**64, dtype=np.uint64)), sample_index=i,
+        )
+        for i, p in enumerate(prompts)
+    ]
+
+
+def test_samples_equal_pytorch_and_do_not_depend_on_batch_or_order(small, engine):
+    requests = _mixed_requests(20)
+    one = engine.generate(requests, batch_size=1)
+    twenty = engine.generate(requests, batch_size=20)
+    order = np.random.default_rng(1).permutation(20)
+    shuffled = engine.generate([requests[i] for i in order], batch_size=7)
+    assert [r.tokens for r in twenty] == [r.tokens for r in one]
+    assert [shuffled[j].tokens for j in np.argsort(order)] == [r.tokens for r in one]
+    # The same draws as the PyTorch reference with numpy's sampler (docs/sampling.md explains why
+    # fp32 agreement is exact barring a draw within float rounding of a boundary).
+    assert [r.tokens for r in one] == [r.tokens for r in generate_tokens(small[0], requests, batch_size=5)]
+
+
+def test_sampler_draws_equal_the_reference_draw_for_draw(files):
+    # One token for each of many sample indices from the same prompt: every C++ draw must be the
+    # draw sampling.py makes from the same logits and the same uniform number. GPT-2's vocabulary,
+    # so top-k and top-p select among 50257 tokens.
+    engine = Engine(files["fp32"], backend="cpu")
+    prompt = _prompts([5], seed=2)[0]
+    params = [(1.0, 0, 0.0), (0.5, 0, 0.0), (1.0, 3, 0.0), (2.0, 50, 0.0), (1.0, 0, 0.3), (0.8, 0, 0.95), (1.2, 200, 0.8), (1.0, 2, 0.99)]
+    requests = [Request(prompt, 1, temperature=t, top_k=k, top_p=p, seed=11, sample_index=i) for t, k, p in params for i in range(150)]
+    logits = {}
+    results = engine.generate(requests, batch_size=32, on_logits=lambda i, s, x: logits.setdefault(i, x))
+    for i, (r, res) in enumerate(zip(requests, results)):
+        u = float(sampling.uniform(r.seed, r.sample_index, 0))
+        assert res.tokens == [sampling.sample_row(logits[i], r.temperature, r.top_k, r.top_p, u)], r
+    # And the draws of one configuration follow its distribution.
+    counts = np.bincount([res.tokens[0] for res in results[:150]], minlength=TINY.n_vocab)
+    probs = sampling.probabilities(logits[0], 1.0, 0, 0.0)
+    assert np.all(counts[probs == 0] == 0)
+    assert abs(counts @ np.log(probs + 1e-30) / 150 - probs @ np.log(probs + 1e-30)) < 0.5  # mean log-prob ~ -entropy
+
+
+def test_stop_ids_and_stop_sequences_match_pytorch(small, engine):
+    prompt = _prompts([6], seed=4, vocab=BYTES.n_vocab)[0]
+    tokens = engine.generate([Request(prompt, 40, temperature=1.0, seed=9)])[0].tokens
+    text = b"".join(TOKEN_BYTES[t] for t in tokens)
+    stop_id = next(t for j, t in enumerate(tokens) if j >= 8 and t not in tokens[:j])
+    seq = text[10:13]  # completed by token 12 (or earlier if it occurs before)
+    requests = [
+        Request(prompt, 40, temperature=1.0, seed=9, stop_ids=[stop_id, BYTES.n_vocab - 1]),
+        Request(prompt, 40, temperature=1.0, seed=9, stop_sequences=[b"\xff\xfe\xfd\xfc", seq]),
+        Request(prompt, 40, temperature=1.0, seed=9, stop_sequences=[bytes(prompt[:3])]),  # only in the prompt
+    ]
+    ours = engine.generate(requests, batch_size=3)
+    assert ours == generate_tokens(small[0], requests, token_bytes=TOKEN_BYTES)
+    assert ours[0] == Result(tokens[: tokens.index(stop_id)], "stop_token")
+    end = text.find(seq) + len(seq)
+    assert ours[1] == Result(tokens[:end], "stop_sequence")  # one byte per token here
+    assert ours[2].finish_reason == "length" or bytes(prompt[:3]) in text
+
+
+def test_continuous_batching_refills_slots_at_once(engine):
+    # 30 requests of very different lengths through 4 slots: a request starts as soon as another
+    # ends, results equal running each alone, and no more than 4 are ever in flight.
+    requests = _mixed_requests(30, seed=5, max_new=60)
+    events = []
+    results = engine.generate(
+        requests, batch_size=4,
+        on_token=lambda i, t: events.append(("token", i)),
+        on_finish=lambda i, r: events.append(("finish", i)),
+    )
+    alone = [engine.generate([r], batch_size=1)[0] for r in requests]
+    assert results == alone
+    in_flight, started, finished = set(), set(), set()
+    for kind, i in events:
+        if kind == "token" and i not in started:
+            started.add(i)
+            in_flight.add(i)
+        if kind == "finish":
+            finished.add(i)
+            in_flight.discard(i)
+        assert len(in_flight) <= 4
+    assert finished == set(range(30))
+    # Continuous, not static: later requests started while some of the first four still ran.
+    first_finish = next(k for k, (kind, _) in enumerate(events) if kind == "finish")
+    last_of_first_four = max(k for k, (kind, i) in enumerate(events) if kind == "finish" and i < 4)
+    assert any(kind == "token" and i >= 4 for kind, i in events[first_finish:last_of_first_four])
+
+
+def test_callbacks_and_edge_lengths(engine):
+    requests = [Request([1], 5, temperature=1.0), Request([2, 3], 0), Request(_prompts([BYTES.n_ctx], vocab=BYTES.n_vocab)[0], 3, temperature=0.0)]
+    tokens, finished = {}, {}
+    results = engine.generate(requests, on_token=lambda i, t: tokens.setdefault(i, []).append(t), on_finish=lambda i, r: finished.setdefault(i, r))
+    assert results[1] == Result([], "length")
+    assert finished == dict(enumerate(results))
+    assert tokens == {0: results[0].tokens, 2: results[2].tokens}
+    assert len(results[2].tokens) == 3  # a full-context prompt slides before its second token
+
+    class Stop(Exception):
+        pass
+
+    def boom(i, t):
+        raise Stop("from the callback")
+
+    with pytest.raises(Stop, match="from the callback"):
+        engine.generate(requests, on_token=boom)
+    assert engine.generate(requests) == results  # the engine is still usable
+
+
+def test_threads_do_not_change_results(tmp_path):
+    # Wide enough (C = 256) that the matmuls and attention run in parallel (kernels_impl.h).
+    wide = GPT2Config(n_vocab=257, n_ctx=64, n_embd=256, n_head=4, n_layer=2)
+    path = export(random_gpt2(wide, seed=3), tmp_path / "wide.bin", "fp32", tokenizer_dir=_byte_tokenizer(tmp_path / "tok"), progress=False)
+    requests = _mixed_requests(6, seed=6)
+    outs = []
+    for threads in (1, 2):
+        e = Engine(path, backend="cpu", threads=threads)
+        assert f"{threads} thread" in e.device
+        logits = []
+        outs.append((e.generate(requests, batch_size=3, on_logits=lambda i, s, x: logits.append((i, s, x))), logits))
+    assert outs[0][0] == outs[1][0]
+    assert len(outs[0][1]) == len(outs[1][1]) == sum(len(r.tokens) + (r.finish_reason == "stop_token") for r in outs[0][0])
+    for (i0, s0, x0), (i1, s1, x1) in zip(outs[0][1], outs[1][1]):
+        assert (i0, s0) == (i1, s1) and np.array_equal(x0, x1)
+
+
+def test_concurrent_calls_from_python_threads(engine):
+    requests = _mixed_requests(8, seed=7)
+    expected = engine.generate(requests, batch_size=4)
+    got = [None] * 4
+
+    def work(k):
+        got[k] = engine.generate(requests, batch_size=k + 1)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(g == expected for g in got)
+
+
+def test_timings(engine):
+    engine.generate([Request([1, 2, 3], 10, temperature=0.0), Request([4], 10, temperature=0.0)], batch_size=2)
+    t = engine.last_timings()
+    assert t["prefill_tokens"] == 4 and t["decode_tokens"] == 2 * 9 and t["decode_steps"] == 9
+    assert 0 < t["decode_sample_seconds"] < t["decode_seconds"] < t["total_seconds"]
+    assert t["slots"] == 2 and t["ctx"] == 12 and t["kv_cache_bytes"] == 2 * 2 * 12 * BYTES.n_layer * BYTES.n_embd * 4
+    assert "ms/token" in engine.timing_summary()
+
+
+class _Bad:
+    """A request-like object whose fields the constructor never saw."""
+
+    def __init__(self, **fields):
+        self.__dict__.update(dict(prompt=[1, 2], max_new_tokens=3, temperature=1.0, top_k=0, top_p=0.0, seed=0, sample_index=0, stop_ids=[], stop_sequences=[]) | fields)
+
+
+@pytest.mark.parametrize(
+    "fields,match",
+    [
+        (dict(prompt=[]), r"requests\[1\]\.prompt is empty"),
+        (dict(prompt=[BYTES.n_vocab]), r"requests\[1\]\.prompt.*257"),
+        (dict(prompt=[-1]), r"requests\[1\]\.prompt"),
+        (dict(prompt=[1.5]), r"requests\[1\]\.prompt must be an integer"),
+        (dict(prompt=[0] * (BYTES.n_ctx + 1)), r"requests\[1\]\.prompt has 65 tokens"),
+        (dict(max_new_tokens=-1), r"requests\[1\]\.max_new_tokens"),
+        (dict(temperature=-0.5), r"requests\[1\]\.temperature"),
+        (dict(temperature=float("nan")), r"requests\[1\]\.temperature"),
+        (dict(temperature="hot"), r"requests\[1\]\.temperature must be a number"),
+        (dict(top_k=-1), r"requests\[1\]\.top_k"),
+        (dict(top_p=1.5), r"requests\[1\]\.top_p"),
+        (dict(seed=-1), r"requests\[1\]\.seed"),
+        (dict(sample_index=2**64), r"requests\[1\]\.sample_index"),
+        (dict(stop_ids=[BYTES.n_vocab]), r"requests\[1\]\.stop_ids"),
+        (dict(stop_sequences=[b""]), r"requests\[1\]\.stop_sequences"),
+        (dict(stop_sequences=[3]), r"requests\[1\]\.stop_sequences"),
+    ],
+)
+def test_bad_requests_are_value_errors(engine, fields, match):
+    with pytest.raises(ValueError, match=match):
+        engine.generate([Request([1], 1), _Bad(**fields)])
+
+
+def test_bad_arguments_and_files(engine, files, tmp_path):
+    with pytest.raises(ValueError, match="batch_size"):
+        engine.generate([Request([1], 1)], batch_size=0)
+    with pytest.raises(ValueError, match="backend"):
+        Engine(files["fp32"], backend="gpu")
+    with pytest.raises(ValueError, match="threads"):
+        Engine(files["fp32"], threads=0)
+    with pytest.raises(FileNotFoundError, match="gpt_2_simple export"):
+        Engine(tmp_path / "missing.bin")
+    damaged = tmp_path / "damaged.bin"
+    damaged.write_bytes(files["fp32"].read_bytes()[:5000])
+    with pytest.raises(ValueError):
+        Engine(damaged)
+    try:
+        from gpt_2_simple import _engine_cuda  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match="backend='cpu'"):
+            Engine(files["fp32"], backend="cuda")
+        assert Engine(files["fp32"], backend="auto").backend == "cpu"
