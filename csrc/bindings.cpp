@@ -31,21 +31,24 @@ namespace py = pybind11;
 
 namespace {
 
-// Model file loader (csrc/engine/format.h): what a file holds, as Python objects, for export's
-// tests and tools. With data=True each tensor's bytes are copied out of the weight views the
-// engine would use, so a test sees exactly what the engine sees.
-py::dict inspect_model(const std::string& path, bool verify, bool data) {
-  std::shared_ptr<const gpt2s::LoadedModel> model;
-  {
-    py::gil_scoped_release release;
-    model = gpt2s::LoadedModel::open(path, verify);
-  }
-  const gpt2s::ModelWeights& w = model->weights();
+// Model files (csrc/engine/format.h) as Python sees them: a ModelFile keeps the validated mapping
+// alive (what an engine built on it shares); describe() turns it into plain Python objects. With
+// data=True each tensor's bytes are copied out of the weight views the engine would use, so a test
+// sees exactly what the engine sees.
+using ModelFile = gpt2s::LoadedModel;
+
+std::shared_ptr<ModelFile> open_model(const std::string& path, bool verify) {
+  py::gil_scoped_release release;
+  return std::const_pointer_cast<ModelFile>(gpt2s::LoadedModel::open(path, verify));
+}
+
+py::dict describe_model(const ModelFile& file, bool data) {
+  const gpt2s::ModelWeights& w = file.weights();
   py::dict d;
-  d["path"] = model->path();
-  d["version"] = model->version();
-  d["file_size"] = model->file_size();
-  d["flags"] = model->flags();
+  d["path"] = file.path();
+  d["version"] = file.version();
+  d["file_size"] = file.file_size();
+  d["flags"] = file.flags();
   py::dict config;
   config["n_vocab"] = w.config.n_vocab;
   config["n_ctx"] = w.config.n_ctx;
@@ -56,7 +59,7 @@ py::dict inspect_model(const std::string& path, bool verify, bool data) {
   d["dtype"] = gpt2s::dtype_name(w.dtype);
   d["eot_token"] = w.eot_token;
   py::list tensors;
-  for (const gpt2s::TensorInfo& t : model->tensors()) {
+  for (const gpt2s::TensorInfo& t : file.tensors()) {
     py::dict e;
     e["name"] = t.name;
     e["dtype"] = gpt2s::dtype_name(t.dtype);
@@ -70,9 +73,9 @@ py::dict inspect_model(const std::string& path, bool verify, bool data) {
   py::list token_bytes;
   for (std::string_view t : w.token_bytes) token_bytes.append(py::bytes(t.data(), t.size()));
   d["token_bytes"] = token_bytes;
-  d["token_kinds"] = py::bytes(model->token_kinds().data(), model->token_kinds().size());
-  d["merges"] = py::bytes(model->merges().data(), model->merges().size());
-  d["metadata"] = py::bytes(model->metadata().data(), model->metadata().size());
+  d["token_kinds"] = py::bytes(file.token_kinds().data(), file.token_kinds().size());
+  d["merges"] = py::bytes(file.merges().data(), file.merges().size());
+  d["metadata"] = py::bytes(file.metadata().data(), file.metadata().size());
   if (data) {
     py::dict views;
     auto add = [&](const std::string& name, const gpt2s::TensorView& v) {
@@ -80,22 +83,8 @@ py::dict inspect_model(const std::string& path, bool verify, bool data) {
     };
     add("wte.weight", w.wte);
     add("wpe.weight", w.wpe);
-    for (size_t i = 0; i < w.h.size(); ++i) {
-      const gpt2s::LayerWeights& l = w.h[i];
-      const std::string p = "h." + std::to_string(i) + ".";
-      add(p + "ln_1.weight", l.ln_1_w);
-      add(p + "ln_1.bias", l.ln_1_b);
-      add(p + "attn.c_attn.weight", l.attn_c_attn_w);
-      add(p + "attn.c_attn.bias", l.attn_c_attn_b);
-      add(p + "attn.c_proj.weight", l.attn_c_proj_w);
-      add(p + "attn.c_proj.bias", l.attn_c_proj_b);
-      add(p + "ln_2.weight", l.ln_2_w);
-      add(p + "ln_2.bias", l.ln_2_b);
-      add(p + "mlp.c_fc.weight", l.mlp_c_fc_w);
-      add(p + "mlp.c_fc.bias", l.mlp_c_fc_b);
-      add(p + "mlp.c_proj.weight", l.mlp_c_proj_w);
-      add(p + "mlp.c_proj.bias", l.mlp_c_proj_b);
-    }
+    for (size_t i = 0; i < w.h.size(); ++i)
+      for (const gpt2s::LayerTensor& t : gpt2s::kLayerTensors) add("h." + std::to_string(i) + "." + t.suffix, w.h[i].*t.field);
     add("ln_f.weight", w.ln_f_w);
     add("ln_f.bias", w.ln_f_b);
     d["data"] = views;
@@ -410,11 +399,26 @@ PYBIND11_MODULE(GPT2S_MODULE_NAME, m) {
     }
   });
   m.attr("FORMAT_VERSION") = gpt2s::kFormatVersion;
-  m.def("inspect", &inspect_model, py::arg("path"), py::kw_only(), py::arg("verify") = false, py::arg("data") = false,
-        "Validate a model file (docs/format.md) and describe it: version, config, dtype, eot_token, the tensor table, "
-        "the embedded tokenizer (token_bytes, token_kinds, merges) and the metadata JSON. verify=True also checks every "
-        "tensor's checksum (reads the whole file); data=True adds each tensor's bytes as the engine sees them. "
-        "Raises FormatError (a ValueError) naming the problem.");
+  py::class_<ModelFile, std::shared_ptr<ModelFile>>(m, "ModelFile",
+                                                    "A validated, memory-mapped model file (docs/format.md). Opening it maps the file "
+                                                    "and checks everything but the weight checksums; verify=True checks those too.")
+      .def(py::init(&open_model), py::arg("path"), py::kw_only(), py::arg("verify") = false)
+      .def_property_readonly("path", &ModelFile::path)
+      .def_property_readonly("file_size", &ModelFile::file_size)
+      .def_property_readonly("dtype", [](const ModelFile& f) { return gpt2s::dtype_name(f.weights().dtype); })
+      .def("verify", [](const ModelFile& f) {
+             py::gil_scoped_release release;
+             f.verify_data();
+           }, "Check every tensor's CRC-32 (reads the whole file); raises FormatError naming a damaged tensor.")
+      .def("describe", &describe_model, py::kw_only(), py::arg("data") = false,
+           "The file's contents as a dict (see inspect).");
+  m.def(
+      "inspect", [](const std::string& path, bool verify, bool data) { return describe_model(*open_model(path, verify), data); },
+      py::arg("path"), py::kw_only(), py::arg("verify") = false, py::arg("data") = false,
+      "Validate a model file (docs/format.md) and describe it: version, config, dtype, eot_token, the tensor table, "
+      "the embedded tokenizer (token_bytes, token_kinds, merges) and the metadata JSON. verify=True also checks every "
+      "tensor's checksum (reads the whole file); data=True adds each tensor's bytes as the engine sees them. "
+      "Raises FormatError (a ValueError) naming the problem.");
 
   bind_engine(m);
 

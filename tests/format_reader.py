@@ -4,11 +4,14 @@ Also the helpers that forge files: field positions and the header checksum."""
 
 from __future__ import annotations
 
+import json
 import struct
 import zlib
 from pathlib import Path
 
 import numpy as np
+
+from gpt_2_simple.config import GPT2Config
 
 HEADER_FIELDS = {  # name: (offset, struct code), docs/format.md "Header"
     "magic": (0, "8s"), "version": (8, "I"), "header_size": (12, "I"), "file_size": (16, "Q"),
@@ -88,3 +91,30 @@ def read(path: str | Path) -> dict:
     metadata = buf[h["metadata_offset"] : h["metadata_offset"] + h["metadata_size"]]
     return {"header": h, "entries": entries(buf), "tensors": tensors, "token_bytes": token_bytes,
             "token_kinds": bytes(kinds), "merges": merges, "metadata": metadata}
+
+
+# A small model with a 259-token vocabulary: a whole valid file in ~40 KB, so forged and fuzzed
+# copies are cheap and most of their bytes are structure rather than weights.
+SMALL = GPT2Config(n_vocab=259, n_ctx=16, n_embd=16, n_head=2, n_layer=2)
+
+
+def make_tokenizer(folder: Path) -> Path:
+    """A 259-token byte-level BPE (256 bytes, two merges, <|endoftext|>) for SMALL."""
+    from gpt_2_simple.tokenizer import END_OF_TEXT, bytes_to_unicode
+
+    folder.mkdir(parents=True, exist_ok=True)
+    encoder = {bytes_to_unicode()[b]: b for b in range(256)}
+    encoder.update({"Ġt": 256, "he": 257, END_OF_TEXT: 258})
+    (folder / "encoder.json").write_text(json.dumps(encoder), encoding="utf-8")
+    (folder / "vocab.bpe").write_text("#version: 0.2\nĠ t\nh e\n", encoding="utf-8")
+    return folder
+
+
+def small_model_file(folder: Path, dtype: str = "fp32", seed: int = 0) -> Path:
+    """Export SMALL with random weights (numpy only: no torch needed)."""
+    from gpt_2_simple.export import export
+    from gpt_2_simple.weights import expected_shapes
+
+    rng = np.random.default_rng(seed)
+    state = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in expected_shapes(SMALL).items()}
+    return export((SMALL, state), folder / f"small.{dtype}.bin", dtype, tokenizer_dir=make_tokenizer(folder / "tokenizer"), progress=False)

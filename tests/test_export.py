@@ -20,10 +20,9 @@ import format_reader as fr
 from reference import TINY, random_gpt2
 from gpt_2_simple.config import GPT2Config
 from gpt_2_simple.export import engine_file, export, export_hf, inspect, read_tokenizer, to_bf16, verify, write_tokenizer_files
-from gpt_2_simple.tokenizer import BUNDLED_DIR, END_OF_TEXT, bytes_to_unicode, get_encoder
+from gpt_2_simple.tokenizer import BUNDLED_DIR, END_OF_TEXT, get_encoder
 
 MATRICES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-SMALL = GPT2Config(n_vocab=259, n_ctx=16, n_embd=16, n_head=2, n_layer=2)
 
 
 def stored(name: str, array: np.ndarray) -> np.ndarray:
@@ -33,17 +32,6 @@ def stored(name: str, array: np.ndarray) -> np.ndarray:
 
 def torch_bf16_bits(array: np.ndarray) -> np.ndarray:
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-
-
-def make_tokenizer(folder: Path) -> Path:
-    """A 259-token byte-level BPE (256 bytes, two merges, <|endoftext|>) for small test models."""
-    folder.mkdir(parents=True, exist_ok=True)
-    symbols = [bytes_to_unicode()[b] for b in range(256)]
-    encoder = {s: i for i, s in enumerate(symbols)}
-    encoder.update({"Ġt": 256, "he": 257, END_OF_TEXT: 258})
-    (folder / "encoder.json").write_text(json.dumps(encoder), encoding="utf-8")
-    (folder / "vocab.bpe").write_text("#version: 0.2\nĠ t\nh e\n", encoding="utf-8")
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +48,7 @@ def exported(model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def small_file(tmp_path_factory) -> bytes:
     """A valid small-vocabulary model file, as bytes: the base of every forged file below."""
-    folder = tmp_path_factory.mktemp("small")
-    path = export(random_gpt2(SMALL, seed=2), folder / "small.bin", tokenizer_dir=make_tokenizer(folder / "tok"))
-    return path.read_bytes()
+    return fr.small_model_file(tmp_path_factory.mktemp("small")).read_bytes()
 
 
 # --- round trip -------------------------------------------------------------------------------
@@ -153,7 +139,7 @@ def test_custom_tokenizer_round_trips(small_file, tmp_path):
     path = tmp_path / "small.bin"
     path.write_bytes(small_file)
     write_tokenizer_files(path, tmp_path / "out")
-    assert json.loads((tmp_path / "out" / "encoder.json").read_text("utf-8")) == json.loads(make_tokenizer(tmp_path / "ref").joinpath("encoder.json").read_text("utf-8"))
+    assert json.loads((tmp_path / "out" / "encoder.json").read_text("utf-8")) == json.loads(fr.make_tokenizer(tmp_path / "ref").joinpath("encoder.json").read_text("utf-8"))
     assert (tmp_path / "out" / "vocab.bpe").read_bytes() == (tmp_path / "ref" / "vocab.bpe").read_bytes()
     assert read_tokenizer(path).encode("the heat") == get_encoder(tmp_path / "ref").encode("the heat")
 
@@ -178,7 +164,7 @@ def test_export_rejects_bad_sources(model, tmp_path):
     with pytest.raises(ValueError, match="h.1.mlp.c_fc.bias holds NaN"):
         export((TINY, {**state, "h.1.mlp.c_fc.bias": broken}), tmp_path / "x.bin")
     with pytest.raises(ValueError, match="has 259 tokens but the model's n_vocab is 50257"):
-        export(model, tmp_path / "x.bin", tokenizer_dir=make_tokenizer(tmp_path / "tok"))
+        export(model, tmp_path / "x.bin", tokenizer_dir=fr.make_tokenizer(tmp_path / "tok"))
     with pytest.raises(TypeError, match="cannot export a int"):
         export(3, tmp_path / "x.bin")
     assert not any(p.name.endswith(".bin") or p.name.endswith(".tmp") for p in tmp_path.iterdir())  # nothing half-written
@@ -476,3 +462,11 @@ def test_export_does_not_import_torch():
     code = "import sys, gpt_2_simple.export, gpt_2_simple.cli; assert 'torch' not in sys.modules, 'torch imported'"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "python")}
     subprocess.run([sys.executable, "-c", code], env=env, check=True)
+
+
+def test_an_export_is_its_own_engine_file(exported, tmp_path):
+    assert engine_file(exported["bf16"], "bf16") == exported["bf16"]
+    with pytest.raises(ValueError, match="holds bf16 weights, not fp32"):
+        engine_file(exported["bf16"], "fp32")
+    with pytest.raises(ValueError, match="is already an exported model file"):
+        export(exported["fp32"], tmp_path / "again.bin")

@@ -77,15 +77,30 @@ def test_half_precision_round_trip(tmp_path):
     _assert_same(read, fp16)
 
 
-def test_save_from_numpy_does_not_import_torch(tmp_path):
-    code = (
-        "import sys, numpy as np\n"
-        "from gpt_2_simple.weights import save_weights, load_weights\n"
-        f"save_weights({str(tmp_path / 'w.safetensors')!r}, {{'a': np.arange(6, dtype=np.float32).reshape(2, 3)}})\n"
-        "assert 'torch' not in sys.modules\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+def test_mixed_dtypes_stay_aligned(tmp_path):
+    state = {"a": np.arange(3, dtype=np.float16), "b": np.arange(5, dtype=np.float32), "c": np.arange(2, dtype=np.int64)}
+    save_weights(tmp_path / "w.safetensors", state)
+    from gpt_2_simple.weights import _read_safetensors
+
+    _, read = _read_safetensors(tmp_path / "w.safetensors")
+    _assert_same(read, state)
+    _assert_same(st_load_file(tmp_path / "w.safetensors"), state)
+    assert all(a.flags.aligned for a in read.values())
+
+
+def _run_without_torch(code: str) -> None:
+    """Run ``code`` in a fresh interpreter and check it never imported torch."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "python")}
+    out = subprocess.run([sys.executable, "-c", code + "\nassert 'torch' not in sys.modules\n"], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
+
+
+def test_save_from_numpy_does_not_import_torch(tmp_path):
+    _run_without_torch(
+        "import sys, numpy as np\n"
+        "from gpt_2_simple.weights import save_weights\n"
+        f"save_weights({str(tmp_path / 'w.safetensors')!r}, {{'a': np.arange(6, dtype=np.float32).reshape(2, 3)}})\n"
+    )
     np.testing.assert_array_equal(st_load_file(tmp_path / "w.safetensors")["a"], np.arange(6).reshape(2, 3))
 
 
@@ -218,6 +233,15 @@ def test_transformers_files_load_identically(hf_folders):
     assert find_checkpoint(root / "bin").format == "torch"
 
 
+def test_legacy_torch_serialization(hf_folders, tmp_path):
+    """The hub's GPT-2 .bin files predate torch's zip format (torch < 1.6)."""
+    model, root = hf_folders
+    shutil.copy(root / "bin" / "config.json", tmp_path)
+    state = torch.load(root / "bin" / "pytorch_model.bin", weights_only=True)
+    torch.save(state, tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    _assert_same(load_weights(tmp_path)[1], _numpy_state(model))
+
+
 def test_hf_keys_with_buffers_and_tied_head(tmp_path):
     """Older transformers saved the causal-mask buffers and lm_head; both are dropped."""
     reference = _numpy_state(random_gpt2())
@@ -243,6 +267,7 @@ def test_hf_config_of_another_architecture(tmp_path):
         load_weights(tmp_path)
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's own, before it refuses
 def test_pickled_bin_is_refused(tmp_path):
     import pickle
 
@@ -251,3 +276,176 @@ def test_pickled_bin_is_refused(tmp_path):
     TINY.save(tmp_path / "hparams.json")
     with pytest.raises(ValueError, match="weights_only=True"):
         load_weights(tmp_path)
+
+
+# --------------------------------------------------------------------------- TensorFlow checkpoints
+
+
+def _fixture_reference() -> dict[str, np.ndarray]:
+    """The arrays the fixture script gave TensorFlow, under our names (Conv1D weights squeezed)."""
+    reference = {}
+    for name, array in np.load(FIXTURE / "arrays.npz").items():
+        parts = name.split(".")[1:]  # model.h0.attn.c_attn.w -> h0 attn c_attn w
+        if parts[0].startswith("h"):
+            parts[0] = f"h.{parts[0][1:]}"
+        if len(parts) == 1:
+            parts.append("w")
+        parts[-1] = {"g": "weight", "b": "bias", "w": "weight"}[parts[-1]]
+        reference[".".join(parts)] = array[0] if array.ndim == 3 else array
+    return reference
+
+
+FIXTURE_CONFIG = GPT2Config(n_vocab=64, n_ctx=16, n_embd=8, n_head=2, n_layer=2)
+
+
+@pytest.mark.parametrize("folder", ["models/tiny", "checkpoint/run1", "hf"])
+def test_fixture_formats_load_to_the_same_tensors(folder):
+    config, state = load_weights(FIXTURE / folder, verify_crc=True)
+    assert config == FIXTURE_CONFIG
+    _assert_same(state, _fixture_reference())
+
+
+def test_tf_run_folder_checkpoints_and_optimizer_slots():
+    from gpt_2_simple.tf_checkpoint import TFCheckpoint, read_checkpoint_state
+
+    run = FIXTURE / "checkpoint" / "run1"
+    assert read_checkpoint_state(run) == ("model-5", ["model-3", "model-5"])
+    names = set(TFCheckpoint(run / "model-5").entries)
+    assert {"global_step", "beta1_power", "model/wte/Adam", "model/h1/mlp/c_fc/w/Adam_1"} <= names  # really there
+    latest = find_checkpoint(run)
+    assert (latest.format, latest.step, latest.name) == ("tf", 5, "model-5")
+    reference = _fixture_reference()
+    for which in ("model-3", 3, "3"):
+        _, state = load_weights(find_checkpoint(run, which).path)
+        _assert_same(state, {k: v + np.float32(0.5) for k, v in reference.items()})
+    assert find_checkpoint(FIXTURE / "models" / "tiny").step is None
+
+
+def test_checkpoint_file_from_another_machine(tmp_path):
+    """Colab runs write absolute paths; a folder copied elsewhere still resolves by file name,
+    and a `checkpoint` file naming a lost checkpoint falls back to the newest one, with a warning."""
+    run = tmp_path / "run1"
+    shutil.copytree(FIXTURE / "checkpoint" / "run1", run)
+    (run / "checkpoint").write_text('model_checkpoint_path: "/content/checkpoint/run1/model-3"\n')
+    assert find_checkpoint(run).name == "model-3"
+    (run / "checkpoint").write_text('model_checkpoint_path: "model-9"\n')
+    with pytest.warns(UserWarning, match="names 'model-9', which is not in the folder"):
+        assert find_checkpoint(run).name == "model-5"
+    os.remove(run / "checkpoint")
+    assert find_checkpoint(run).name == "model-5"
+
+
+def test_our_checkpoints_beside_tf_ones(tmp_path):
+    """A gpt-2-simple run resumed by this package: the highest step wins, whatever the format."""
+    run = tmp_path / "run1"
+    shutil.copytree(FIXTURE / "checkpoint" / "run1", run)
+    config, state = load_weights(run)
+    save_weights(run / "model-4.safetensors", state, config)
+    assert find_checkpoint(run).name == "model-5"
+    save_weights(run / "model-7.safetensors", state, config)
+    assert find_checkpoint(run).name == "model-7.safetensors"
+    assert find_checkpoint(run, 5).format == "tf"
+
+
+def test_crc32c_against_known_values():
+    from gpt_2_simple.tf_checkpoint import _crc_bytes, crc32c
+
+    assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    assert crc32c(b"") == 0
+    assert crc32c(bytes(32)) == 0x8A9136AA  # RFC 3720 B.4 test vectors
+    assert crc32c(b"\xff" * 32) == 0x62A8AB43
+    data = np.random.default_rng(0).integers(0, 256, 3 * 65536 + 1234, dtype=np.uint8).tobytes()
+    expected = _crc_bytes(0xFFFFFFFF, data) ^ 0xFFFFFFFF  # the plain table loop
+    assert crc32c(data) == expected
+    assert crc32c(data[1000:], crc32c(data[:1000])) == expected
+
+
+def _damaged_copy(tmp_path, folder="models/tiny") -> Path:
+    target = tmp_path / folder.replace("/", "_")
+    shutil.copytree(FIXTURE / folder, target)
+    return target
+
+
+def test_flipped_byte_in_an_index_block(tmp_path):
+    folder = _damaged_copy(tmp_path)
+    index = folder / "model.ckpt.index"
+    data = bytearray(index.read_bytes())
+    for position in (20, len(data) - 48 - 5 - 1):  # in a data block; the index block's last byte
+        damaged = bytearray(data)
+        damaged[position] ^= 0x40
+        index.write_bytes(damaged)
+        with pytest.raises(ValueError, match=r"model.ckpt.index: CRC mismatch in the block at offset \d+; the checkpoint is damaged"):
+            load_weights(folder)
+
+
+def test_bad_magic_and_truncated_index(tmp_path):
+    folder = _damaged_copy(tmp_path)
+    index = folder / "model.ckpt.index"
+    data = index.read_bytes()
+    index.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(ValueError, match="bad magic number"):
+        load_weights(folder)
+    index.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="model.ckpt.index: bad magic number"):
+        load_weights(folder)
+    index.write_bytes(data[:20])
+    with pytest.raises(ValueError, match="too short for a checkpoint index"):
+        load_weights(folder)
+
+
+def test_truncated_and_missing_data_shard(tmp_path):
+    folder = _damaged_copy(tmp_path)
+    shard = folder / "model.ckpt.data-00000-of-00001"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-10])
+    with pytest.raises(ValueError, match=r"data-00000-of-00001: variable model/\S+ lies at bytes .* the file is truncated"):
+        load_weights(folder)
+    os.remove(shard)
+    with pytest.raises(FileNotFoundError, match="model.ckpt.data-00000-of-00001 is missing"):
+        load_weights(folder)
+
+
+def test_flipped_byte_in_a_tensor_needs_verify_crc(tmp_path):
+    folder = _damaged_copy(tmp_path)
+    shard = folder / "model.ckpt.data-00000-of-00001"
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0x01
+    shard.write_bytes(data)
+    load_weights(folder)  # pages are not read unless asked
+    with pytest.raises(ValueError, match="data-00000-of-00001: CRC mismatch in variable"):
+        load_weights(folder, verify_crc=True)
+
+
+def test_wrong_hparams_for_tf_weights(tmp_path):
+    folder = _damaged_copy(tmp_path)
+    (folder / "hparams.json").write_text(json.dumps({"n_vocab": 64, "n_ctx": 16, "n_embd": 8, "n_head": 2, "n_layer": 3}))
+    with pytest.raises(ValueError, match=r"missing 12 tensors \(h.2.ln_1.weight"):
+        load_weights(folder)
+    (folder / "hparams.json").write_text(json.dumps({"n_vocab": 50257, "n_ctx": 16, "n_embd": 8, "n_head": 2, "n_layer": 2}))
+    with pytest.raises(ValueError, match=r"wte.weight has shape \(64, 8\) but hparams.json .* needs \(50257, 8\)"):
+        load_weights(folder)
+    (folder / "hparams.json").write_text("{not json")
+    with pytest.raises(ValueError, match="hparams.json is not valid JSON"):
+        load_weights(folder)
+
+
+def test_tf_reader_does_not_import_torch():
+    _run_without_torch(
+        "import sys\n"
+        "from gpt_2_simple.weights import load_weights\n"
+        f"config, state = load_weights({str(FIXTURE / 'checkpoint' / 'run1')!r}, verify_crc=True)\n"
+        "assert len(state) == 28\n"
+    )
+
+
+def test_fixture_logits_match_transformers():
+    """TF weights through model.py give transformers' logits for the HF copy of the fixture."""
+    transformers = pytest.importorskip("transformers")
+    from gpt_2_simple.weights import build_model
+
+    config, state = load_weights(FIXTURE / "checkpoint" / "run1")
+    model = build_model(config, state)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(FIXTURE / "hf", attn_implementation="eager").eval()
+    idx = torch.randint(0, config.n_vocab, (2, config.n_ctx), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), hf(idx).logits, atol=1e-5, rtol=1e-5)

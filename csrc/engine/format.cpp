@@ -89,27 +89,19 @@ std::vector<Expected> expected_tensors(ModelWeights& w) {
   e.push_back({"wte.weight", &w.wte, 2, V, C, wd});
   e.push_back({"wpe.weight", &w.wpe, 2, N, C, wd});
   for (size_t i = 0; i < w.h.size(); ++i) {
-    LayerWeights& l = w.h[i];
-    const std::string p = cat("h.", i, ".");
-    e.push_back({p + "ln_1.weight", &l.ln_1_w, 1, C, 0, f32});
-    e.push_back({p + "ln_1.bias", &l.ln_1_b, 1, C, 0, f32});
-    e.push_back({p + "attn.c_attn.weight", &l.attn_c_attn_w, 2, 3 * C, C, wd});  // (out, in)
-    e.push_back({p + "attn.c_attn.bias", &l.attn_c_attn_b, 1, 3 * C, 0, f32});
-    e.push_back({p + "attn.c_proj.weight", &l.attn_c_proj_w, 2, C, C, wd});
-    e.push_back({p + "attn.c_proj.bias", &l.attn_c_proj_b, 1, C, 0, f32});
-    e.push_back({p + "ln_2.weight", &l.ln_2_w, 1, C, 0, f32});
-    e.push_back({p + "ln_2.bias", &l.ln_2_b, 1, C, 0, f32});
-    e.push_back({p + "mlp.c_fc.weight", &l.mlp_c_fc_w, 2, 4 * C, C, wd});
-    e.push_back({p + "mlp.c_fc.bias", &l.mlp_c_fc_b, 1, 4 * C, 0, f32});
-    e.push_back({p + "mlp.c_proj.weight", &l.mlp_c_proj_w, 2, C, 4 * C, wd});
-    e.push_back({p + "mlp.c_proj.bias", &l.mlp_c_proj_b, 1, C, 0, f32});
+    const std::string prefix = cat("h.", i, ".");
+    for (const LayerTensor& t : kLayerTensors)
+      e.push_back({prefix + t.suffix, &(w.h[i].*t.field), t.cols ? 2 : 1, t.rows * C, t.cols * C, t.cols ? wd : f32});
   }
   e.push_back({"ln_f.weight", &w.ln_f_w, 1, C, 0, f32});
   e.push_back({"ln_f.bias", &w.ln_f_b, 1, C, 0, f32});
   return e;
 }
 
-std::string shape_str(int ndim, uint64_t d0, uint64_t d1) { return ndim == 1 ? cat("(", d0, ")") : cat("(", d0, ", ", d1, ")"); }
+std::string shape_str(int ndim, uint64_t d0, uint64_t d1) {
+  if (ndim != 1) return cat("(", d0, ", ", d1, ")");
+  return d1 == 0 ? cat("(", d0, ")") : cat("(", d0, ") with a nonzero unused dimension ", d1);
+}
 
 }  // namespace
 
@@ -145,7 +137,12 @@ std::shared_ptr<const LoadedModel> LoadedModel::open(const std::string& path, bo
     throw SystemError(cat("cannot open model file ", path, ": ", std::strerror(err)), err);
   }
   struct stat st;
-  if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+  if (fstat(fd, &st) != 0) {
+    const int err = errno;
+    ::close(fd);
+    throw SystemError(cat("cannot read model file ", path, ": ", std::strerror(err)), err);
+  }
+  if (!S_ISREG(st.st_mode)) {
     const bool is_dir = S_ISDIR(st.st_mode);
     ::close(fd);
     throw FormatError(is_dir ? cat(path, " is a folder, not a model file: pass the .bin file written by `gpt_2_simple export`")

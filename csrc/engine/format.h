@@ -35,6 +35,29 @@ class SystemError : public std::runtime_error {
   int code;
 };
 
+// The tensors of one layer in file order (docs/format.md): name suffix after "h.{i}.", the
+// ModelWeights field it fills, and its shape as multiples of C: (rows x C, cols x C), cols 0 for
+// vectors. Matrices are in the file's weight dtype, vectors in fp32.
+struct LayerTensor {
+  const char* suffix;
+  TensorView LayerWeights::*field;
+  int rows, cols;
+};
+inline constexpr LayerTensor kLayerTensors[12] = {
+    {"ln_1.weight", &LayerWeights::ln_1_w, 1, 0},
+    {"ln_1.bias", &LayerWeights::ln_1_b, 1, 0},
+    {"attn.c_attn.weight", &LayerWeights::attn_c_attn_w, 3, 1},  // (out, in)
+    {"attn.c_attn.bias", &LayerWeights::attn_c_attn_b, 3, 0},
+    {"attn.c_proj.weight", &LayerWeights::attn_c_proj_w, 1, 1},
+    {"attn.c_proj.bias", &LayerWeights::attn_c_proj_b, 1, 0},
+    {"ln_2.weight", &LayerWeights::ln_2_w, 1, 0},
+    {"ln_2.bias", &LayerWeights::ln_2_b, 1, 0},
+    {"mlp.c_fc.weight", &LayerWeights::mlp_c_fc_w, 4, 1},
+    {"mlp.c_fc.bias", &LayerWeights::mlp_c_fc_b, 4, 0},
+    {"mlp.c_proj.weight", &LayerWeights::mlp_c_proj_w, 1, 4},
+    {"mlp.c_proj.bias", &LayerWeights::mlp_c_proj_b, 1, 0},
+};
+
 const char* dtype_name(DType dtype);
 size_t dtype_size(DType dtype);
 
@@ -50,7 +73,9 @@ struct TensorInfo {
 };
 
 // A validated model file, mapped for as long as this object lives. The engine keeps a
-// shared_ptr to it; every view in weights() points into the mapping.
+// shared_ptr to it; every view in weights() points into the mapping. Like any mmap reader it
+// relies on the file not being truncated in place while mapped: our writers replace files by
+// rename, which leaves an open mapping intact.
 class LoadedModel {
  public:
   // Maps `path` and validates everything but the tensor data checksums (docs/format.md, steps

@@ -27,8 +27,8 @@ import numpy as np
 from . import __version__
 from .config import GPT2Config
 from .fileio import atomic_write
-from .weights import expected_shapes, find_checkpoint, load_weights, save_weights
 from .tokenizer import BUNDLED_DIR, END_OF_TEXT, Encoder, bytes_to_unicode
+from .weights import expected_shapes, find_checkpoint, load_weights, save_weights
 
 __all__ = ["export", "export_hf", "engine_file", "inspect", "verify", "read_tokenizer", "write_tokenizer_files", "DTYPES"]
 
@@ -97,9 +97,19 @@ def _fingerprint(file: Path, step: int | None) -> dict:
     return {"path": str(file.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "step": step}
 
 
+def _is_model_file(path: str | os.PathLike) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:  # a folder, a TF prefix, or nothing
+        return False
+
+
 def _load_source(source: Any, config: GPT2Config | None):
     """-> (config, {name: array in model.py layout}, tokenizer folder, provenance or None)."""
     if isinstance(source, (str, os.PathLike)):
+        if _is_model_file(source):
+            raise ValueError(f"{os.fspath(source)} is already an exported model file; export from the run or model folder it came from")
         load_path, key_file, step = _checkpoint(source)
         cfg, state = load_weights(load_path)
         return cfg, state, key_file.parent, _fingerprint(key_file, step)
@@ -374,7 +384,8 @@ def _remove_stale(folder: Path) -> None:
 
 
 def engine_file(source: str | os.PathLike, dtype: str = "fp32", *, progress: bool = True) -> Path:
-    """The flat model file of ``source``'s newest checkpoint, exporting it only when needed.
+    """The flat model file of ``source``'s newest checkpoint, exporting it only when needed
+    (``source`` may also be a model file already, which is validated and returned).
 
     For a run folder this is ``<run>/model-<step>.<dtype>.bin`` (docs/design.md, "Run folder"); a
     model folder or weights file gets ``<name>.<dtype>.bin`` beside it. When that folder is not
@@ -385,6 +396,11 @@ def engine_file(source: str | os.PathLike, dtype: str = "fp32", *, progress: boo
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if _is_model_file(source):  # already an export (a deployment may ship nothing else)
+        info = inspect(source)
+        if info["dtype"] != dtype:
+            raise ValueError(f"{os.fspath(source)} holds {info['dtype']} weights, not {dtype}: ask for {info['dtype']} or export the checkpoint again with dtype={dtype!r}")
+        return Path(source)
     load_path, key_file, step = _checkpoint(source)
     fingerprint = _fingerprint(key_file, step)
     name = f"model-{step}.{dtype}.bin" if step is not None else f"{key_file.name.split('.')[0]}.{dtype}.bin"

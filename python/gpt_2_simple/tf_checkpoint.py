@@ -62,6 +62,13 @@ def _crc_bytes(state: int, data: bytes) -> int:
     return state
 
 
+def _feed_zeros(regs: np.ndarray, n: int) -> np.ndarray:
+    """Registers after ``n`` zero bytes."""
+    for _ in range(n):
+        regs = _TABLE[regs & 0xFF] ^ (regs >> 8)
+    return regs
+
+
 class _ZeroShift:
     """The linear map "feed n zero bytes into the register", applied to many registers at once.
 
@@ -79,10 +86,7 @@ class _ZeroShift:
 
     @classmethod
     def of_length(cls, n: int) -> "_ZeroShift":
-        regs = np.uint32(1) << np.arange(32, dtype=np.uint32)
-        for _ in range(n):
-            regs = _TABLE[regs & 0xFF] ^ (regs >> 8)
-        return cls(regs)
+        return cls(_feed_zeros(np.uint32(1) << np.arange(32, dtype=np.uint32), n))
 
     def __call__(self, regs: np.ndarray) -> np.ndarray:
         t = self.tables
@@ -92,26 +96,32 @@ class _ZeroShift:
         return _ZeroShift(self(self.columns))
 
 
-_LANE_BYTES = 256  # bytes per lane: numpy runs 256 lock-step iterations per chunk
+# Four bytes per step in the lanes ("slicing by 4" with two 16-bit tables): XOR a 32-bit word
+# into the register, then look up what four byte steps make of its low and high halves.
+_WORD_LO = _feed_zeros(np.arange(1 << 16, dtype=np.uint32), 4)
+_WORD_HI = _feed_zeros(np.arange(1 << 16, dtype=np.uint32) << 16, 4)
+
+_LANE_BYTES = 256  # bytes per lane: numpy runs 64 lock-step word steps per chunk
 _MAX_LANES = 1 << 16  # lanes per chunk (16 MiB chunks bound the temporary copy)
 _shifts: dict[int, list[_ZeroShift]] = {}  # lanes -> shift by 256 * 2**level bytes, per tree level
 
 
 def crc32c(data, value: int = 0) -> int:
-    """CRC32C of ``data`` (bytes, memoryview, mmap or a numpy array's buffer), continuing from
-    ``value`` like ``zlib.crc32``. Small inputs use a table loop; large ones run lanes in numpy
-    (about 100-200 MB/s, against ~5 MB/s for a pure-Python loop)."""
-    buf = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data.reshape(-1).view(np.uint8)
+    """CRC32C of ``data`` (bytes, memoryview, mmap or a numpy array), continuing from ``value``
+    like ``zlib.crc32``. Small inputs use a table loop; large ones run lanes in numpy (about
+    0.3-0.6 GB/s on a 2-core VM, against ~6-9 MB/s for the pure-Python loop)."""
+    buf = data.reshape(-1).view(np.uint8) if isinstance(data, np.ndarray) else np.frombuffer(data, dtype=np.uint8)
     state = value ^ 0xFFFFFFFF
     pos = 0
     n = buf.size
     while n - pos >= 4 * _LANE_BYTES:
         lanes = min(_MAX_LANES, 1 << ((n - pos) // _LANE_BYTES).bit_length() - 1)  # a power of two
-        chunk = buf[pos : pos + lanes * _LANE_BYTES].reshape(lanes, _LANE_BYTES).T.copy()  # (L, K)
+        words = buf[pos : pos + lanes * _LANE_BYTES].view("<u4").reshape(lanes, -1).T.copy()  # (L/4, K)
         regs = np.zeros(lanes, dtype=np.uint32)
         regs[0] = state  # the running register enters through lane 0
-        for row in chunk:
-            regs = _TABLE[(regs ^ row) & 0xFF] ^ (regs >> 8)
+        for word in words:
+            regs ^= word
+            regs = _WORD_LO[regs & 0xFFFF] ^ _WORD_HI[regs >> 16]
         levels = _shifts.setdefault(lanes, [])
         level = 0
         while regs.size > 1:  # pairwise tree: left lane shifted past the right one, then XORed
@@ -390,7 +400,7 @@ class TFCheckpoint:
     def tensor(self, name: str, verify_crc: bool = False) -> np.ndarray:
         """The variable ``name`` as a read-only array mapped from its shard (bfloat16 is widened
         to a float32 copy). ``verify_crc`` checks the stored CRC32C: this reads every byte
-        (~0.1-0.2 s per 100 MB here) instead of leaving pages to be read on use."""
+        (~0.2 s per 100 MB on a 2-core VM) instead of leaving pages to be read on use."""
         entry = self.entries[name]
         if entry.sliced:
             raise ValueError(f"{self.index_path}: variable {name} is partitioned into slices, which is not supported")
