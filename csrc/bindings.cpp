@@ -20,6 +20,7 @@
 
 // The same file builds both modules: _engine (CPU) and, with GPT2S_CUDA_MODULE, _engine_cuda,
 // whose Engine runs the CUDA backend (csrc/cuda) and which adds the device queries and sampler hooks.
+// A process may load both, so every class and exception here is registered py::module_local.
 #ifdef GPT2S_CUDA_MODULE
 #include "cuda/cuda_backend.h"
 #define GPT2S_MODULE_NAME _engine_cuda
@@ -399,7 +400,7 @@ PYBIND11_MODULE(GPT2S_MODULE_NAME, m) {
     }
   });
   m.attr("FORMAT_VERSION") = gpt2s::kFormatVersion;
-  py::class_<ModelFile, std::shared_ptr<ModelFile>>(m, "ModelFile",
+  py::class_<ModelFile, std::shared_ptr<ModelFile>>(m, "ModelFile", py::module_local(),
                                                     "A validated, memory-mapped model file (docs/format.md). Opening it maps the file "
                                                     "and checks everything but the weight checksums; verify=True checks those too.")
       .def(py::init(&open_model), py::arg("path"), py::kw_only(), py::arg("verify") = false)

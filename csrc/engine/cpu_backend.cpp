@@ -4,48 +4,16 @@
 #include <cstring>
 #include <stdexcept>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include "engine/philox.h"
 
 namespace gpt2s {
 
-namespace {
-
-int available_threads() {
-#ifdef _OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
-
-// OpenMP's thread count is a per-thread setting: set it on the thread that runs the step.
-void use_threads(int n) {
-#ifdef _OPENMP
-  omp_set_num_threads(n);
-#else
-  (void)n;
-#endif
-}
-
-int thread_id() {
-#ifdef _OPENMP
-  return omp_get_thread_num();
-#else
-  return 0;
-#endif
-}
-
-}  // namespace
-
 CpuBackend::CpuBackend(const ModelWeights& weights, int threads)
-    : w_(weights), kernels_(best_kernels()), threads_(threads > 0 ? threads : available_threads()) {}
+    : w_(weights), kernels_(best_kernels()), pool_(threads) {}
 
 std::string CpuBackend::describe() const {
-  return std::string("cpu ") + kernels_.isa + ", " + std::to_string(threads_) + " thread" + (threads_ > 1 ? "s" : "");
+  const int n = pool_.size();
+  return std::string("cpu ") + kernels_.isa + ", " + std::to_string(n) + " thread" + (n > 1 ? "s" : "");
 }
 
 void CpuBackend::reserve(int32_t slots, int32_t ctx, int32_t max_step_tokens) {
@@ -65,9 +33,9 @@ void CpuBackend::reserve(int32_t slots, int32_t ctx, int32_t max_step_tokens) {
   fc_.resize(N * 4 * C);
   xf_.resize(int64_t(slots) * C);
   logits_.resize(int64_t(slots) * V);
-  scores_.resize(int64_t(threads_) * ctx);
+  scores_.resize(int64_t(pool_.size()) * ctx);
   xb_.resize(w_.dtype == DType::BF16 ? N * 4 * C : 0);
-  samplers_.resize(size_t(threads_));
+  samplers_.resize(size_t(pool_.size()));
 }
 
 void CpuBackend::forward(const StepInput& in) {
@@ -77,14 +45,14 @@ void CpuBackend::forward(const StepInput& in) {
   const int64_t layer_kv = int64_t(slots_) * ctx_ * C;  // KV floats per layer
   const Kernels& k = kernels_;
 
-  k.embed(w_.wte, w_.wpe, in.tokens.data(), in.positions.data(), N, C, x_.data());
+  k.embed(pool_, w_.wte, w_.wpe, in.tokens.data(), in.positions.data(), N, C, x_.data());
   for (const LayerWeights& l : w_.h) {
     const int64_t li = &l - w_.h.data();
     float* kc = k_cache_.data() + li * layer_kv;  // (slots, NH, ctx, HS)
     float* vc = v_cache_.data() + li * layer_kv;
-    k.layernorm(x_.data(), N, C, static_cast<const float*>(l.ln_1_w.data), static_cast<const float*>(l.ln_1_b.data),
+    k.layernorm(pool_, x_.data(), N, C, static_cast<const float*>(l.ln_1_w.data), static_cast<const float*>(l.ln_1_b.data),
                 ln_.data());
-    k.matmul(ln_.data(), N, C, l.attn_c_attn_w, static_cast<const float*>(l.attn_c_attn_b.data), qkv_.data(),
+    k.matmul(pool_, ln_.data(), N, C, l.attn_c_attn_w, static_cast<const float*>(l.attn_c_attn_b.data), qkv_.data(),
              Epilogue::kStore, xb_.data());
     // The new keys and values go to their rows' slots before attention reads them.
     for (int64_t i = 0; i < N; ++i) {
@@ -95,22 +63,22 @@ void CpuBackend::forward(const StepInput& in) {
         std::memcpy(vc + at, q + 2 * C + h * HS, size_t(HS) * sizeof(float));
       }
     }
-    k.attention(qkv_.data(), N, in.slots.data(), in.positions.data(), kc, vc, NH, HS, ctx_, att_.data(),
+    k.attention(pool_, qkv_.data(), N, in.slots.data(), in.positions.data(), kc, vc, NH, HS, ctx_, att_.data(),
                 scores_.data());
-    k.matmul(att_.data(), N, C, l.attn_c_proj_w, static_cast<const float*>(l.attn_c_proj_b.data), x_.data(),
+    k.matmul(pool_, att_.data(), N, C, l.attn_c_proj_w, static_cast<const float*>(l.attn_c_proj_b.data), x_.data(),
              Epilogue::kAdd, xb_.data());
-    k.layernorm(x_.data(), N, C, static_cast<const float*>(l.ln_2_w.data), static_cast<const float*>(l.ln_2_b.data),
+    k.layernorm(pool_, x_.data(), N, C, static_cast<const float*>(l.ln_2_w.data), static_cast<const float*>(l.ln_2_b.data),
                 ln_.data());
-    k.matmul(ln_.data(), N, C, l.mlp_c_fc_w, static_cast<const float*>(l.mlp_c_fc_b.data), fc_.data(),
+    k.matmul(pool_, ln_.data(), N, C, l.mlp_c_fc_w, static_cast<const float*>(l.mlp_c_fc_b.data), fc_.data(),
              Epilogue::kGelu, xb_.data());
-    k.matmul(fc_.data(), N, 4 * C, l.mlp_c_proj_w, static_cast<const float*>(l.mlp_c_proj_b.data), x_.data(),
+    k.matmul(pool_, fc_.data(), N, 4 * C, l.mlp_c_proj_w, static_cast<const float*>(l.mlp_c_proj_b.data), x_.data(),
              Epilogue::kAdd, xb_.data());
   }
   // Only the rows that draw a token need the final layernorm and the head (V outputs each).
   for (int64_t r = 0; r < R; ++r) std::memcpy(ln_.data() + r * C, x_.data() + in.sample_at[r] * C, size_t(C) * sizeof(float));
-  k.layernorm(ln_.data(), R, C, static_cast<const float*>(w_.ln_f_w.data), static_cast<const float*>(w_.ln_f_b.data),
+  k.layernorm(pool_, ln_.data(), R, C, static_cast<const float*>(w_.ln_f_w.data), static_cast<const float*>(w_.ln_f_b.data),
               xf_.data());
-  k.matmul(xf_.data(), R, C, w_.wte, nullptr, logits_.data(), Epilogue::kStore, xb_.data());
+  k.matmul(pool_, xf_.data(), R, C, w_.wte, nullptr, logits_.data(), Epilogue::kStore, xb_.data());
 }
 
 void CpuBackend::step(const StepInput& in, StepOutput& out) {
@@ -129,17 +97,27 @@ void CpuBackend::step(const StepInput& in, StepOutput& out) {
   for (int64_t r = 0; r < R; ++r) {
     if (in.sample_at[r] < 0 || in.sample_at[r] >= N) throw std::logic_error("CpuBackend::step: bad sampling row");
   }
-  use_threads(threads_);
   forward(in);
 
   out.drawn.resize(size_t(R));
   if (in.want_logits) out.logits.assign(logits_.data(), logits_.data() + R * V);
   const auto t0 = std::chrono::steady_clock::now();
-#pragma omp parallel for schedule(dynamic, 1) if (R > 1 && R * V >= (int64_t(1) << 16))
-  for (int64_t r = 0; r < R; ++r) {
-    const SamplingParams& p = in.params[size_t(r)];
-    const double u = draw_uniform(p.seed, p.sample_index, in.draw_position[size_t(r)]);
-    out.drawn[size_t(r)] = sample_token(logits_.data() + r * V, V, p, u, kernels_, samplers_[size_t(thread_id())]);
+  struct SampleJob {
+    CpuBackend* self;
+    const StepInput* in;
+    StepOutput* out;
+  } job{this, &in, &out};
+  auto sample_row = [](void* p, int64_t r, int thread) {
+    SampleJob& j = *static_cast<SampleJob*>(p);
+    const SamplingParams& params = j.in->params[size_t(r)];
+    const int64_t V = j.self->w_.config.n_vocab;
+    const double u = draw_uniform(params.seed, params.sample_index, j.in->draw_position[size_t(r)]);
+    j.out->drawn[size_t(r)] = sample_token(j.self->logits_.data() + r * V, V, params, u, j.self->kernels_, j.self->samplers_[size_t(thread)]);
+  };
+  if (R > 1 && R * V >= (int64_t(1) << 16)) {
+    pool_.run(R, sample_row, &job);
+  } else {
+    for (int64_t r = 0; r < R; ++r) sample_row(&job, r, 0);
   }
   out.sample_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }

@@ -1,5 +1,5 @@
 // The CPU backend: GPT-2's forward pass over packed tokens with the SIMD kernels of kernels.h, a KV
-// cache sized per generate call, and the sampler of sampler.h. OpenMP threads inside each kernel.
+// cache sized per generate call, and the sampler of sampler.h, on a ThreadPool of its own.
 #pragma once
 
 #include <cstdint>
@@ -11,6 +11,7 @@
 #include "engine/kernels.h"
 #include "engine/model.h"
 #include "engine/sampler.h"
+#include "engine/thread_pool.h"
 
 namespace gpt2s {
 
@@ -34,21 +35,21 @@ class Buffer {
 
 class CpuBackend final : public Backend {
  public:
-  // `weights` must outlive the backend. threads <= 0: all cores (OpenMP's default).
+  // `weights` must outlive the backend. threads <= 0: all cores.
   CpuBackend(const ModelWeights& weights, int threads);
 
   void reserve(int32_t slots, int32_t ctx, int32_t max_step_tokens) override;
   void step(const StepInput& in, StepOutput& out) override;
   int64_t kv_cache_bytes() const override { return int64_t(sizeof(float)) * (k_cache_.size() + v_cache_.size()); }
   std::string describe() const override;
-  int threads() const { return threads_; }
+  int threads() const { return pool_.size(); }
 
  private:
   void forward(const StepInput& in);  // leaves the logits of the sampling rows in logits_
 
   const ModelWeights& w_;
   const Kernels& kernels_;
-  int threads_;
+  ThreadPool pool_;
   int32_t slots_ = 0, ctx_ = 0, max_tokens_ = 0;
   // KV cache, per layer: (slots, NH, ctx, HS) keys and values, layers back to back.
   Buffer<float> k_cache_, v_cache_;

@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "engine/model.h"
+#include "engine/thread_pool.h"
 
 namespace gpt2s {
 
@@ -24,22 +25,22 @@ struct Kernels {
 
   // y (M, N) = epilogue(x (M, K) @ w (N, K)^T + bias (N)); bias may be null. w is fp32 or bf16;
   // for bf16 the activations are rounded to bf16 once (into xb, M*K values) and multiplied with
-  // fp32 accumulation. Parallel over N (OpenMP).
-  void (*matmul)(const float* x, int64_t M, int64_t K, const TensorView& w, const float* bias, float* y,
-                 Epilogue epilogue, uint16_t* xb);
+  // fp32 accumulation. Parallel over N.
+  void (*matmul)(ThreadPool& pool, const float* x, int64_t M, int64_t K, const TensorView& w, const float* bias,
+                 float* y, Epilogue epilogue, uint16_t* xb);
 
   // y (M, C) = layernorm(x (M, C)) * g + b, eps 1e-5 (GPT-2's).
-  void (*layernorm)(const float* x, int64_t M, int64_t C, const float* g, const float* b, float* y);
+  void (*layernorm)(ThreadPool& pool, const float* x, int64_t M, int64_t C, const float* g, const float* b, float* y);
 
   // Causal attention for N tokens over a KV cache of one layer, k/v (slots, NH, T_cap, HS): token i
   // of slot[i] at position pos[i] attends to positions 0..pos[i] of its slot. q is read from
-  // qkv (N, 3C); out (N, C). scratch: (threads, T_cap) floats. Parallel over (token, head).
-  void (*attention)(const float* qkv, int64_t N, const int32_t* slot, const int32_t* pos, const float* k,
-                    const float* v, int64_t NH, int64_t HS, int64_t T_cap, float* out, float* scratch);
+  // qkv (N, 3C); out (N, C). scratch: (pool threads, T_cap) floats. Parallel over (token, head).
+  void (*attention)(ThreadPool& pool, const float* qkv, int64_t N, const int32_t* slot, const int32_t* pos,
+                    const float* k, const float* v, int64_t NH, int64_t HS, int64_t T_cap, float* out, float* scratch);
 
   // x (N, C) = wte[tokens] + wpe[pos], widened to fp32.
-  void (*embed)(const TensorView& wte, const TensorView& wpe, const int32_t* tokens, const int32_t* pos, int64_t N,
-                int64_t C, float* x);
+  void (*embed)(ThreadPool& pool, const TensorView& wte, const TensorView& wpe, const int32_t* tokens,
+                const int32_t* pos, int64_t N, int64_t C, float* x);
 
   // Sampler helpers. max_value: the largest of x[0..n), NaN ignored (-inf if none).
   float (*max_value)(const float* x, int64_t n);

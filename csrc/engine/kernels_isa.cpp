@@ -3,10 +3,6 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include "engine/kernels.h"
 
 #ifndef GPT2S_ISA
@@ -17,8 +13,5 @@
 #define GPT2S_ISA_NAME GPT2S_STR(GPT2S_ISA)
 
 namespace gpt2s::GPT2S_ISA {
-#ifndef _OPENMP
-inline int omp_get_thread_num() { return 0; }
-#endif
 #include "engine/kernels_impl.h"
 }  // namespace gpt2s::GPT2S_ISA
