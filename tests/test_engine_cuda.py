@@ -123,6 +123,23 @@ def test_logits_match_pytorch_at_every_step(cuda_module, small, file_dtype, devi
             np.testing.assert_allclose(logits[(i, step)], expected[step], **TOLERANCE[dtype], err_msg=f"row {i} step {step}")
 
 
+def test_long_contexts_split_attention(cuda_module, tmp_path):
+    # Positions past 2 x kAttnSplit (128): every query's attention is cut into up to 3 splits that
+    # attention_combine merges, in the prefill of a 300-token prompt and in the decode steps after it.
+    config = GPT2Config(n_vocab=257, n_ctx=320, n_embd=64, n_head=4, n_layer=2)
+    model = random_gpt2(config, seed=5)
+    path = export(model, tmp_path / "long.bin", "fp32", tokenizer_dir=_byte_tokenizer(tmp_path / "tok"), progress=False)
+    prompts = _prompts([300, 129], seed=6, vocab=config.n_vocab)
+    logits = {}
+    out = cuda_module.Engine(str(path)).generate(
+        [Request(p, 6, temperature=0.0) for p in prompts], batch_size=2, on_logits=lambda i, s, x: logits.__setitem__((i, s), x.copy()))
+    for i, (prompt, (tokens, _)) in enumerate(zip(prompts, out)):
+        with torch.no_grad():
+            expected = model(torch.tensor([prompt + tokens]))[0, len(prompt) - 1 :].numpy()
+        for step in range(6):
+            np.testing.assert_allclose(logits[(i, step)], expected[step], **TOLERANCE["fp32"], err_msg=f"row {i} step {step}")
+
+
 def test_greedy_equals_pytorch_past_the_context(cuda_backend, small):
     # 10 + 70 tokens in a 64-token context: the window slides (re-prefill at positions 0..).
     model, files = small

@@ -21,7 +21,7 @@
 
 namespace gpt2s::cuda {
 
-constexpr int kAttnSplit = 256;     // positions per split
+constexpr int kAttnSplit = 128;     // positions per split (a 144-position decode at batch 1 spreads over 2 x NH blocks)
 constexpr int kAttnThreads = 128;   // threads per split block
 constexpr int kMaxHeadSize = 256;   // HS (GPT-2's is 64 in every size)
 
