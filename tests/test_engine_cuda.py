@@ -40,7 +40,8 @@ TOLERANCE = {"fp32": dict(atol=1e-4, rtol=1e-4), "bf16": dict(atol=3e-2, rtol=0.
 def _emulated_module():
     """The CPU emulation of _engine_cuda, if a test build made it (GPT2S_CUDA_EMULATION=ON)."""
     paths = [os.environ["GPT2S_CUDA_EMULATION_MODULE"]] if os.environ.get("GPT2S_CUDA_EMULATION_MODULE") else []
-    paths += sorted(glob.glob(os.path.join(ROOT, "build", "*", "cuda_emulation", "_engine_cuda*.so")))
+    # The newest build when there are several build folders.
+    paths += sorted(glob.glob(os.path.join(ROOT, "build", "*", "cuda_emulation", "_engine_cuda*.so")), key=os.path.getmtime, reverse=True)
     for path in paths:
         if os.path.isfile(path):
             spec = importlib.util.spec_from_file_location("_engine_cuda", path)
@@ -138,6 +139,20 @@ def test_long_contexts_split_attention(cuda_module, tmp_path):
             expected = model(torch.tensor([prompt + tokens]))[0, len(prompt) - 1 :].numpy()
         for step in range(6):
             np.testing.assert_allclose(logits[(i, step)], expected[step], **TOLERANCE["fp32"], err_msg=f"row {i} step {step}")
+
+
+def test_a_failed_graph_capture_falls_back_to_eager_steps(cuda_module, small, monkeypatch):
+    # Where a driver refuses to capture the decode step, generation goes on without graphs and
+    # gives the same tokens (only the emulation can make a capture fail on purpose).
+    if "emulation" not in cuda_module.device_info(0)["name"]:
+        pytest.skip("needs the emulation's GPT2S_CUDA_EMULATION_FAIL_CAPTURE")
+    _, files = small
+    requests = _mixed_requests(5, seed=11, max_new=12)
+    expected = cuda_module.Engine(str(files["fp32"])).generate(requests, batch_size=3)
+    monkeypatch.setenv("GPT2S_CUDA_EMULATION_FAIL_CAPTURE", "1")
+    engine = cuda_module.Engine(str(files["fp32"]))
+    assert engine.generate(requests, batch_size=3) == expected
+    assert "off: capture failed" in engine.device
 
 
 def test_greedy_equals_pytorch_past_the_context(cuda_backend, small):

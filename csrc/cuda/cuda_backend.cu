@@ -260,7 +260,7 @@ class DeviceWeights {
 
 template <typename W>
 struct Workspace {
-  int slots = 0, ctx = 0, cap = 0;
+  int slots = 0, ctx = 0, cap = 0, sample_cap = 0;  // cap: tokens per step; sample_cap: sampling rows
   int64_t kv_bytes = 0;
   DeviceMemory kv;    // keys then values: (L, slots + 1, NH, ctx, HS) each; slot `slots` is scratch
   DeviceMemory act;
@@ -268,7 +268,7 @@ struct Workspace {
   PinnedMemory host_io;
   W *k_cache = nullptr, *v_cache = nullptr;
   int64_t layer_stride = 0;  // elements per layer of one cache
-  // Activations (N = cap tokens, R = cap sampling rows).
+  // Activations (N = cap tokens, R = sample_cap sampling rows).
   float* x = nullptr;        // (N, C) residual stream
   W* ln = nullptr;           // (N, C) LayerNorm output, GEMM input
   float* qkv = nullptr;      // (N, 3C)
@@ -339,6 +339,7 @@ class CudaBackend final : public Backend {
     ws.slots = slots;
     ws.ctx = ctx;
     ws.cap = cap;
+    ws.sample_cap = bucket(slots);  // a row draws at most once per step; decode steps pad to the bucket
     ws.layer_stride = int64_t(slots + 1) * NH_ * ctx * HS_;
     const int64_t cache_elems = ws.layer_stride * L_;
     ws.kv_bytes = 2 * cache_elems * int64_t(sizeof(W));
@@ -350,7 +351,7 @@ class CudaBackend final : public Backend {
                  fc = act.add<float>(int64_t(cap) * 4 * C_), gelu = act.add<W>(int64_t(cap) * 4 * C_),
                  part_o = act.add<float>(attention_part_o_floats(cap, NH_, HS_, ctx)),
                  part_ml = act.add<float>(attention_part_ml_floats(cap, NH_, ctx)),
-                 lnf = act.add<W>(int64_t(cap) * C_), logits = act.add<float>(int64_t(cap) * V_);
+                 lnf = act.add<W>(int64_t(ws.sample_cap) * C_), logits = act.add<float>(int64_t(ws.sample_cap) * V_);
 
     Layout io;
     ws.tokens_at = io.add<int32_t>(cap);
@@ -405,6 +406,7 @@ class CudaBackend final : public Backend {
     GPT2S_CUDA_ASSERT(in.slots.size() == size_t(N) && in.positions.size() == size_t(N), "step arrays disagree");
     GPT2S_CUDA_ASSERT(in.params.size() == size_t(R) && in.draw_position.size() == size_t(R) && R <= N,
                       "step sampling arrays disagree");
+    GPT2S_CUDA_ASSERT(R <= ws.slots, "more sampling rows than slots");
     // The device trusts these indices: check them here, where a bug is an exception, not a fault.
     for (int j = 0; j < N; ++j) {
       GPT2S_CUDA_ASSERT(in.tokens[j] >= 0 && in.tokens[j] < V_, "token id out of range");
@@ -445,7 +447,15 @@ class CudaBackend final : public Backend {
       // First step of this bucket: run it eagerly (which also loads every kernel and lets cuBLAS
       // pick its algorithms outside the capture), then capture the same pass for later steps.
       forward(rows, rows);
-      capture(rows);
+      try {
+        capture(rows);
+      } catch (const CudaError& e) {
+        // This step's results stand (the eager pass made them); later steps run eagerly too.
+        cudaGetLastError();
+        use_graphs_ = false;
+        graphs_.clear();
+        description_ += std::string(" (off: capture failed: ") + e.what() + ")";
+      }
     }
     CUDA_CHECK(cudaEventRecord(sample_start_.get(), stream));
     sample(ws.io.template at<int32_t>(ws.drawn_at), nullptr, ws.io.template at<int>(ws.error_at), ws.logits,

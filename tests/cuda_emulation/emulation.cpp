@@ -347,6 +347,12 @@ cudaError_t cudaStreamEndCapture(cudaStream_t stream, cudaGraph_t* graph) {
   if (!stream || !stream->capturing) return cudaErrorStreamCaptureInvalidated;
   stream->capturing = false;
   --gpt2s_emulation::capturing_streams;
+  // GPT2S_CUDA_EMULATION_FAIL_CAPTURE=1: every capture fails, as when a driver refuses one.
+  const char* fail_capture = std::getenv("GPT2S_CUDA_EMULATION_FAIL_CAPTURE");
+  if (fail_capture && fail_capture[0] == '1') {
+    *graph = nullptr;
+    return cudaErrorStreamCaptureInvalidated;
+  }
   *graph = new CUgraph_st{std::move(stream->captured)};
   stream->captured.clear();
   return cudaSuccess;
