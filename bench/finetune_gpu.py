@@ -36,9 +36,10 @@ sys.path.insert(0, str(ROOT / "python"))
 import gpt_2_simple as gpt2  # noqa: E402
 from gpt_2_simple import dataset as ds  # noqa: E402
 from gpt_2_simple.config import GPT2Config, get_config  # noqa: E402
-from gpt_2_simple.model import GPT2  # noqa: E402
 from gpt_2_simple.tokenizer import BUNDLED_DIR, get_encoder  # noqa: E402
-from gpt_2_simple.weights import save_weights  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "bench"))
+from finetune import make_model_folder  # noqa: E402  (the CPU benchmark's random-init model folder)
 
 DEFAULT_BATCH = {"124M": 16, "355M": 8}
 LEARNING_RATE = 1e-4
@@ -46,15 +47,6 @@ LEARNING_RATE = 1e-4
 
 def summary(xs: list[float]) -> dict:
     return {"min": min(xs), "median": statistics.median(xs), "max": max(xs)}
-
-
-def make_model_folder(model_dir: Path, name: str, config: GPT2Config) -> None:
-    """models/<name>/ with hparams.json and random GPT-2-initialised weights, as finetune reads them."""
-    folder = model_dir / name
-    folder.mkdir(parents=True, exist_ok=True)
-    config.save(folder / "hparams.json")
-    torch.manual_seed(0)
-    save_weights(folder / "model-0.safetensors", GPT2(config).state_dict(), config)
 
 
 def ours(root: Path, name: str, model_dir: Path, data: Path, batch: int, steps: int, warmup: int, compiled: bool, rep: int) -> tuple[float, int]:

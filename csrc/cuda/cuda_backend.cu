@@ -32,16 +32,18 @@ namespace {
 // Owners of CUDA objects. Destructors never throw: a failure there is ignored (the process may be
 // tearing down its context already).
 
-class DeviceMemory {
+// One allocation of device memory (cudaMalloc) or of pinned host memory (cudaMallocHost).
+template <cudaError_t (*Alloc)(void**, size_t), cudaError_t (*Free)(void*)>
+class Memory {
  public:
-  DeviceMemory() = default;
-  explicit DeviceMemory(size_t bytes) {
-    if (bytes > 0) CUDA_CHECK(cudaMalloc(&ptr_, bytes));
+  Memory() = default;
+  explicit Memory(size_t bytes) {
+    if (bytes > 0) CUDA_CHECK(Alloc(&ptr_, bytes));
   }
-  ~DeviceMemory() { cudaFree(ptr_); }
-  DeviceMemory(DeviceMemory&& other) noexcept : ptr_(std::exchange(other.ptr_, nullptr)) {}
-  DeviceMemory& operator=(DeviceMemory&& other) noexcept {
-    std::swap(ptr_, other.ptr_);
+  ~Memory() { Free(ptr_); }
+  Memory(Memory&& other) noexcept : ptr_(std::exchange(other.ptr_, nullptr)) {}
+  Memory& operator=(Memory&& other) noexcept {
+    std::swap(ptr_, other.ptr_);  // the old block goes with `other`
     return *this;
   }
   template <typename T>
@@ -52,27 +54,8 @@ class DeviceMemory {
  private:
   void* ptr_ = nullptr;
 };
-
-class PinnedMemory {
- public:
-  PinnedMemory() = default;
-  explicit PinnedMemory(size_t bytes) {
-    if (bytes > 0) CUDA_CHECK(cudaMallocHost(&ptr_, bytes));
-  }
-  ~PinnedMemory() { cudaFreeHost(ptr_); }
-  PinnedMemory(PinnedMemory&& other) noexcept : ptr_(std::exchange(other.ptr_, nullptr)) {}
-  PinnedMemory& operator=(PinnedMemory&& other) noexcept {
-    std::swap(ptr_, other.ptr_);
-    return *this;
-  }
-  template <typename T>
-  T* at(size_t offset = 0) const {
-    return reinterpret_cast<T*>(static_cast<char*>(ptr_) + offset);
-  }
-
- private:
-  void* ptr_ = nullptr;
-};
+using DeviceMemory = Memory<cudaMalloc, cudaFree>;
+using PinnedMemory = Memory<cudaMallocHost, cudaFreeHost>;
 
 struct StreamDeleter {
   void operator()(cudaStream_t s) const { cudaStreamDestroy(s); }
