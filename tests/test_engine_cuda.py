@@ -127,7 +127,7 @@ def test_logits_match_pytorch_at_every_step(cuda_module, small, file_dtype, devi
 def test_long_contexts_split_attention(cuda_module, tmp_path):
     # Positions past 2 x kAttnSplit (128): every query's attention is cut into up to 3 splits that
     # attention_combine merges, in the prefill of a 300-token prompt and in the decode steps after it.
-    config = GPT2Config(n_vocab=257, n_ctx=320, n_embd=64, n_head=4, n_layer=2)
+    config = GPT2Config(n_vocab=257, n_ctx=320, n_embd=64, n_head=2, n_layer=1)
     model = random_gpt2(config, seed=5)
     path = export(model, tmp_path / "long.bin", "fp32", tokenizer_dir=_byte_tokenizer(tmp_path / "tok"), progress=False)
     prompts = _prompts([300, 129], seed=6, vocab=config.n_vocab)
@@ -156,11 +156,11 @@ def test_a_failed_graph_capture_falls_back_to_eager_steps(cuda_module, small, mo
 
 
 def test_greedy_equals_pytorch_past_the_context(cuda_backend, small):
-    # 10 + 70 tokens in a 64-token context: the window slides (re-prefill at positions 0..).
+    # 40 + 60 tokens in a 64-token context: the window slides twice (re-prefill at positions 0..).
     model, files = small
     engine = Engine(files["fp32"], backend="cuda")
     assert engine.backend == "cuda"
-    requests = [Request(p, 70, temperature=0.0) for p in _prompts([10, 40], seed=1, vocab=BYTES.n_vocab)]
+    requests = [Request(p, 60, temperature=0.0) for p in _prompts([10, 40], seed=1, vocab=BYTES.n_vocab)]
     assert [r.tokens for r in engine.generate(requests, batch_size=2)] == [r.tokens for r in generate_tokens(model, requests)]
 
 
@@ -170,21 +170,21 @@ def test_samples_equal_the_cpu_engine_and_pytorch_whatever_the_batch(cuda_backen
     # engine at another batch size and as the PyTorch reference (fp32: agreement is exact barring
     # float-rounding ties).
     model, files = small
-    requests = _mixed_requests(12, seed=3, max_new=30)
+    requests = _mixed_requests(10, seed=3, max_new=24)
     five = Engine(files["fp32"], backend="cuda").generate(requests, batch_size=5)
     assert Engine(files["fp32"], backend="cpu").generate(requests, batch_size=3) == five
     assert [r.tokens for r in five] == [r.tokens for r in generate_tokens(model, requests, batch_size=4)]
 
 
 def test_many_rows_finishing_at_different_steps(cuda_backend, small):
-    # A longer run: 24 requests of 1..60 new tokens through 6 slots, a third ending on a stop id and
+    # A longer run: 18 requests of 1..40 new tokens through 5 slots, a third ending on a stop id and
     # a third on a stop sequence taken from their free-running output; every result equals the CPU
     # engine's (same scheduler, same draws) and rows end in a different order than they started.
     _, files = small
     cpu = Engine(files["fp32"], backend="cpu")
-    free = _mixed_requests(24, seed=9, max_new=60)
+    free = _mixed_requests(18, seed=9, max_new=40)
     requests = []
-    for i, (r, out) in enumerate(zip(free, cpu.generate(free, batch_size=6))):
+    for i, (r, out) in enumerate(zip(free, cpu.generate(free, batch_size=5))):
         cut = out.tokens[len(out.tokens) // 2 :]
         stops = {}
         if i % 3 == 0 and cut:
@@ -193,9 +193,9 @@ def test_many_rows_finishing_at_different_steps(cuda_backend, small):
             stops = dict(stop_sequences=[bytes(cut[:2]) if max(cut[:2]) < 256 else b"\xff\xfe"])
         requests.append(Request(r.prompt, r.max_new_tokens, r.temperature, r.top_k, r.top_p, r.seed, r.sample_index, **stops))
     finished = []
-    ours = Engine(files["fp32"], backend="cuda").generate(requests, batch_size=6, on_finish=lambda i, r: finished.append(i))
-    assert ours == cpu.generate(requests, batch_size=6)
-    assert sorted(finished) == list(range(24)) and finished != list(range(24))
+    ours = Engine(files["fp32"], backend="cuda").generate(requests, batch_size=5, on_finish=lambda i, r: finished.append(i))
+    assert ours == cpu.generate(requests, batch_size=5)
+    assert sorted(finished) == list(range(18)) and finished != list(range(18))
     assert {r.finish_reason for r in ours} == {"length", "stop_token", "stop_sequence"}
 
 

@@ -75,21 +75,25 @@ attention_partial_kernel(float* __restrict__ part_o, float* __restrict__ part_ml
   const int64_t head = (int64_t(slots[n]) * NH + h) * T + t0;  // first cached row of this split
   const KV* kb = k_cache + head * HS;
   const KV* vb = v_cache + head * HS;
+  // Scores: one warp per cached key, its lanes reading the key's HS values side by side (one
+  // coalesced read per key), then a warp sum.
+  const int lane = tid & 31, warp = tid >> 5, n_warps = nt >> 5;
   float local_max = -INFINITY;
-  for (int i = tid; i < len; i += nt) {
+  for (int i = warp; i < len; i += n_warps) {
     const KV* k = kb + int64_t(i) * HS;
     float dot = 0.f;
-    for (int d = 0; d < HS; ++d) dot += qs[d] * to_float(k[d]);
-    w[i] = dot * scale;
-    local_max = fmaxf(local_max, w[i]);
+    for (int d = lane; d < HS; d += 32) dot += qs[d] * to_float(k[d]);
+    const float score = warp_sum(dot) * scale;
+    if (lane == 0) w[i] = score;
+    local_max = fmaxf(local_max, score);
   }
-  const float m = block_max(local_max, scratch);
+  const float m = block_max(local_max, scratch);  // its barriers also publish w to every thread
   float local_sum = 0.f;
-  for (int i = tid; i < len; i += nt) {  // the same i as above: this thread's own entries
+  for (int i = tid; i < len; i += nt) {
     w[i] = expf(w[i] - m);
     local_sum += w[i];
   }
-  const float l = block_sum(local_sum, scratch);  // its barriers also publish w to every thread
+  const float l = block_sum(local_sum, scratch);  // and these publish the numerators
 
   // o[d] = sum_i w[i] v[i][d]: G groups of HS threads each take every G-th position, reading
   // whole cached rows at a time (coalesced); the groups' sums are added in a fixed order.

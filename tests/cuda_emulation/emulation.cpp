@@ -48,9 +48,10 @@ namespace {
 thread_local int capturing_streams = 0;  // cudaStreamCaptureModeThreadLocal forbids allocations then
 
 // ---- fibers ------------------------------------------------------------------------------
-// A fiber switch saves the callee-saved registers and the FP control words on the current stack,
-// stores the stack pointer and loads another (the System V x86-64 ABI leaves every other register
-// to the caller). ucontext's swapcontext would also make a system call per switch: 100x slower.
+// A fiber switch saves the callee-saved registers on the current stack, stores the stack pointer
+// and loads another (the System V x86-64 ABI leaves every other register to the caller; the FP
+// control words are left alone: no kernel changes them). ucontext's swapcontext would also make a
+// system call per switch: 100x slower.
 
 #if !defined(__x86_64__)
 #error "the CUDA emulation's fiber switch is written for x86-64"
@@ -68,14 +69,8 @@ gpt2s_emulation_switch:
   pushq %r13
   pushq %r14
   pushq %r15
-  subq $8, %rsp
-  stmxcsr (%rsp)
-  fnstcw 4(%rsp)
   movq %rsp, (%rdi)
   movq %rsi, %rsp
-  ldmxcsr (%rsp)
-  fldcw 4(%rsp)
-  addq $8, %rsp
   popq %r15
   popq %r14
   popq %r13
@@ -92,12 +87,16 @@ struct Barrier {
   uint64_t generation = 0;
 };
 
+struct Barrier;
+
 struct Fiber {
   void* sp = nullptr;  // saved stack pointer while switched out
   bool done = false;
+  const Barrier* waiting = nullptr;  // the barrier it waits at, and that barrier's generation then
+  uint64_t waiting_generation = 0;
 };
 
-constexpr size_t kStackBytes = 256 * 1024;
+constexpr size_t kStackBytes = 64 * 1024;
 
 struct Block {
   const std::function<void()>* body = nullptr;
@@ -127,22 +126,15 @@ void fiber_main() {
   fail("a finished fiber was resumed");
 }
 
-// A fresh stack that gpt2s_emulation_switch "returns" into fiber_main on, with the caller's FP
-// control words and the stack aligned as at a function's entry.
+// A fresh stack that gpt2s_emulation_switch "returns" into fiber_main on, aligned as at a
+// function's entry.
 void* new_stack(char* base) {
   uintptr_t top = (reinterpret_cast<uintptr_t>(base) + kStackBytes) & ~uintptr_t(15);
   auto* slots = reinterpret_cast<uint64_t*>(top);
   slots[-1] = 0;                                          // fiber_main's (unused) return address
   slots[-2] = reinterpret_cast<uint64_t>(&fiber_main);   // popped by ret
   for (int r = 3; r <= 8; ++r) slots[-r] = 0;            // rbp rbx r12 r13 r14 r15
-  uint32_t mxcsr;
-  uint16_t fpu_cw;
-  asm volatile("stmxcsr %0" : "=m"(mxcsr));
-  asm volatile("fnstcw %0" : "=m"(fpu_cw));
-  auto* control = reinterpret_cast<char*>(&slots[-9]);
-  std::memcpy(control, &mxcsr, 4);
-  std::memcpy(control + 4, &fpu_cw, 2);
-  return control;
+  return &slots[-8];
 }
 
 void wait(Barrier& barrier) {
@@ -154,7 +146,11 @@ void wait(Barrier& barrier) {
     ++barrier.generation;
     return;
   }
-  while (barrier.generation == generation) yield();
+  Fiber& self = b.fibers[b.current];
+  self.waiting = &barrier;  // the scheduler resumes this fiber only once the barrier opens
+  self.waiting_generation = generation;
+  yield();
+  self.waiting = nullptr;
 }
 
 void run_block(const std::function<void()>& body, unsigned threads, bool reverse_order) {
@@ -175,7 +171,8 @@ void run_block(const std::function<void()>& body, unsigned threads, bool reverse
     const uint64_t before = b.progress;
     for (unsigned k = 0; k < threads; ++k) {
       const unsigned t = reverse_order ? threads - 1 - k : k;
-      if (b.fibers[t].done) continue;
+      const Fiber& f = b.fibers[t];
+      if (f.done || (f.waiting && f.waiting->generation == f.waiting_generation)) continue;
       b.current = int(t);
       threadIdx = dim3(t, 0, 0);
       gpt2s_emulation_switch(&b.scheduler_sp, b.fibers[t].sp);
