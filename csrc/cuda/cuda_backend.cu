@@ -6,102 +6,28 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <map>
 #include <memory>
 #include <stdexcept>
 #include <string>
-#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "cuda/attention.cuh"
 #include "cuda/check.cuh"
-#include "cuda/convert.cuh"
 #include "cuda/dtype.cuh"
 #include "cuda/embedding.cuh"
 #include "cuda/gelu.cuh"
 #include "cuda/gemm.cuh"
 #include "cuda/layernorm.cuh"
+#include "cuda/memory.cuh"
 #include "cuda/sampler.cuh"
+#include "cuda/weights.cuh"
 
 namespace gpt2s::cuda {
 namespace {
-
-// ---------------------------------------------------------------------------------------------
-// Owners of CUDA objects. Destructors never throw: a failure there is ignored (the process may be
-// tearing down its context already).
-
-// One allocation of device memory (cudaMalloc) or of pinned host memory (cudaMallocHost).
-template <cudaError_t (*Alloc)(void**, size_t), cudaError_t (*Free)(void*)>
-class Memory {
- public:
-  Memory() = default;
-  explicit Memory(size_t bytes) {
-    if (bytes > 0) CUDA_CHECK(Alloc(&ptr_, bytes));
-  }
-  ~Memory() { Free(ptr_); }
-  Memory(Memory&& other) noexcept : ptr_(std::exchange(other.ptr_, nullptr)) {}
-  Memory& operator=(Memory&& other) noexcept {
-    std::swap(ptr_, other.ptr_);  // the old block goes with `other`
-    return *this;
-  }
-  template <typename T>
-  T* at(size_t offset = 0) const {
-    return reinterpret_cast<T*>(static_cast<char*>(ptr_) + offset);
-  }
-
- private:
-  void* ptr_ = nullptr;
-};
-using DeviceMemory = Memory<cudaMalloc, cudaFree>;
-using PinnedMemory = Memory<cudaMallocHost, cudaFreeHost>;
-
-struct StreamDeleter {
-  void operator()(cudaStream_t s) const { cudaStreamDestroy(s); }
-};
-using Stream = std::unique_ptr<CUstream_st, StreamDeleter>;
-Stream make_stream() {
-  cudaStream_t s = nullptr;
-  CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
-  return Stream(s);
-}
-
-struct EventDeleter {
-  void operator()(cudaEvent_t e) const { cudaEventDestroy(e); }
-};
-using Event = std::unique_ptr<CUevent_st, EventDeleter>;
-Event make_event() {
-  cudaEvent_t e = nullptr;
-  CUDA_CHECK(cudaEventCreate(&e));
-  return Event(e);
-}
-
-struct CublasDeleter {
-  void operator()(cublasHandle_t h) const { cublasDestroy(h); }
-};
-using Cublas = std::unique_ptr<cublasContext, CublasDeleter>;
-
-struct GraphDeleter {
-  void operator()(cudaGraph_t g) const { cudaGraphDestroy(g); }
-};
-using Graph = std::unique_ptr<CUgraph_st, GraphDeleter>;
-
-struct GraphExecDeleter {
-  void operator()(cudaGraphExec_t g) const { cudaGraphExecDestroy(g); }
-};
-using GraphExec = std::unique_ptr<CUgraphExec_st, GraphExecDeleter>;
-
-// Offsets of several arrays carved out of one allocation, each 256-byte aligned.
-struct Layout {
-  size_t total = 0;
-  template <typename T>
-  size_t add(int64_t count) {
-    const size_t at = (total + 255) / 256 * 256;
-    total = at + size_t(count) * sizeof(T);
-    return at;
-  }
-};
 
 constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 constexpr size_t kCublasWorkspaceBytes = size_t(32) << 20;  // what cuBLAS asks for on Hopper
@@ -154,88 +80,6 @@ void check_device(int device) {
                     "; the CUDA engine needs 8.0 or newer (A100, RTX 30xx/40xx, L4, H100): use backend='cpu'");
   }
 }
-
-// ---------------------------------------------------------------------------------------------
-// Weights on the device: matrices (and wte, wpe) in W, LayerNorm parameters and biases in fp32.
-
-template <typename W>
-struct DeviceLayer {
-  const float *ln_1_w, *ln_1_b, *attn_c_attn_b, *attn_c_proj_b, *ln_2_w, *ln_2_b, *mlp_c_fc_b, *mlp_c_proj_b;
-  const W *attn_c_attn_w, *attn_c_proj_w, *mlp_c_fc_w, *mlp_c_proj_w;
-};
-
-template <typename W>
-class DeviceWeights {
- public:
-  DeviceWeights(const ModelWeights& w, cudaStream_t stream) : stream_(stream), overflow_(sizeof(int)) {
-    CUDA_CHECK(cudaMemsetAsync(overflow_.at<int>(), 0, sizeof(int), stream_));
-    wte = matrix(w.wte);
-    wpe = matrix(w.wpe);
-    for (const LayerWeights& l : w.h) {
-      h.push_back(DeviceLayer<W>{vec(l.ln_1_w), vec(l.ln_1_b), vec(l.attn_c_attn_b), vec(l.attn_c_proj_b),
-                                 vec(l.ln_2_w), vec(l.ln_2_b), vec(l.mlp_c_fc_b), vec(l.mlp_c_proj_b),
-                                 matrix(l.attn_c_attn_w), matrix(l.attn_c_proj_w), matrix(l.mlp_c_fc_w),
-                                 matrix(l.mlp_c_proj_w)});
-    }
-    ln_f_w = vec(w.ln_f_w);
-    ln_f_b = vec(w.ln_f_b);
-    int overflow = 0;
-    CUDA_CHECK(cudaMemcpyAsync(&overflow, overflow_.at<int>(), sizeof(int), cudaMemcpyDeviceToHost, stream_));
-    CUDA_CHECK(cudaStreamSynchronize(stream_));  // also: every copy out of the mapping is done
-    staging_ = DeviceMemory();
-    if (overflow) {
-      throw std::invalid_argument("the model's weights do not fit in fp16 (some exceed its range): use dtype 'bf16' or 'fp32'");
-    }
-  }
-
-  const W* wte = nullptr;  // (V, C)
-  const W* wpe = nullptr;  // (n_ctx, C)
-  std::vector<DeviceLayer<W>> h;
-  const float *ln_f_w = nullptr, *ln_f_b = nullptr;
-
- private:
-  const float* vec(const TensorView& v) {
-    GPT2S_CUDA_ASSERT(v.dtype == DType::F32, "LayerNorm parameters and biases must be fp32");
-    const int64_t n = v.rows * v.cols;
-    blocks_.emplace_back(n * sizeof(float));
-    float* dst = blocks_.back().at<float>();
-    CUDA_CHECK(cudaMemcpyAsync(dst, v.data, n * sizeof(float), cudaMemcpyHostToDevice, stream_));
-    return dst;
-  }
-
-  // Copied as is when the file already holds W, else staged in the file's type and converted.
-  const W* matrix(const TensorView& v) {
-    const int64_t n = v.rows * v.cols;
-    const size_t src_bytes = n * (v.dtype == DType::F32 ? sizeof(float) : sizeof(__nv_bfloat16));
-    blocks_.emplace_back(n * sizeof(W));
-    W* dst = blocks_.back().at<W>();
-    const bool same = (v.dtype == DType::F32 && std::is_same<W, float>::value) ||
-                      (v.dtype == DType::BF16 && std::is_same<W, __nv_bfloat16>::value);
-    if (same) {
-      CUDA_CHECK(cudaMemcpyAsync(dst, v.data, src_bytes, cudaMemcpyHostToDevice, stream_));
-      return dst;
-    }
-    if (src_bytes > staging_bytes_) {
-      CUDA_CHECK(cudaStreamSynchronize(stream_));  // the old staging buffer may still be read
-      staging_ = DeviceMemory(src_bytes);
-      staging_bytes_ = src_bytes;
-    }
-    // Stream order makes the next copy into staging wait for this conversion.
-    CUDA_CHECK(cudaMemcpyAsync(staging_.at<void>(), v.data, src_bytes, cudaMemcpyHostToDevice, stream_));
-    if (v.dtype == DType::F32) {
-      convert<float, W>(dst, staging_.at<float>(), n, overflow_.at<int>(), stream_);
-    } else {
-      convert<__nv_bfloat16, W>(dst, staging_.at<__nv_bfloat16>(), n, overflow_.at<int>(), stream_);
-    }
-    return dst;
-  }
-
-  cudaStream_t stream_;
-  std::vector<DeviceMemory> blocks_;
-  DeviceMemory staging_;
-  size_t staging_bytes_ = 0;
-  DeviceMemory overflow_;
-};
 
 // ---------------------------------------------------------------------------------------------
 // Per-generate-call memory: the KV cache, activations for up to cap tokens, and the step's inputs
