@@ -9,12 +9,23 @@
 
 #include <pybind11/numpy.h>
 
+#include <algorithm>
 #include <climits>
 
 #include "engine/cpu_backend.h"
 #include "engine/cpu_features.h"
 #include "engine/engine.h"
 #include "engine/format.h"
+
+// The same file builds both modules: _engine (CPU) and, with GPT2S_CUDA_MODULE, _engine_cuda,
+// whose Engine runs the CUDA backend (csrc/cuda) and which adds the device queries and sampler hooks.
+// A process may load both, so every class and exception here is registered py::module_local.
+#ifdef GPT2S_CUDA_MODULE
+#include "cuda/cuda_backend.h"
+#define GPT2S_MODULE_NAME _engine_cuda
+#else
+#define GPT2S_MODULE_NAME _engine
+#endif
 
 namespace py = pybind11;
 
@@ -221,15 +232,35 @@ py::list engine_generate(gpt2s::Engine& engine, py::iterable requests, int64_t b
 }
 
 void bind_engine(py::module_& m) {
-  py::class_<gpt2s::Engine>(m, "Engine", "A model file loaded for generation on the CPU (see gpt_2_simple.engine.Engine).")
-      .def(py::init([](const std::string& path, int threads) {
-             if (threads < 0) throw py::value_error("threads must be >= 1, or 0 for all cores; got " + std::to_string(threads));
-             py::gil_scoped_release release;
-             std::shared_ptr<const gpt2s::LoadedModel> model = gpt2s::LoadedModel::open(path);
-             auto backend = std::make_unique<gpt2s::CpuBackend>(model->weights(), threads);
-             return std::make_unique<gpt2s::Engine>(model, std::move(backend));
-           }),
-           py::arg("path"), py::arg("threads") = 0)
+  // module_local: _engine and _engine_cuda each bind this class, and a process may load both.
+  py::class_<gpt2s::Engine> engine(m, "Engine", py::module_local(),
+                                   "A model file loaded for generation (see gpt_2_simple.engine.Engine).");
+#ifdef GPT2S_CUDA_MODULE
+  engine.def(py::init([](const std::string& path, int /*threads*/, int device, const std::string& dtype, bool graphs) {
+               py::gil_scoped_release release;
+               std::shared_ptr<const gpt2s::LoadedModel> model = gpt2s::LoadedModel::open(path);
+               gpt2s::cuda::CudaOptions options;
+               options.device = device;
+               options.dtype = dtype;
+               options.graphs = graphs;
+               auto backend = gpt2s::cuda::make_cuda_backend(model->weights(), options);
+               return std::make_unique<gpt2s::Engine>(model, std::move(backend));
+             }),
+             py::arg("path"), py::arg("threads") = 0, py::kw_only(), py::arg("device") = 0, py::arg("dtype") = "",
+             py::arg("graphs") = true,
+             "Load a model file onto CUDA device `device` (threads is ignored). dtype: 'fp32', 'bf16' or 'fp16' on the "
+             "device ('' = the file's); graphs: replay decode steps from CUDA graphs.");
+#else
+  engine.def(py::init([](const std::string& path, int threads) {
+               if (threads < 0) throw py::value_error("threads must be >= 1, or 0 for all cores; got " + std::to_string(threads));
+               py::gil_scoped_release release;
+               std::shared_ptr<const gpt2s::LoadedModel> model = gpt2s::LoadedModel::open(path);
+               auto backend = std::make_unique<gpt2s::CpuBackend>(model->weights(), threads);
+               return std::make_unique<gpt2s::Engine>(model, std::move(backend));
+             }),
+             py::arg("path"), py::arg("threads") = 0);
+#endif
+  engine
       .def_property_readonly("config",
                              [](const gpt2s::Engine& e) {
                                const gpt2s::Config& c = e.weights().config;
@@ -252,16 +283,116 @@ void bind_engine(py::module_& m) {
            "Where the time of the last completed generate call went (prefill/decode/sampling seconds and counts).");
 }
 
+#ifdef GPT2S_CUDA_MODULE
+// Per-row sampling parameters (one value or one per row) as the engine's SamplingParams.
+std::vector<gpt2s::SamplingParams> row_params(size_t B, const std::vector<float>& temperature,
+                                              const std::vector<int64_t>& top_k, const std::vector<float>& top_p,
+                                              const std::vector<uint64_t>& seed, const std::vector<uint64_t>& sample_index) {
+  auto pick = [B](const auto& v, size_t b, const char* name) {
+    if (v.size() != 1 && v.size() != B) {
+      throw py::value_error(std::string(name) + " must hold 1 or B = " + std::to_string(B) + " values, got " + std::to_string(v.size()));
+    }
+    return v[v.size() == 1 ? 0 : b];
+  };
+  std::vector<gpt2s::SamplingParams> params(B);
+  for (size_t b = 0; b < B; ++b) {
+    params[b].temperature = pick(temperature, b, "temperature");
+    params[b].top_k = int32_t(std::clamp<int64_t>(pick(top_k, b, "top_k"), -1, INT32_MAX));
+    params[b].top_p = pick(top_p, b, "top_p");
+    params[b].seed = pick(seed, b, "seed");
+    params[b].sample_index = pick(sample_index, b, "sample_index");
+  }
+  return params;
+}
+
+using LogitsArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
+
+std::vector<float> logits_rows(const LogitsArray& logits) {
+  if (logits.ndim() != 2 || logits.shape(0) < 1 || logits.shape(1) < 1) throw py::value_error("logits must be a non-empty (B, V) array");
+  return std::vector<float>(logits.data(), logits.data() + logits.size());
+}
+
+void bind_cuda(py::module_& m) {
+  m.def(
+      "cuda_status",
+      []() {
+        const gpt2s::cuda::CudaStatus s = gpt2s::cuda::cuda_status();
+        return py::make_tuple(s.devices, s.reason);
+      },
+      "(devices, reason): the number of CUDA devices, or 0 and why CUDA cannot run here.");
+  m.def(
+      "device_info",
+      [](int device) {
+        const gpt2s::cuda::DeviceInfo i = gpt2s::cuda::device_info(device);
+        py::dict d;
+        d["index"] = i.index;
+        d["name"] = i.name;
+        d["capability"] = py::make_tuple(i.major, i.minor);
+        d["total_bytes"] = i.total_bytes;
+        d["free_bytes"] = i.free_bytes;
+        d["multiprocessors"] = i.multiprocessors;
+        return d;
+      },
+      py::arg("device") = 0, "Name, compute capability, memory and multiprocessors of a CUDA device.");
+  m.def(
+      "sample",
+      [](const LogitsArray& logits, const std::vector<float>& temperature, const std::vector<int64_t>& top_k,
+         const std::vector<float>& top_p, const std::vector<uint64_t>& seed, const std::vector<uint64_t>& sample_index,
+         const std::vector<uint64_t>& position, bool support, int device) {
+        const std::vector<float> host = logits_rows(logits);
+        const size_t B = size_t(logits.shape(0)), V = size_t(logits.shape(1));
+        const auto params = row_params(B, temperature, top_k, top_p, seed, sample_index);
+        std::vector<uint64_t> positions(B);
+        for (size_t b = 0; b < B; ++b) positions[b] = position.size() == 1 ? position[0] : position.at(b);
+        gpt2s::cuda::SamplerRun run;
+        {
+          py::gil_scoped_release release;
+          run = gpt2s::cuda::sample_on_device(device, host, int(B), int(V), params, positions, support);
+        }
+        py::array_t<int32_t> ids(py::ssize_t(B), run.drawn.data());
+        py::object mask = py::none();
+        if (support) {
+          py::array_t<bool> m({py::ssize_t(B), py::ssize_t(V)});
+          std::copy(run.support.begin(), run.support.end(), m.mutable_data());
+          mask = m;
+        }
+        return py::make_tuple(ids, mask);
+      },
+      py::arg("logits"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("seed"),
+      py::arg("sample_index"), py::arg("position"), py::kw_only(), py::arg("support") = false, py::arg("device") = 0,
+      "The GPU sampler on host logits (B, V), for tests: one draw per row (parameters: one value or one per row), "
+      "and with support=True the (B, V) mask of the tokens each draw could return (sampling.support()).");
+  m.def(
+      "time_sampler",
+      [](const LogitsArray& logits, const std::vector<float>& temperature, const std::vector<int64_t>& top_k,
+         const std::vector<float>& top_p, int iters, int device) {
+        const std::vector<float> host = logits_rows(logits);
+        const size_t B = size_t(logits.shape(0));
+        const auto params = row_params(B, temperature, top_k, top_p, {0}, {0});
+        py::gil_scoped_release release;
+        return gpt2s::cuda::time_sampler_us(device, host, int(B), int(logits.shape(1)), params, iters);
+      },
+      py::arg("logits"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"), py::kw_only(), py::arg("iters") = 50,
+      py::arg("device") = 0,
+      "Median device time in microseconds of one sampler launch over these logits (B rows, kept on the GPU).");
+}
+#endif
+
 }  // namespace
 
-PYBIND11_MODULE(_engine, m) {
+PYBIND11_MODULE(GPT2S_MODULE_NAME, m) {
+#ifdef GPT2S_CUDA_MODULE
+  m.doc() = "gpt_2_simple C++ generation engine (CUDA)";
+  bind_cuda(m);
+#else
   m.doc() = "gpt_2_simple C++ generation engine (CPU)";
+#endif
   m.attr("__version__") = GPT2S_VERSION;
 
   // A bad model file is a ValueError carrying the loader's message; the OS refusing to open or map
   // it is an OSError with its errno (FileNotFoundError, PermissionError, ...).
-  py::register_exception<gpt2s::FormatError>(m, "FormatError", PyExc_ValueError);
-  py::register_exception_translator([](std::exception_ptr p) {
+  py::register_local_exception<gpt2s::FormatError>(m, "FormatError", PyExc_ValueError);
+  py::register_local_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);
     } catch (const gpt2s::SystemError& e) {
@@ -270,7 +401,7 @@ PYBIND11_MODULE(_engine, m) {
     }
   });
   m.attr("FORMAT_VERSION") = gpt2s::kFormatVersion;
-  py::class_<ModelFile, std::shared_ptr<ModelFile>>(m, "ModelFile",
+  py::class_<ModelFile, std::shared_ptr<ModelFile>>(m, "ModelFile", py::module_local(),
                                                     "A validated, memory-mapped model file (docs/format.md). Opening it maps the file "
                                                     "and checks everything but the weight checksums; verify=True checks those too.")
       .def(py::init(&open_model), py::arg("path"), py::kw_only(), py::arg("verify") = false)

@@ -14,6 +14,8 @@ stays fast and never imports torch: training and scoring import it when called, 
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING
 
 __version__ = "0.9.0"
@@ -72,6 +74,21 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS))
+
+
+class _Package(types.ModuleType):
+    """Importing a submodule binds it on its package: ``import gpt_2_simple.generate`` (done by the
+    CLI, by training, by users) would make ``gpt2.generate`` the module instead of the function.
+    For the submodules named after the function they define (generate, export, score) the public
+    name stays the function; the modules remain importable (``from gpt_2_simple.generate import ...``)."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 if TYPE_CHECKING:  # static tools see the real definitions

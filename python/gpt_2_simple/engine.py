@@ -111,48 +111,71 @@ BACKENDS = ("auto", "cpu", "cuda")
 
 
 def _cuda_module(required: bool):
-    """The CUDA engine module if it is built and sees a GPU; None (or, when required, an error)."""
+    """The CUDA engine module (``_engine_cuda``) when it is built, loads, and sees a usable GPU.
+
+    Otherwise None, silently, for backend="auto"; for backend="cuda" (``required``) a RuntimeError
+    naming what is missing (the module, cuBLAS, the driver, a GPU) and the fix.
+    """
     try:
         from . import _engine_cuda
     except ImportError as e:
+        if not required:
+            return None
+        if isinstance(e, ModuleNotFoundError) and e.name and e.name.endswith("_engine_cuda"):
+            why = ("gpt_2_simple was built without its CUDA engine: reinstall it where the CUDA toolkit (nvcc) and "
+                   "cuBLAS are found (docs/cuda.md)")
+        elif "cublas" in str(e).lower():
+            why = f"cuBLAS cannot be loaded ({e}): pip install nvidia-cublas, or put the CUDA toolkit's lib64 on LD_LIBRARY_PATH"
+        else:
+            why = f"the CUDA engine cannot be loaded ({e})"
+        raise RuntimeError(f"backend='cuda' is not available: {why}; or use backend='cpu'") from None
+    devices, reason = _engine_cuda.cuda_status()
+    if devices < 1:
         if required:
-            raise RuntimeError(
-                f"backend='cuda' needs gpt_2_simple's CUDA engine, which is not built here ({e}); "
-                "install on a machine with the CUDA toolkit, or use backend='cpu'"
-            ) from None
-        return None
-    if _engine_cuda.device_count() < 1:
-        if required:
-            raise RuntimeError("backend='cuda' found no usable NVIDIA GPU (driver missing?); use backend='cpu'")
+            raise RuntimeError(f"backend='cuda' is not available: {reason}; or use backend='cpu'")
         return None
     return _engine_cuda
+
+
+def _default_device() -> int:
+    """The GPU of this process: LOCAL_RANK's under torchrun (one GPU per process), else 0."""
+    rank = os.environ.get("LOCAL_RANK", "")
+    return int(rank) if rank.isdigit() else 0
 
 
 class Engine:
     """A model file (``gpt_2_simple export`` output) loaded for generation.
 
     ``backend``: "cpu", "cuda", or "auto" (CUDA when its module is built and a GPU is present, else
-    CPU). ``threads``: CPU threads (None: all cores). Loading memory-maps the file: it takes
-    milliseconds and the weights are read from the page cache as generation needs them.
+    CPU). ``threads``: CPU threads (None: all cores). ``device``: the CUDA device (None: the
+    process's LOCAL_RANK under torchrun, else 0). Loading memory-maps the file: it takes
+    milliseconds and the weights are read from the page cache as generation needs them (the CUDA
+    backend copies them to the GPU once, in the file's dtype).
 
     One engine runs one ``generate`` call at a time (concurrent calls from several Python threads
     wait for each other; use one engine per thread to run them in parallel). The GIL is released
     while generating, except inside callbacks.
     """
 
-    def __init__(self, path: str | os.PathLike, *, backend: str = "auto", threads: int | None = None):
+    def __init__(self, path: str | os.PathLike, *, backend: str = "auto", threads: int | None = None, device: int | None = None):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         if threads is not None and (not _is_int(threads) or threads < 1):
             raise ValueError(f"threads must be a positive integer or None (all cores), got {threads!r}")
+        if device is not None and (not _is_int(device) or device < 0):
+            raise ValueError(f"device must be a CUDA device index >= 0 or None, got {device!r}")
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no model file at {path}; create one with `gpt_2_simple export`")
         module = _cuda_module(required=backend == "cuda") if backend != "cpu" else None
-        if module is None:
-            from . import _engine as module
-        self._impl = module.Engine(path, threads or 0)
-        self.backend = "cuda" if module.__name__.endswith("_engine_cuda") else "cpu"
+        if module is not None:
+            self._impl = module.Engine(path, device=_default_device() if device is None else int(device))
+            self.backend = "cuda"
+        else:
+            from . import _engine
+
+            self._impl = _engine.Engine(path, threads or 0)
+            self.backend = "cpu"
         self.config = GPT2Config(**self._impl.config)
         self.dtype: str = self._impl.dtype
         self.eot_token: int | None = self._impl.eot_token if self._impl.eot_token >= 0 else None

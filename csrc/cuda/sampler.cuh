@@ -1,0 +1,297 @@
+// Drawing the next token on the GPU (docs/sampling.md), one block per row, no vocabulary sort and
+// no logits leaving the device: only the drawn ids come back.
+//
+// Every step of the specification is a selection over a 64-bit rank key,
+//   key(i) = (order-preserving bits of logit i) << 32 | (2^32 - 1 - i),
+// larger = better rank (higher logit, then lower id), so the spec's ranking and its tie rule are
+// one integer order. "The k best tokens" and "the shortest best-first prefix holding a share of
+// the mass" are both {i : key(i) >= tau} for the tau a radix select finds (block_select): eight
+// passes of 8 bits at most, usually three or four, since it stops as soon as one token is left.
+//
+// Weights are exp(x / T - m) (float32, as the spec says) held as 62-bit fixed-point integers, so
+// every sum is exact and the same whatever the order of the threads: a draw depends only on its
+// inputs. The rounding this adds (below 2^-46 of the largest weight per token) moves a top-p or
+// draw boundary by less than the exp differences the spec already allows between backends.
+#pragma once
+
+#include <climits>
+#include <cstdint>
+
+#include "../engine/philox.h"
+#include "check.cuh"
+#include "reduce.cuh"
+
+namespace gpt2s::cuda {
+
+constexpr int kSampleThreads = 512;
+
+// One row's sampling parameters as the host uploads them (already validated and clamped).
+struct RowSampling {
+  double top_p;           // in (0, 1): active; 0 or 1: off
+  uint64_t seed;
+  uint64_t sample_index;
+  uint64_t position;      // tokens the row generated so far: the draw's counter
+  float temperature;      // float32(temperature); 0 = greedy
+  int32_t top_k;          // in [0, V]; 0 or V: off
+};
+
+// Bits of fixed-point precision for weights in [0, 1] such that V of them sum below 2^62.
+inline int sampler_frac_bits(int V) {
+  int bits = 0;
+  for (uint32_t v = uint32_t(V); v; v >>= 1) ++bits;
+  return 62 - bits;
+}
+
+struct SampleShared {
+  unsigned int count[256];
+  unsigned long long mass[256];
+  unsigned long long warp_total[kSampleThreads / 32];
+  float best_x[32];
+  int best_id[32];
+  unsigned long long sel_above;
+  unsigned int sel_count;
+  int sel_digit;
+  int result;
+};
+
+// Step 0 of the spec (NaN counts as -inf), and -0 made +0 so equal logits get equal keys.
+__device__ __forceinline__ float clean_logit(float x) {
+  if (isnan(x)) return -INFINITY;
+  return x == 0.f ? 0.f : x;
+}
+
+__device__ __forceinline__ uint64_t rank_key(float x, int id) {
+  const uint32_t bits = __float_as_uint(x);
+  const uint32_t order = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);  // monotone in x
+  return (uint64_t(order) << 32) | uint64_t(0xFFFFFFFFu - uint32_t(id));
+}
+
+// The largest tau with  sum of weight(i) over {i included, key(i) >= tau}  >= need, for
+// 1 <= need <= the included total. key_weight(i, key, weight) returns whether i is included.
+// Radix select from the top byte: histogram the next byte of the included keys that share the
+// bytes fixed so far, take the first bin (best first) where the running mass reaches need. Once
+// that bin holds a single token, the bytes fixed so far (low bytes zero) select the same set of
+// included tokens (tokens left out by key_weight may also pass that lower bound).
+template <class KeyWeight>
+__device__ uint64_t block_select(int V, uint64_t need, const KeyWeight& key_weight, SampleShared& sh,
+                                 int* error_flag) {
+  const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5;
+  uint64_t prefix = 0;
+  for (int shift = 56; shift >= 0; shift -= 8) {
+    for (int d = tid; d < 256; d += nt) {
+      sh.count[d] = 0;
+      sh.mass[d] = 0;
+    }
+    __syncthreads();
+    const uint64_t fixed_mask = shift == 56 ? 0 : (~0ull << (shift + 8));
+    for (int i = tid; i < V; i += nt) {
+      uint64_t key, weight;
+      if (!key_weight(i, key, weight) || (key & fixed_mask) != prefix) continue;
+      const int d = int((key >> shift) & 255);
+      atomicAdd(&sh.count[d], 1u);
+      if (weight) atomicAdd(&sh.mass[d], (unsigned long long)weight);
+    }
+    __syncthreads();
+    if (warp == 0) {
+      // Lane L holds bins 255 - 8L down to 248 - 8L; an inclusive scan over lanes then orders all
+      // 256 bins best first.
+      unsigned long long lane_mass = 0;
+      for (int j = 0; j < 8; ++j) lane_mass += sh.mass[255 - 8 * lane - j];
+      unsigned long long incl = lane_mass;
+      for (int offset = 1; offset < 32; offset <<= 1) {
+        const unsigned long long t = __shfl_up_sync(kFullWarp, incl, offset);
+        if (lane >= offset) incl += t;
+      }
+      const unsigned hit = __ballot_sync(kFullWarp, incl >= need);
+      if (hit == 0) {
+        if (lane == 0) sh.sel_digit = -1;
+      } else if (lane == __ffs(hit) - 1) {
+        unsigned long long acc = incl - lane_mass;
+        for (int j = 0; j < 8; ++j) {
+          const int bin = 255 - 8 * lane - j;
+          if (acc + sh.mass[bin] >= need) {
+            sh.sel_digit = bin;
+            sh.sel_above = acc;
+            sh.sel_count = sh.count[bin];
+            break;
+          }
+          acc += sh.mass[bin];
+        }
+      }
+    }
+    __syncthreads();
+    const int digit = sh.sel_digit;
+    if (digit < 0) {  // need exceeded the included mass: a broken invariant, reported to the host
+      if (tid == 0) atomicExch(error_flag, 1);
+      return prefix;
+    }
+    need -= sh.sel_above;
+    prefix |= uint64_t(digit) << shift;
+    if (sh.sel_count == 1) break;
+    // No barrier needed here: sel_* is rewritten only after the next round's two barriers.
+  }
+  return prefix;
+}
+
+// out (B) int32 ids; support (B, V) uint8 or null: the kept set (spec's support()), for tests.
+// logits (B, V) fp32; params (B). error_flag is set (never cleared) if an invariant breaks.
+__global__ void __launch_bounds__(kSampleThreads)
+sample_kernel(int32_t* __restrict__ out, uint8_t* __restrict__ support, int* __restrict__ error_flag,
+              const float* __restrict__ logits, const RowSampling* __restrict__ params, int V, int frac_bits) {
+  __shared__ SampleShared sh;
+  const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5, n_warps = nt >> 5;
+  const int64_t b = blockIdx.x;
+  const float* row = logits + b * V;
+  const RowSampling P = params[b];
+
+  // Step 1: the argmax, lowest id among equal logits (also the fallback of step 4).
+  float best_x = -INFINITY;
+  int best_id = INT_MAX;
+  for (int i = tid; i < V; i += nt) {
+    const float x = clean_logit(row[i]);
+    if (x > best_x || (x == best_x && i < best_id)) {
+      best_x = x;
+      best_id = i;
+    }
+  }
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const float ox = __shfl_xor_sync(kFullWarp, best_x, offset);
+    const int oi = __shfl_xor_sync(kFullWarp, best_id, offset);
+    if (ox > best_x || (ox == best_x && oi < best_id)) {
+      best_x = ox;
+      best_id = oi;
+    }
+  }
+  if (lane == 0) {
+    sh.best_x[warp] = best_x;
+    sh.best_id[warp] = best_id;
+  }
+  __syncthreads();
+  best_x = sh.best_x[0];
+  best_id = sh.best_id[0];
+  for (int w = 1; w < n_warps; ++w) {
+    if (sh.best_x[w] > best_x || (sh.best_x[w] == best_x && sh.best_id[w] < best_id)) {
+      best_x = sh.best_x[w];
+      best_id = sh.best_id[w];
+    }
+  }
+
+  const float T = P.temperature;
+  const float m = T > 0.f ? __fdiv_rn(best_x, T) : 0.f;  // max of x / T over any kept set
+  if (T == 0.f || !isfinite(m)) {
+    if (tid == 0) out[b] = best_id;
+    if (support) {
+      for (int i = tid; i < V; i += nt) support[b * V + i] = i == best_id;
+    }
+    return;
+  }
+
+  // Step 3, top-k: the k best keys.
+  uint64_t tau = 0;  // kept: key >= tau (every key is >= 0)
+  if (P.top_k > 0 && P.top_k < V) {
+    tau = block_select(
+        V, uint64_t(P.top_k),
+        [&](int i, uint64_t& key, uint64_t& weight) {
+          key = rank_key(clean_logit(row[i]), i);
+          weight = 1;
+          return true;
+        },
+        sh, error_flag);
+  }
+
+  // Step 4: weights exp(x / T - m) in float32, as fixed point (2^frac_bits = weight 1).
+  const double one = ldexp(1.0, frac_bits);
+  auto weight_of = [&](float x) -> uint64_t { return __double2ull_rn(double(expf(__fdiv_rn(x, T) - m)) * one); };
+
+  // Step 5, top-p: the shortest best-first prefix of the kept tokens whose mass reaches p * W.
+  if (P.top_p > 0.0 && P.top_p < 1.0) {
+    const uint64_t tau_k = tau;
+    unsigned long long local = 0;
+    for (int i = tid; i < V; i += nt) {
+      const float x = clean_logit(row[i]);
+      if (rank_key(x, i) >= tau_k) local += weight_of(x);
+    }
+    const unsigned long long total = block_sum(local, sh.warp_total);
+    unsigned long long need = (unsigned long long)ceil(P.top_p * double(total));
+    need = need < 1 ? 1 : (need > total ? total : need);
+    const uint64_t tau_p = block_select(
+        V, need,
+        [&](int i, uint64_t& key, uint64_t& weight) {
+          const float x = clean_logit(row[i]);
+          key = rank_key(x, i);
+          if (key < tau_k) return false;
+          weight = weight_of(x);
+          return true;
+        },
+        sh, error_flag);
+    // tau_p is exact only among the top-k survivors (block_select's early stop may leave lower
+    // bytes zero, and a token top-k dropped can share the fixed bytes): keep both bounds.
+    tau = tau_p > tau_k ? tau_p : tau_k;
+  }
+
+  if (support) {
+    for (int i = tid; i < V; i += nt) support[b * V + i] = rank_key(clean_logit(row[i]), i) >= tau;
+  }
+
+  // Step 6: inverse CDF in ascending id order. Warp w sums the weights of its tile of ids; the
+  // tile holding the crossing is then walked 32 ids at a time with a warp scan.
+  auto kept_weight = [&](int i) -> uint64_t {
+    const float x = clean_logit(row[i]);
+    return rank_key(x, i) >= tau ? weight_of(x) : 0;
+  };
+  const int tile = ((V + n_warps - 1) / n_warps + 31) / 32 * 32;
+  const int begin = min(warp * tile, V), end = min(begin + tile, V);
+  unsigned long long local = 0;
+  for (int i = begin + lane; i < end; i += 32) local += kept_weight(i);
+  local = warp_sum(local);
+  __syncthreads();  // warp_total may still be read by the top-p block_sum
+  if (lane == 0) sh.warp_total[warp] = local;
+  if (tid == 0) sh.result = -1;
+  __syncthreads();
+  unsigned long long S = 0;
+  for (int w = 0; w < n_warps; ++w) S += sh.warp_total[w];
+  // target = floor(u * S) with u = U / 2^53 exactly: the first token whose running sum exceeds
+  // u * S is the first whose (integer) running sum exceeds target.
+  const double u = draw_uniform(P.seed, P.sample_index, P.position);
+  const unsigned long long U = (unsigned long long)(u * 9007199254740992.0);  // exact: u has 53 bits
+  const unsigned long long lo = U * S, hi = __umul64hi(U, S);
+  const unsigned long long target = (hi << 11) | (lo >> 53);
+  int crossing = 0;
+  unsigned long long base = 0;
+  while (crossing < n_warps - 1 && base + sh.warp_total[crossing] <= target) base += sh.warp_total[crossing++];
+  if (warp == crossing) {
+    for (int c0 = begin; c0 < end; c0 += 32) {
+      const int i = c0 + lane;
+      unsigned long long incl = i < end ? kept_weight(i) : 0;
+      for (int offset = 1; offset < 32; offset <<= 1) {
+        const unsigned long long t = __shfl_up_sync(kFullWarp, incl, offset);
+        if (lane >= offset) incl += t;
+      }
+      const unsigned hit = __ballot_sync(kFullWarp, base + incl > target);
+      if (hit) {
+        if (lane == __ffs(hit) - 1) sh.result = i;
+        break;
+      }
+      base += __shfl_sync(kFullWarp, incl, 31);
+    }
+  }
+  __syncthreads();
+  if (tid == 0) {
+    int id = sh.result;
+    if (id < 0) {  // the running sums never passed target < S: a broken invariant
+      atomicExch(error_flag, 1);
+      id = best_id;
+    }
+    out[b] = id;
+  }
+}
+
+// Draws one token for each of the B rows. error_flag: one device int, set to 1 on an internal error.
+inline void sample(int32_t* out, uint8_t* support, int* error_flag, const float* logits, const RowSampling* params,
+                   int B, int V, cudaStream_t stream) {
+  if (B == 0) return;
+  launch("sample", sample_kernel, B, kSampleThreads, stream, out, support, error_flag, logits, params, V,
+         sampler_frac_bits(V));
+}
+
+}  // namespace gpt2s::cuda
