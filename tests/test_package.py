@@ -45,3 +45,24 @@ def test_unknown_attribute_is_an_attribute_error():
         assert "does_not_exist" in str(e)
     else:
         raise AssertionError("expected AttributeError")
+
+
+def test_extensions_export_only_their_init_function():
+    # Anything else exported (template instances of the C++ library, the static CUDA runtime) can be
+    # bound to, or bind, the same names in libraries loaded with RTLD_GLOBAL: after a CUDA build of
+    # PyTorch was imported, that crashed the CUDA engine on a real GPU. csrc/exports.map.
+    import glob
+    import shutil
+
+    import pytest
+
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("binutils' nm is not installed")
+    modules = glob.glob(os.path.join(os.path.dirname(gpt_2_simple.__file__), "_engine*.so"))
+    assert modules, "the _engine extension is not built"
+    for path in modules:
+        out = subprocess.run([nm, "-D", "--defined-only", path], capture_output=True, text=True, check=True).stdout
+        exported = {line.split()[-1] for line in out.splitlines() if line.strip()}
+        name = os.path.basename(path).split(".")[0]
+        assert exported == {f"PyInit_{name}"}, f"{path} exports {sorted(exported - {f'PyInit_{name}'})[:5]}"
