@@ -68,9 +68,9 @@ def engine(small):
 TOKEN_BYTES = [bytes([b]) for b in range(256)] + [END_OF_TEXT.encode()]
 
 
-def _bf16_model(model):
+def _bf16_model(model, config=TINY):
     """model.py with the weights the bf16 file holds (matrices and embeddings rounded to bf16)."""
-    rounded = random_gpt2()
+    rounded = random_gpt2(config)
     with torch.no_grad():
         for (name, p), (_, src) in zip(rounded.named_parameters(), model.named_parameters()):
             is_weight = name.endswith("weight") and ".ln_" not in name and not name.startswith("ln_f")
@@ -128,6 +128,22 @@ def test_logits_match_pytorch_at_every_step(model, files, isa, dtype):
             expected = reference(torch.tensor([prompt + tokens]))[0, len(prompt) - 1 :].numpy()  # (13, V)
         for step in range(12):
             np.testing.assert_allclose(out["logits"][f"{i}_{step}"], expected[step], **TOLERANCE[dtype], err_msg=f"{isa} {dtype} row {i} step {step}")
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_wide_vocabulary_packed_in_slices(tmp_path, dtype):
+    # wte of 50257 x 192 (37 MiB fp32, 18 MiB bf16) is repacked in several slices (cpu_backend.cpp).
+    config = GPT2Config(n_ctx=32, n_embd=192, n_head=2, n_layer=1)
+    model = random_gpt2(config, seed=4)
+    engine = Engine(export(model, tmp_path / f"wide.{dtype}.bin", dtype, progress=False), backend="cpu")
+    logits = {}
+    prompt = _prompts([9], seed=8)[0]
+    tokens = engine.generate([Request(prompt, 4, temperature=1.0, seed=1)], on_logits=lambda i, s, x: logits.setdefault(s, x))[0].tokens
+    reference = model if dtype == "fp32" else _bf16_model(model, config)
+    with torch.no_grad():
+        expected = reference(torch.tensor([prompt + tokens]))[0, len(prompt) - 1 :].numpy()
+    for step in range(4):
+        np.testing.assert_allclose(logits[step], expected[step], **TOLERANCE[dtype])
 
 
 def test_greedy_equals_pytorch_past_the_context(small, engine):

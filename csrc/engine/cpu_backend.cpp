@@ -1,15 +1,68 @@
 #include "engine/cpu_backend.h"
 
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <stdexcept>
+#include <utility>
 
 #include "engine/philox.h"
 
 namespace gpt2s {
 
+namespace {
+
+// The model file's pages of a tensor that has been repacked are not read again: return them to
+// the page cache (they stay there for the next process), so this process holds the weights once.
+void release_pages(const TensorView& t) {
+  const long page = sysconf(_SC_PAGESIZE);
+  const auto begin = reinterpret_cast<uintptr_t>(t.data);
+  const uintptr_t end = begin + uintptr_t(t.rows * t.cols) * (t.dtype == DType::F32 ? 4 : 2);
+  const uintptr_t first = (begin + page - 1) / page * page, last = end / page * page;
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
+}
+
+}  // namespace
+
 CpuBackend::CpuBackend(const ModelWeights& weights, int threads)
-    : w_(weights), kernels_(best_kernels()), pool_(threads) {}
+    : w_(weights), kernels_(best_kernels()), pool_(threads), kv_dtype_(weights.dtype) {
+  // Every matrix a matmul reads, in order, and where its packed copy goes.
+  std::vector<std::pair<const TensorView*, PackedMatrix*>> matrices;
+  layers_.resize(w_.h.size());
+  for (size_t i = 0; i < w_.h.size(); ++i) {
+    const LayerWeights& l = w_.h[i];
+    PackedLayer& p = layers_[i];
+    matrices.insert(matrices.end(), {{&l.attn_c_attn_w, &p.attn_c_attn}, {&l.attn_c_proj_w, &p.attn_c_proj},
+                                     {&l.mlp_c_fc_w, &p.mlp_c_fc}, {&l.mlp_c_proj_w, &p.mlp_c_proj}});
+  }
+  matrices.push_back({&w_.wte, &head_});
+  int64_t total = 0;
+  std::vector<int64_t> offsets;
+  for (const auto& [view, packed] : matrices) {
+    offsets.push_back(total);
+    total += (kernels_.packed_bytes(view->rows, view->cols, view->dtype) + 63) / 64 * 64;
+  }
+  packed_.resize(total);
+  for (size_t i = 0; i < matrices.size(); ++i) {
+    const TensorView& view = *matrices[i].first;
+    uint8_t* out = packed_.data() + offsets[i];
+    // In slices of whole panels (about 16 MiB of the file each), each released once packed, so
+    // the process never holds much more than one copy of the weights (wte alone is 150 MiB).
+    const int64_t row_bytes = view.cols * (view.dtype == DType::F32 ? 4 : 2);
+    const int64_t slice = std::max<int64_t>(1, (int64_t(16) << 20) / (row_bytes * kernels_.panel)) * kernels_.panel;
+    for (int64_t r0 = 0; r0 < view.rows; r0 += slice) {
+      TensorView part = view;
+      part.data = static_cast<const uint8_t*>(view.data) + r0 * row_bytes;
+      part.rows = std::min(slice, view.rows - r0);
+      kernels_.pack(pool_, part, out + kernels_.packed_bytes(r0, view.cols, view.dtype));
+      release_pages(part);
+    }
+    *matrices[i].second = PackedMatrix{out, view.dtype, view.rows, view.cols};
+  }
+}
 
 std::string CpuBackend::describe() const {
   const int n = pool_.size();
@@ -24,8 +77,9 @@ void CpuBackend::reserve(int32_t slots, int32_t ctx, int32_t max_step_tokens) {
   ctx_ = ctx;
   max_tokens_ = max_step_tokens;
   const int64_t N = max_step_tokens;
-  k_cache_.resize(L * slots * ctx * C);
-  v_cache_.resize(L * slots * ctx * C);
+  const int64_t kv_bytes = L * slots * ctx * C * (kv_dtype_ == DType::F32 ? 4 : 2);
+  k_cache_.resize(kv_bytes);
+  v_cache_.resize(kv_bytes);
   x_.resize(N * C);
   ln_.resize(N * C);
   qkv_.resize(N * 3 * C);
@@ -34,7 +88,7 @@ void CpuBackend::reserve(int32_t slots, int32_t ctx, int32_t max_step_tokens) {
   xf_.resize(int64_t(slots) * C);
   logits_.resize(int64_t(slots) * V);
   scores_.resize(int64_t(pool_.size()) * ctx);
-  xb_.resize(w_.dtype == DType::BF16 ? N * 4 * C : 0);
+  xb_.resize(w_.dtype == DType::BF16 ? N * (4 * C + 2) : 0);
   samplers_.resize(size_t(pool_.size()));
 }
 
@@ -42,43 +96,34 @@ void CpuBackend::forward(const StepInput& in) {
   const Config& c = w_.config;
   const int64_t C = c.n_embd, NH = c.n_head, HS = C / NH, N = int64_t(in.tokens.size());
   const int64_t R = int64_t(in.sample_at.size());
-  const int64_t layer_kv = int64_t(slots_) * ctx_ * C;  // KV floats per layer
+  const int64_t layer_kv = int64_t(slots_) * ctx_ * C * (kv_dtype_ == DType::F32 ? 4 : 2);  // KV bytes per layer
   const Kernels& k = kernels_;
 
-  k.embed(pool_, w_.wte, w_.wpe, in.tokens.data(), in.positions.data(), N, C, x_.data());
+  k.embed(pool_, head_, w_.wpe, in.tokens.data(), in.positions.data(), N, C, x_.data());
   for (const LayerWeights& l : w_.h) {
     const int64_t li = &l - w_.h.data();
-    float* kc = k_cache_.data() + li * layer_kv;  // (slots, NH, ctx, HS)
-    float* vc = v_cache_.data() + li * layer_kv;
+    uint8_t* kc = k_cache_.data() + li * layer_kv;  // (slots, NH, ctx, HS)
+    uint8_t* vc = v_cache_.data() + li * layer_kv;
     k.layernorm(pool_, x_.data(), N, C, static_cast<const float*>(l.ln_1_w.data), static_cast<const float*>(l.ln_1_b.data),
                 ln_.data());
-    k.matmul(pool_, ln_.data(), N, C, l.attn_c_attn_w, static_cast<const float*>(l.attn_c_attn_b.data), qkv_.data(),
+    k.matmul(pool_, ln_.data(), N, C, layers_[size_t(li)].attn_c_attn, static_cast<const float*>(l.attn_c_attn_b.data), qkv_.data(),
              Epilogue::kStore, xb_.data());
-    // The new keys and values go to their rows' slots before attention reads them.
-    for (int64_t i = 0; i < N; ++i) {
-      const float* q = qkv_.data() + i * 3 * C;  // (3C): q, k, v
-      for (int64_t h = 0; h < NH; ++h) {
-        const int64_t at = ((int64_t(in.slots[i]) * NH + h) * ctx_ + in.positions[i]) * HS;
-        std::memcpy(kc + at, q + C + h * HS, size_t(HS) * sizeof(float));
-        std::memcpy(vc + at, q + 2 * C + h * HS, size_t(HS) * sizeof(float));
-      }
-    }
-    k.attention(pool_, qkv_.data(), N, in.slots.data(), in.positions.data(), kc, vc, NH, HS, ctx_, att_.data(),
-                scores_.data());
-    k.matmul(pool_, att_.data(), N, C, l.attn_c_proj_w, static_cast<const float*>(l.attn_c_proj_b.data), x_.data(),
+    k.attention(pool_, qkv_.data(), N, in.slots.data(), in.positions.data(), kc, vc, kv_dtype_, NH, HS, ctx_,
+                att_.data(), scores_.data());
+    k.matmul(pool_, att_.data(), N, C, layers_[size_t(li)].attn_c_proj, static_cast<const float*>(l.attn_c_proj_b.data), x_.data(),
              Epilogue::kAdd, xb_.data());
     k.layernorm(pool_, x_.data(), N, C, static_cast<const float*>(l.ln_2_w.data), static_cast<const float*>(l.ln_2_b.data),
                 ln_.data());
-    k.matmul(pool_, ln_.data(), N, C, l.mlp_c_fc_w, static_cast<const float*>(l.mlp_c_fc_b.data), fc_.data(),
+    k.matmul(pool_, ln_.data(), N, C, layers_[size_t(li)].mlp_c_fc, static_cast<const float*>(l.mlp_c_fc_b.data), fc_.data(),
              Epilogue::kGelu, xb_.data());
-    k.matmul(pool_, fc_.data(), N, 4 * C, l.mlp_c_proj_w, static_cast<const float*>(l.mlp_c_proj_b.data), x_.data(),
+    k.matmul(pool_, fc_.data(), N, 4 * C, layers_[size_t(li)].mlp_c_proj, static_cast<const float*>(l.mlp_c_proj_b.data), x_.data(),
              Epilogue::kAdd, xb_.data());
   }
   // Only the rows that draw a token need the final layernorm and the head (V outputs each).
   for (int64_t r = 0; r < R; ++r) std::memcpy(ln_.data() + r * C, x_.data() + in.sample_at[r] * C, size_t(C) * sizeof(float));
   k.layernorm(pool_, ln_.data(), R, C, static_cast<const float*>(w_.ln_f_w.data), static_cast<const float*>(w_.ln_f_b.data),
               xf_.data());
-  k.matmul(pool_, xf_.data(), R, C, w_.wte, nullptr, logits_.data(), Epilogue::kStore, xb_.data());
+  k.matmul(pool_, xf_.data(), R, C, head_, nullptr, logits_.data(), Epilogue::kStore, xb_.data());
 }
 
 void CpuBackend::step(const StepInput& in, StepOutput& out) {

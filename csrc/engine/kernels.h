@@ -1,10 +1,10 @@
-// The CPU kernels, one table per instruction set (kernels_impl.h compiled by kernels_<isa>.cpp with
+// The CPU kernels, one table per instruction set (kernels_impl.h compiled by kernels_isa.cpp with
 // that ISA's flags), chosen at run time from cpu_features().
 //
 // Determinism rule every kernel keeps: the value computed for one token row never depends on which
 // other rows share the call, on the thread count or on the scheduling. Each output of a matmul is
-// one dot product accumulated in a fixed lane order over K and reduced the same way whatever the
-// tile it falls in. So an engine's logits (and its samples) are the same at batch 1 and batch 64.
+// accumulated in its own vector lane, input after input, whatever the row block, panel or thread
+// that computes it. So an engine's logits (and its samples) are the same at batch 1 and batch 64.
 #pragma once
 
 #include <cstdint>
@@ -20,26 +20,46 @@ enum class Epilogue {
   kAdd,    // y += x @ w^T + bias (the residual connection)
 };
 
+// A weight matrix (N outputs, K inputs) rearranged by Kernels::pack into the layout that ISA's
+// matmul streams (kernels_impl.h); `data` holds Kernels::packed_bytes(N, K, dtype) bytes.
+struct PackedMatrix {
+  const void* data = nullptr;
+  DType dtype = DType::F32;
+  int64_t rows = 0;  // N
+  int64_t cols = 0;  // K
+};
+
 struct Kernels {
   const char* isa;  // "avx512bf16", "avx512", "avx2" or "scalar"
 
-  // y (M, N) = epilogue(x (M, K) @ w (N, K)^T + bias (N)); bias may be null. w is fp32 or bf16;
-  // for bf16 the activations are rounded to bf16 once (into xb, M*K values) and multiplied with
-  // fp32 accumulation. Parallel over N.
-  void (*matmul)(ThreadPool& pool, const float* x, int64_t M, int64_t K, const TensorView& w, const float* bias,
+  // Outputs per packed panel: packing rows [r, r + n) of a matrix, r a multiple of this, writes
+  // the bytes at packed_bytes(r, K, dtype) of the whole matrix's packed form.
+  int64_t panel;
+  // Bytes that pack() writes for a stored (N, K) matrix of `dtype`.
+  int64_t (*packed_bytes)(int64_t N, int64_t K, DType dtype);
+  // Rearranges the stored (N, K) matrix w (fp32 or bf16) into out (64-byte aligned). Parallel.
+  void (*pack)(ThreadPool& pool, const TensorView& w, void* out);
+
+  // y (M, N) = epilogue(x (M, K) @ w (N, K)^T + bias (N)); bias may be null. For bf16 weights the
+  // activations are rounded to bf16 once (into xb: M * (K + 1) values) and multiplied with fp32
+  // accumulation. Parallel over N.
+  void (*matmul)(ThreadPool& pool, const float* x, int64_t M, int64_t K, const PackedMatrix& w, const float* bias,
                  float* y, Epilogue epilogue, uint16_t* xb);
 
   // y (M, C) = layernorm(x (M, C)) * g + b, eps 1e-5 (GPT-2's).
   void (*layernorm)(ThreadPool& pool, const float* x, int64_t M, int64_t C, const float* g, const float* b, float* y);
 
-  // Causal attention for N tokens over a KV cache of one layer, k/v (slots, NH, T_cap, HS): token i
-  // of slot[i] at position pos[i] attends to positions 0..pos[i] of its slot. q is read from
-  // qkv (N, 3C); out (N, C). scratch: (pool threads, T_cap) floats. Parallel over (token, head).
-  void (*attention)(ThreadPool& pool, const float* qkv, int64_t N, const int32_t* slot, const int32_t* pos,
-                    const float* k, const float* v, int64_t NH, int64_t HS, int64_t T_cap, float* out, float* scratch);
+  // Causal attention for N tokens over the KV cache of one layer: first the tokens' own keys and
+  // values (from qkv (N, 3C)) go to position pos[i] of slot[i], then token i attends to positions
+  // 0..pos[i] of its slot; out (N, C). k and v: (slots, NH, ctx, HS) of kv_dtype (fp32, or bf16:
+  // rounded to nearest even when stored, widened when read). scratch: (pool threads, ctx) floats.
+  // Parallel over (token, head).
+  void (*attention)(ThreadPool& pool, const float* qkv, int64_t N, const int32_t* slot, const int32_t* pos, void* k,
+                    void* v, DType kv_dtype, int64_t NH, int64_t HS, int64_t ctx, float* out, float* scratch);
 
-  // x (N, C) = wte[tokens] + wpe[pos], widened to fp32.
-  void (*embed)(ThreadPool& pool, const TensorView& wte, const TensorView& wpe, const int32_t* tokens,
+  // x (N, C) = wte[tokens] + wpe[pos], widened to fp32; wte is read from its packed form (the
+  // output head's), so the file's copy is never touched again.
+  void (*embed)(ThreadPool& pool, const PackedMatrix& wte, const TensorView& wpe, const int32_t* tokens,
                 const int32_t* pos, int64_t N, int64_t C, float* x);
 
   // Sampler helpers. max_value: the largest of x[0..n), NaN ignored (-inf if none).

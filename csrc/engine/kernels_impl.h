@@ -1,5 +1,5 @@
 // The CPU kernels, written once over simd.h and compiled once per instruction set by
-// kernels_<isa>.cpp, inside namespace gpt2s::<isa>. Only intrinsics, builtins and this namespace's
+// kernels_isa.cpp (CMakeLists.txt), inside namespace gpt2s::<isa>. Only intrinsics, builtins and this namespace's
 // own functions are used here: no std:: templates (see simd.h for why).
 // Shapes: M or N token rows, K inputs, N outputs, C channels, NH heads, HS head size.
 
@@ -37,89 +37,95 @@ inline void parallel_chunks(ThreadPool& pool, int64_t n, int64_t work, void (*fn
 }
 
 // ---------------------------------------------------------------------------------------------
-// Matmul: each output is a dot product of a row of x and a row of w (both contiguous over K),
-// accumulated in kLanes partial sums stepping through K in order, reduced by vhsum, then the
-// scalar tail. A micro-kernel computes an RB x NB block of such dot products sharing loads: each
-// w vector is loaded once for RB rows and each x vector once for NB outputs.
-
-struct F32Dot {
-  using T = float;
-  using V = Vf;
-  static constexpr int kStep = kLanes;
-  static V load(const float* p) { return vload(p); }
-  static Vf madd(Vf acc, V x, V w) { return vfma(x, w, acc); }
-  static float value(float a) { return a; }
-};
-
-struct BF16Dot {
-  using T = uint16_t;
-  using V = Vb;
-  static constexpr int kStep = 2 * kLanes;
-  static V load(const uint16_t* p) { return vload_bf16(p); }
-  static Vf madd(Vf acc, V x, V w) { return vdot_bf16(acc, x, w); }
-  static float value(uint16_t a) { return bf16_to_f32(a); }
-};
+// Matmul over packed weights. pack() cuts the stored (N, K) matrix into panels of kPanel outputs:
+// an fp32 panel is (K, kPanel), the weights of its kPanel outputs for input 0, then input 1, ...;
+// a bf16 panel is (ceil(K / 2), kPanel, 2), the same by pairs of inputs (what vdpbf16ps takes).
+// Outputs past N and the odd input past K are zeros. The micro-kernel holds RB x kPanelVecs
+// accumulator vectors (RB token rows by kPanel outputs) and, for each input, multiplies x[r][k]
+// broadcast by one panel row: every output accumulates its products in input order in a lane of
+// its own, so there are no horizontal sums, the weights stream through once, in order, and a
+// result never depends on the row block, the panel or the thread that computed it.
 
 #if defined(__AVX512F__)
-constexpr int kRowBlock = 4, kColBlock = 6;  // 24 accumulators + 4 x + 1 w of 32 registers
+constexpr int kRowBlock = 4, kPanelVecs = 6;  // 24 accumulators + 4 broadcasts + 1 weight of 32 registers
 #elif defined(__AVX2__)
-constexpr int kRowBlock = 3, kColBlock = 4;  // 12 accumulators + 3 x + 1 w of 16 registers
+constexpr int kRowBlock = 3, kPanelVecs = 4;  // 12 accumulators + 3 broadcasts + 1 weight of 16 registers
 #else
-constexpr int kRowBlock = 2, kColBlock = 4;
+constexpr int kRowBlock = 2, kPanelVecs = 4;
 #endif
+constexpr int64_t kPanel = kPanelVecs * kLanes;  // outputs per panel
 
-// out[r * ldo + n] = dot(x row r, w row n) for r < RB, n < NB. With `ahead`, also prefetch rows
-// n of the block there whose bit is set in `fetch_rows` (interleaved rows are short streams the
-// hardware prefetcher does not run ahead of; the caller spreads the next block's rows over the
-// row blocks that use this one).
-template <class D, int RB, int NB>
-inline void dot_block(const typename D::T* x, int64_t ldx, const typename D::T* w, int64_t ldw, int64_t K, float* out,
-                      int64_t ldo, const typename D::T* ahead = nullptr, unsigned fetch_rows = 0) {
-  Vf acc[RB][NB];
+inline int64_t pairs(int64_t K) { return (K + 1) / 2; }
+
+int64_t packed_bytes(int64_t N, int64_t K, DType dtype) {
+  const int64_t panels = (N + kPanel - 1) / kPanel;
+  return dtype == DType::F32 ? panels * K * kPanel * 4 : panels * pairs(K) * kPanel * 2 * 2;
+}
+
+struct PackJob {
+  const TensorView* w;
+  void* out;
+};
+
+void pack(ThreadPool& pool, const TensorView& w, void* out) {
+  PackJob job{&w, out};
+  const int64_t panels = (w.rows + kPanel - 1) / kPanel;
+  parallel_chunks(pool, panels, w.rows * w.cols, +[](void* ptr, int64_t p, int) {
+    const PackJob& j = *static_cast<const PackJob*>(ptr);
+    const int64_t N = j.w->rows, K = j.w->cols;
+    for (int64_t i = 0; i < kPanel; ++i) {
+      const int64_t n = p * kPanel + i;
+      if (j.w->dtype == DType::F32) {
+        float* dst = static_cast<float*>(j.out) + p * K * kPanel + i;  // (K, kPanel)
+        const float* src = static_cast<const float*>(j.w->data) + n * K;
+        for (int64_t k = 0; k < K; ++k) dst[k * kPanel] = n < N ? src[k] : 0.0f;
+      } else {
+        uint16_t* dst = static_cast<uint16_t*>(j.out) + p * pairs(K) * kPanel * 2 + 2 * i;  // (K/2, kPanel, 2)
+        const uint16_t* src = static_cast<const uint16_t*>(j.w->data) + n * K;
+        for (int64_t k = 0; k < 2 * pairs(K); ++k) dst[(k / 2) * kPanel * 2 + k % 2] = n < N && k < K ? src[k] : 0;
+      }
+    }
+  }, &job);
+}
+
+// acc[r][v] = sum over k of x[r][k] * panel[k][v * kLanes + lane], k in order, for r < RB.
+template <int RB>
+inline void panel_f32(const float* x, int64_t ldx, int64_t K, const float* panel, Vf (&acc)[kRowBlock][kPanelVecs]) {
 #pragma GCC unroll 8
   for (int r = 0; r < RB; ++r)
 #pragma GCC unroll 8
-    for (int n = 0; n < NB; ++n) acc[r][n] = vzero();
-  int64_t k = 0;
-  for (; k + D::kStep <= K; k += D::kStep) {
-    if (ahead != nullptr) {
+    for (int v = 0; v < kPanelVecs; ++v) acc[r][v] = vzero();
+  for (int64_t k = 0; k < K; ++k, panel += kPanel) {
+    Vf xb[RB];
 #pragma GCC unroll 8
-      for (int n = 0; n < NB; ++n) {
-        if (fetch_rows >> n & 1u) __builtin_prefetch(ahead + n * ldw + k);
-      }
-    }
-    typename D::V xv[RB];
+    for (int r = 0; r < RB; ++r) xb[r] = vset1(x[r * ldx + k]);
 #pragma GCC unroll 8
-    for (int r = 0; r < RB; ++r) xv[r] = D::load(x + r * ldx + k);
+    for (int v = 0; v < kPanelVecs; ++v) {
+      const Vf wv = vload(panel + v * kLanes);
 #pragma GCC unroll 8
-    for (int n = 0; n < NB; ++n) {
-      const typename D::V wv = D::load(w + n * ldw + k);
-#pragma GCC unroll 8
-      for (int r = 0; r < RB; ++r) acc[r][n] = D::madd(acc[r][n], xv[r], wv);
-    }
-  }
-  for (int r = 0; r < RB; ++r) {
-    for (int n = 0; n < NB; ++n) {
-      float s = vhsum(acc[r][n]);
-      for (int64_t t = k; t < K; ++t) s += D::value(x[r * ldx + t]) * D::value(w[n * ldw + t]);
-      out[r * ldo + n] = s;
+      for (int r = 0; r < RB; ++r) acc[r][v] = vfma(xb[r], wv, acc[r][v]);
     }
   }
 }
 
-// Rows [0, M) against NB outputs, in row blocks of kRowBlock and a smaller last one.
-template <class D, int NB>
-inline void dot_rows(const typename D::T* x, int64_t M, int64_t K, const typename D::T* w, float* out, int64_t ldo,
-                     const typename D::T* ahead = nullptr, unsigned fetch_rows = 0) {
-  int64_t m = 0;
-  for (; m + kRowBlock <= M; m += kRowBlock) {
-    dot_block<D, kRowBlock, NB>(x + m * K, K, w, K, K, out + m * ldo, ldo, ahead, fetch_rows);
-  }
-  switch (M - m) {
-    case 1: dot_block<D, 1, NB>(x + m * K, K, w, K, K, out + m * ldo, ldo); break;
-    case 2: if constexpr (kRowBlock > 2) dot_block<D, 2, NB>(x + m * K, K, w, K, K, out + m * ldo, ldo); break;
-    case 3: if constexpr (kRowBlock > 3) dot_block<D, 3, NB>(x + m * K, K, w, K, K, out + m * ldo, ldo); break;
-    default: break;
+// The same over pairs of inputs: x rows are bf16 with an even stride ldx (a zero after an odd K).
+template <int RB>
+inline void panel_bf16(const uint16_t* x, int64_t ldx, int64_t K, const uint16_t* panel,
+                       Vf (&acc)[kRowBlock][kPanelVecs]) {
+#pragma GCC unroll 8
+  for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < kPanelVecs; ++v) acc[r][v] = vzero();
+  for (int64_t k = 0; k < K; k += 2, panel += 2 * kPanel) {
+    Vb xb[RB];
+#pragma GCC unroll 8
+    for (int r = 0; r < RB; ++r) xb[r] = vbcast_pair(x + r * ldx + k);
+#pragma GCC unroll 8
+    for (int v = 0; v < kPanelVecs; ++v) {
+      const Vb wv = vload_bf16(panel + v * 2 * kLanes);
+#pragma GCC unroll 8
+      for (int r = 0; r < RB; ++r) acc[r][v] = vdot_bf16(acc[r][v], xb[r], wv);
+    }
   }
 }
 
@@ -130,94 +136,96 @@ inline Vf vgelu(Vf x) {
   return vdiv(x, vadd(vset1(1.0f), vexp(u2)));
 }
 
-inline float gelu_scalar(float x) {
-  const float u2 = -1.5957691216057308f * (x + 0.044715f * x * x * x);
-  return x / (1.0f + __builtin_expf(u2 > 88.0f ? 88.0f : u2));
+// y = epilogue(acc + bias) for one row of one panel: `valid` outputs at y (all kPanel, or fewer
+// in the last panel, which goes through a padded copy with the very same vector operations).
+inline void store_panel(const Vf (&acc)[kPanelVecs], const float* bias, float* y, int64_t valid, Epilogue epilogue) {
+  float yb[kPanel], bb[kPanel];
+  const bool full = valid == kPanel;
+  if (!full) {
+    for (int64_t i = 0; i < kPanel; ++i) {
+      yb[i] = i < valid && epilogue == Epilogue::kAdd ? y[i] : 0.0f;
+      bb[i] = i < valid && bias ? bias[i] : 0.0f;
+    }
+  }
+  float* out = full ? y : yb;
+  const float* b = full ? bias : bb;
+#pragma GCC unroll 8
+  for (int v = 0; v < kPanelVecs; ++v) {
+    Vf t = b ? vadd(acc[v], vload(b + v * kLanes)) : acc[v];
+    if (epilogue == Epilogue::kGelu) t = vgelu(t);
+    if (epilogue == Epilogue::kAdd) t = vadd(vload(out + v * kLanes), t);
+    vstore(out + v * kLanes, t);
+  }
+  if (!full) {
+    for (int64_t i = 0; i < valid; ++i) y[i] = yb[i];
+  }
 }
 
-// Outputs per parallel work item: small enough to balance two busy cores, large enough that a
-// work item streams several KB of weights.
-constexpr int64_t kColChunk = 16 * kColBlock;
-
-// Up to this many rows, the weights are read one row after the other (one sequential stream
-// the hardware prefetcher keeps up with: memory-bound decoding); above it, kColBlock rows are
-// interleaved so each weight load serves kRowBlock rows (compute-bound batches and prefill).
-constexpr int64_t kStreamRows = kRowBlock;
-
-template <class D>
 struct MatmulJob {
-  const typename D::T* x;  // (M, K)
-  int64_t M, K;
-  const typename D::T* w;  // (N, K)
-  int64_t N;
-  const float* bias;       // (N) or null
-  float* y;                // (M, N)
+  const void* x;     // (M, ldx) fp32, or bf16 for bf16 weights
+  int64_t M, K, ldx;
+  const PackedMatrix* w;
+  const float* bias; // (N) or null
+  float* y;          // (M, N)
   Epilogue epilogue;
+  int64_t panels;    // per chunk
 };
 
-// Outputs [c * kColChunk, (c + 1) * kColChunk) for all M rows.
-template <class D>
+// Rows m0 .. m0 + RB of one panel.
+template <int RB>
+inline void rows_of_panel(const MatmulJob& j, int64_t p, int64_t m0) {
+  const int64_t N = j.w->rows, K = j.K;
+  Vf acc[kRowBlock][kPanelVecs];
+  if (j.w->dtype == DType::F32) {
+    panel_f32<RB>(static_cast<const float*>(j.x) + m0 * j.ldx, j.ldx, K, static_cast<const float*>(j.w->data) + p * K * kPanel, acc);
+  } else {
+    panel_bf16<RB>(static_cast<const uint16_t*>(j.x) + m0 * j.ldx, j.ldx, K,
+                   static_cast<const uint16_t*>(j.w->data) + p * pairs(K) * kPanel * 2, acc);
+  }
+  const int64_t n0 = p * kPanel, valid = min64(kPanel, N - n0);
+  for (int r = 0; r < RB; ++r) store_panel(acc[r], j.bias ? j.bias + n0 : nullptr, j.y + (m0 + r) * N + n0, valid, j.epilogue);
+}
+
 void matmul_chunk(void* job_ptr, int64_t c, int /*thread*/) {
-  const MatmulJob<D>& j = *static_cast<const MatmulJob<D>*>(job_ptr);
-  const int64_t M = j.M, K = j.K, N = j.N;
-  const typename D::T* x = j.x;
-  const typename D::T* w = j.w;
-  float* y = j.y;
-  float block[kRowBlock * kColBlock];  // (rows, kColBlock) dot products before the epilogue
-  const int64_t n_begin = c * kColChunk, n_end = min64(N, n_begin + kColChunk);
-  for (int64_t n0 = n_begin; n0 < n_end; n0 += kColBlock) {
-    const int64_t nb = min64(kColBlock, n_end - n0);
-    for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
-      const int64_t rb = min64(kRowBlock, M - m0);
-      if (M > kStreamRows && nb == kColBlock) {
-        // Row block i fetches rows i, i + blocks, ... of the next column block.
-        const int64_t blocks = (M + kRowBlock - 1) / kRowBlock, i = m0 / kRowBlock;
-        unsigned fetch_rows = 0;
-        for (int64_t n = i; n < kColBlock; n += blocks) fetch_rows |= 1u << n;
-        const typename D::T* ahead = n0 + 2 * kColBlock <= N ? w + (n0 + kColBlock) * K : nullptr;
-        dot_rows<D, kColBlock>(x + m0 * K, rb, K, w + n0 * K, block, kColBlock, ahead, fetch_rows);
-      } else {
-        for (int64_t jn = 0; jn < nb; ++jn) dot_rows<D, 1>(x + m0 * K, rb, K, w + (n0 + jn) * K, block + jn, kColBlock);
-      }
-      for (int64_t r = 0; r < rb; ++r) {
-        float* yr = y + (m0 + r) * N + n0;
-        for (int64_t jn = 0; jn < nb; ++jn) {
-          const float v = block[r * kColBlock + jn] + (j.bias ? j.bias[n0 + jn] : 0.0f);
-          yr[jn] = j.epilogue == Epilogue::kAdd ? yr[jn] + v : v;
-        }
-      }
-    }
-  }
-  if (j.epilogue == Epilogue::kGelu) {
-    for (int64_t m = 0; m < M; ++m) {
-      float* yr = y + m * N;
-      int64_t n = n_begin;
-      for (; n + kLanes <= n_end; n += kLanes) vstore(yr + n, vgelu(vload(yr + n)));
-      for (; n < n_end; ++n) yr[n] = gelu_scalar(yr[n]);
+  const MatmulJob& j = *static_cast<const MatmulJob*>(job_ptr);
+  const int64_t n_panels = (j.w->rows + kPanel - 1) / kPanel;
+  for (int64_t p = c * j.panels; p < min64(n_panels, (c + 1) * j.panels); ++p) {
+    int64_t m = 0;
+    for (; m + kRowBlock <= j.M; m += kRowBlock) rows_of_panel<kRowBlock>(j, p, m);
+    switch (j.M - m) {
+      case 1: rows_of_panel<1>(j, p, m); break;
+      case 2: if constexpr (kRowBlock > 2) rows_of_panel<2>(j, p, m); break;
+      case 3: if constexpr (kRowBlock > 3) rows_of_panel<3>(j, p, m); break;
+      default: break;
     }
   }
 }
 
-template <class D>
-void matmul_t(ThreadPool& pool, const typename D::T* x, int64_t M, int64_t K, const typename D::T* w, int64_t N,
-              const float* bias, float* y, Epilogue epilogue) {
-  MatmulJob<D> job{x, M, K, w, N, bias, y, epilogue};
-  parallel_chunks(pool, (N + kColChunk - 1) / kColChunk, M * N * K, matmul_chunk<D>, &job);
-}
+// Panels per parallel work item: about 8 items per thread, so a thread that falls behind (a busy
+// machine) leaves little for the others to wait on, and at most kMaxChunkPanels.
+constexpr int64_t kMaxChunkPanels = 8;
 
-void matmul(ThreadPool& pool, const float* x, int64_t M, int64_t K, const TensorView& w, const float* bias, float* y,
+void matmul(ThreadPool& pool, const float* x, int64_t M, int64_t K, const PackedMatrix& w, const float* bias, float* y,
             Epilogue epilogue, uint16_t* xb) {
-  const int64_t N = w.rows;
-  if (w.dtype == DType::F32) {
-    matmul_t<F32Dot>(pool, x, M, K, static_cast<const float*>(w.data), N, bias, y, epilogue);
-    return;
+  const int64_t N = w.rows, n_panels = (N + kPanel - 1) / kPanel;
+  const int64_t per = n_panels / (8 * pool.size());
+  MatmulJob job{x, M, K, K, &w, bias, y, epilogue, per < 1 ? 1 : per > kMaxChunkPanels ? kMaxChunkPanels : per};
+  if (w.dtype == DType::BF16) {
+    // Round the activations to bf16 once: rows of an even stride, a zero after an odd K. Every
+    // product is then bf16 x bf16 (exact in fp32), accumulated in fp32.
+    const int64_t ldx = 2 * pairs(K);
+    for (int64_t m = 0; m < M; ++m) {
+      const float* src = x + m * K;
+      uint16_t* dst = xb + m * ldx;
+      int64_t k = 0;
+      for (; k + kLanes <= K; k += kLanes) vstore_bf16(dst + k, vload(src + k));
+      for (; k < K; ++k) dst[k] = f32_to_bf16(src[k]);
+      if (ldx > K) dst[K] = 0;
+    }
+    job.x = xb;
+    job.ldx = ldx;
   }
-  // bf16 weights: round the activations to bf16 once, then every dot product is bf16 x bf16
-  // products (exact in fp32) accumulated in fp32.
-  int64_t i = 0;
-  for (; i + kLanes <= M * K; i += kLanes) vstore_bf16(xb + i, vload(x + i));
-  for (; i < M * K; ++i) xb[i] = f32_to_bf16(x[i]);
-  matmul_t<BF16Dot>(pool, xb, M, K, static_cast<const uint16_t*>(w.data), N, bias, y, epilogue);
+  parallel_chunks(pool, (n_panels + job.panels - 1) / job.panels, M * N * K, matmul_chunk, &job);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -274,15 +282,6 @@ void layernorm(ThreadPool& pool, const float* x, int64_t M, int64_t C, const flo
 
 // ---------------------------------------------------------------------------------------------
 
-inline float dot_f32(const float* a, const float* b, int64_t n) {
-  Vf acc = vzero();
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) acc = vfma(vload(a + i), vload(b + i), acc);
-  float s = vhsum(acc);
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
 // w[i] = exp(x[i] / divisor - m) for i < n (w may be x); returns the float64 sum of the w.
 inline double exp_shifted(const float* x, int64_t n, float divisor, float m, float* w) {
   const Vf vd = vset1(divisor), vm = vset1(m);
@@ -305,40 +304,92 @@ inline double exp_shifted(const float* x, int64_t n, float divisor, float m, flo
   return sum;
 }
 
-struct AttentionJob {
-  const float* qkv;  // (N, 3C)
-  const int32_t* slot;
-  const int32_t* pos;
-  const float* k;    // (slots, NH, T_cap, HS)
-  const float* v;
-  int64_t N, NH, HS, T_cap;
-  float* out;        // (N, C)
-  float* scratch;    // (threads, T_cap)
-  int64_t per_chunk; // (token, head) tasks per chunk
+// The KV cache of one layer: keys and values (slots, NH, ctx, HS), fp32 or bf16 (KVF32 / KVBF16:
+// how a cached row is stored and read back widened to fp32).
+struct KVF32 {
+  using T = float;
+  static void store(float* dst, const float* src, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
+  }
+  static Vf load(const float* p) { return vload(p); }
+  static float value(float a) { return a; }
 };
 
-// One (token, head): softmax(q K^T / sqrt(HS)) V over the token's positions 0..pos.
-void attend(const AttentionJob& j, int64_t i, int64_t h, float* scores) {
+struct KVBF16 {
+  using T = uint16_t;
+  static void store(uint16_t* dst, const float* src, int64_t n) {
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) vstore_bf16(dst + i, vload(src + i));
+    for (; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
+  }
+  static Vf load(const uint16_t* p) { return vload_bf16_f32(p); }
+  static float value(uint16_t a) { return bf16_to_f32(a); }
+};
+
+template <class KV>
+struct AttentionJob {
+  const float* qkv;           // (N, 3C)
+  const int32_t* slot;
+  const int32_t* pos;
+  const typename KV::T* k;    // (slots, NH, ctx, HS)
+  const typename KV::T* v;    // (slots, NH, ctx, HS)
+  int64_t N, NH, HS, ctx;
+  float* out;                 // (N, C)
+  float* scratch;             // (threads, ctx)
+  int64_t per_chunk;          // (token, head) tasks per chunk
+};
+
+// q . k for one cached key row.
+template <class KV>
+inline float dot_key(const float* q, const typename KV::T* k, int64_t HS) {
+  Vf acc = vzero();
+  int64_t d = 0;
+  for (; d + kLanes <= HS; d += kLanes) acc = vfma(vload(q + d), KV::load(k + d), acc);
+  float s = vhsum(acc);
+  for (; d < HS; ++d) s += q[d] * KV::value(k[d]);
+  return s;
+}
+
+// o[v * kLanes ...] = sum over t < T of p[t] * vh[t][d0 + v * kLanes ...], for NV vectors held in
+// registers across the positions.
+template <class KV, int NV>
+inline void weighted_rows(const float* p, int64_t T, const typename KV::T* vh, int64_t HS, int64_t d0, float* o) {
+  Vf acc[NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) acc[v] = vzero();
+  for (int64_t t = 0; t < T; ++t) {
+    const Vf pt = vset1(p[t]);
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[v] = vfma(pt, KV::load(vh + t * HS + d0 + v * kLanes), acc[v]);
+  }
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) vstore(o + d0 + v * kLanes, acc[v]);
+}
+
+// One (token, head): softmax(q K^T / sqrt(HS)) V over the token's positions 0..pos. Each cached
+// key and value of the head is read once.
+template <class KV>
+void attend(const AttentionJob<KV>& j, int64_t i, int64_t h, float* scores) {
   const int64_t C = j.NH * j.HS, HS = j.HS;
   const int64_t T = int64_t(j.pos[i]) + 1;
   const float scale = 1.0f / __builtin_sqrtf(float(HS));
   const float* q = j.qkv + i * 3 * C + h * HS;
-  const float* kh = j.k + (int64_t(j.slot[i]) * j.NH + h) * j.T_cap * HS;  // (T_cap, HS)
-  const float* vh = j.v + (int64_t(j.slot[i]) * j.NH + h) * j.T_cap * HS;  // (T_cap, HS)
+  const typename KV::T* kh = j.k + (int64_t(j.slot[i]) * j.NH + h) * j.ctx * HS;  // (ctx, HS)
+  const typename KV::T* vh = j.v + (int64_t(j.slot[i]) * j.NH + h) * j.ctx * HS;  // (ctx, HS)
   float m = -__builtin_inff();
   for (int64_t t = 0; t < T; ++t) {
-    scores[t] = dot_f32(q, kh + t * HS, HS) * scale;
+    scores[t] = dot_key<KV>(q, kh + t * HS, HS) * scale;
     m = scores[t] > m ? scores[t] : m;
   }
   const float inv = float(1.0 / exp_shifted(scores, T, 1.0f, m, scores));
   float* o = j.out + i * C + h * HS;  // (HS)
-  for (int64_t d = 0; d < HS; ++d) o[d] = 0.0f;
-  for (int64_t t = 0; t < T; ++t) {  // each cached value row read once
-    const Vf p = vset1(scores[t]);
-    const float* vr = vh + t * HS;
-    int64_t d = 0;
-    for (; d + kLanes <= HS; d += kLanes) vstore(o + d, vfma(p, vload(vr + d), vload(o + d)));
-    for (; d < HS; ++d) o[d] += scores[t] * vr[d];
+  int64_t d0 = 0;
+  for (; d0 + 4 * kLanes <= HS; d0 += 4 * kLanes) weighted_rows<KV, 4>(scores, T, vh, HS, d0, o);
+  for (; d0 + kLanes <= HS; d0 += kLanes) weighted_rows<KV, 1>(scores, T, vh, HS, d0, o);
+  for (; d0 < HS; ++d0) {
+    float acc = 0.0f;
+    for (int64_t t = 0; t < T; ++t) acc += scores[t] * KV::value(vh[t * HS + d0]);
+    o[d0] = acc;
   }
   const Vf vinv = vset1(inv);
   int64_t d = 0;
@@ -346,38 +397,52 @@ void attend(const AttentionJob& j, int64_t i, int64_t h, float* scores) {
   for (; d < HS; ++d) o[d] *= inv;
 }
 
-void attention(ThreadPool& pool, const float* qkv, int64_t N, const int32_t* slot, const int32_t* pos, const float* k,
-               const float* v, int64_t NH, int64_t HS, int64_t T_cap, float* out, float* scratch) {
+template <class KV>
+void attention_t(ThreadPool& pool, const float* qkv, int64_t N, const int32_t* slot, const int32_t* pos,
+                 typename KV::T* k, typename KV::T* v, int64_t NH, int64_t HS, int64_t ctx, float* out, float* scratch) {
+  const int64_t C = NH * HS;
+  // The new keys and values first: a token attends to those of earlier tokens of this step.
+  for (int64_t i = 0; i < N; ++i) {
+    for (int64_t h = 0; h < NH; ++h) {
+      const int64_t at = ((int64_t(slot[i]) * NH + h) * ctx + pos[i]) * HS;
+      KV::store(k + at, qkv + i * 3 * C + C + h * HS, HS);
+      KV::store(v + at, qkv + i * 3 * C + 2 * C + h * HS, HS);
+    }
+  }
   const int64_t tasks = N * NH;
-  AttentionJob job{qkv, slot, pos, k, v, N, NH, HS, T_cap, out, scratch, (tasks + 8 * pool.size() - 1) / (8 * pool.size())};
+  AttentionJob<KV> job{qkv, slot, pos, k, v, N, NH, HS, ctx, out, scratch, (tasks + 8 * pool.size() - 1) / (8 * pool.size())};
   int64_t work = 0;  // multiply-adds: two per head dimension and attended position
-  for (int64_t i = 0; i < N; ++i) work += 2 * (int64_t(pos[i]) + 1) * NH * HS;
+  for (int64_t i = 0; i < N; ++i) work += 2 * (int64_t(pos[i]) + 1) * C;
   parallel_chunks(pool, (tasks + job.per_chunk - 1) / job.per_chunk, work, +[](void* p, int64_t c, int thread) {
-    const AttentionJob& j = *static_cast<const AttentionJob*>(p);
-    float* scores = j.scratch + int64_t(thread) * j.T_cap;
+    const AttentionJob<KV>& j = *static_cast<const AttentionJob<KV>*>(p);
+    float* scores = j.scratch + int64_t(thread) * j.ctx;
     for (int64_t task = c * j.per_chunk; task < min64(j.N * j.NH, (c + 1) * j.per_chunk); ++task) {
       attend(j, task / j.NH, task % j.NH, scores);
     }
   }, &job);
 }
 
+void attention(ThreadPool& pool, const float* qkv, int64_t N, const int32_t* slot, const int32_t* pos, void* k, void* v,
+               DType kv_dtype, int64_t NH, int64_t HS, int64_t ctx, float* out, float* scratch) {
+  if (kv_dtype == DType::F32) {
+    attention_t<KVF32>(pool, qkv, N, slot, pos, static_cast<float*>(k), static_cast<float*>(v), NH, HS, ctx, out, scratch);
+  } else {
+    attention_t<KVBF16>(pool, qkv, N, slot, pos, static_cast<uint16_t*>(k), static_cast<uint16_t*>(v), NH, HS, ctx, out,
+                        scratch);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 
-// out (C) += row `row` of t (fp32 or bf16), widened to fp32.
-inline void add_row(const TensorView& t, int64_t row, int64_t C, float* out) {
-  if (t.dtype == DType::F32) {
-    const float* src = static_cast<const float*>(t.data) + row * C;
-    for (int64_t c = 0; c < C; ++c) out[c] += src[c];
-    return;
-  }
-  const uint16_t* src = static_cast<const uint16_t*>(t.data) + row * C;
-  int64_t c = 0;
-  for (; c + kLanes <= C; c += kLanes) vstore(out + c, vadd(vload(out + c), vload_bf16_f32(src + c)));
-  for (; c < C; ++c) out[c] += bf16_to_f32(src[c]);
+// Element (n, k) of a packed matrix (the layout of pack()), widened to fp32.
+inline float packed_at(const PackedMatrix& w, int64_t n, int64_t k) {
+  const int64_t p = n / kPanel, i = n % kPanel, K = w.cols;
+  if (w.dtype == DType::F32) return static_cast<const float*>(w.data)[(p * K + k) * kPanel + i];
+  return bf16_to_f32(static_cast<const uint16_t*>(w.data)[((p * pairs(K) + k / 2) * kPanel + i) * 2 + k % 2]);
 }
 
 struct EmbedJob {
-  const TensorView* wte;
+  const PackedMatrix* wte;
   const TensorView* wpe;
   const int32_t* tokens;
   const int32_t* pos;
@@ -385,15 +450,17 @@ struct EmbedJob {
   float* x;  // (N, C)
 };
 
-void embed(ThreadPool& pool, const TensorView& wte, const TensorView& wpe, const int32_t* tokens, const int32_t* pos,
+void embed(ThreadPool& pool, const PackedMatrix& wte, const TensorView& wpe, const int32_t* tokens, const int32_t* pos,
            int64_t N, int64_t C, float* x) {
   EmbedJob job{&wte, &wpe, tokens, pos, C, x};
   parallel_chunks(pool, N, N * C, +[](void* p, int64_t i, int) {
     const EmbedJob& j = *static_cast<const EmbedJob*>(p);
     float* xr = j.x + i * j.C;
-    for (int64_t c = 0; c < j.C; ++c) xr[c] = 0.0f;
-    add_row(*j.wte, j.tokens[i], j.C, xr);
-    add_row(*j.wpe, j.pos[i], j.C, xr);
+    for (int64_t c = 0; c < j.C; ++c) {
+      const float pe = j.wpe->dtype == DType::F32 ? static_cast<const float*>(j.wpe->data)[j.pos[i] * j.C + c]
+                                                  : bf16_to_f32(static_cast<const uint16_t*>(j.wpe->data)[j.pos[i] * j.C + c]);
+      xr[c] = packed_at(*j.wte, j.tokens[i], c) + pe;
+    }
   }, &job);
 }
 
@@ -414,4 +481,4 @@ double exp_weights(const float* x, int64_t n, float temperature, float m, float*
 }
 
 extern const Kernels table;
-const Kernels table = {GPT2S_ISA_NAME, matmul, layernorm, attention, embed, max_value, exp_weights};
+const Kernels table = {GPT2S_ISA_NAME, kPanel, packed_bytes, pack, matmul, layernorm, attention, embed, max_value, exp_weights};

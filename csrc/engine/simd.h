@@ -1,10 +1,11 @@
 // The few vector operations the kernels are written in, for the instruction set this translation
-// unit is compiled for (kernels_<isa>.cpp sets the flags). Included inside namespace
+// unit is compiled for (kernels_isa.cpp, built once per ISA with its flags). Included inside namespace
 // gpt2s::<isa>, after <immintrin.h>: every function here must stay in that namespace, because a
 // shared inline function compiled with AVX-512 flags could be the copy the linker keeps for the
 // scalar path (and crash an older CPU).
 //
-// Vf: kLanes floats. Vb: 2 * kLanes bf16 values (one bf16 dot-product step). bf16 conversions
+// Vf: kLanes floats. Vb: 2 * kLanes bf16 values, a pair per 32-bit lane (one bf16 dot-product
+// step: lane i gains x.pair[i] . w.pair[i], odd element first). bf16 conversions
 // round to nearest even exactly like kernels_impl.h's scalar f32_to_bf16, lane for lane, so a value
 // converts the same whether it falls in a vector or in a tail.
 
@@ -34,6 +35,12 @@ inline Vf vround(Vf a) { return {_mm512_roundscale_ps(a.v, _MM_FROUND_TO_NEAREST
 inline Vf vzero_below(Vf a, Vf x, Vf limit) { return {_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x.v, limit.v, _CMP_GE_OQ), a.v)}; }
 
 inline Vb vload_bf16(const uint16_t* p) { return {_mm512_loadu_si512(p)}; }
+// The bf16 pair p[0], p[1] in every 32-bit lane.
+inline Vb vbcast_pair(const uint16_t* p) {
+  int32_t v;
+  __builtin_memcpy(&v, p, 4);
+  return {_mm512_set1_epi32(v)};
+}
 #if defined(__AVX512BF16__)
 inline Vf vdot_bf16(Vf acc, Vb x, Vb w) { return {_mm512_dpbf16_ps(acc.v, (__m512bh)x.v, (__m512bh)w.v)}; }
 #else
@@ -95,6 +102,11 @@ inline Vf vround(Vf a) { return {_mm256_round_ps(a.v, _MM_FROUND_TO_NEAREST_INT 
 inline Vf vzero_below(Vf a, Vf x, Vf limit) { return {_mm256_and_ps(a.v, _mm256_cmp_ps(x.v, limit.v, _CMP_GE_OQ))}; }
 
 inline Vb vload_bf16(const uint16_t* p) { return {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))}; }
+inline Vb vbcast_pair(const uint16_t* p) {
+  int32_t v;
+  __builtin_memcpy(&v, p, 4);
+  return {_mm256_set1_epi32(v)};
+}
 inline Vf vdot_bf16(Vf acc, Vb x, Vb w) {
   const __m256i hi = _mm256_set1_epi32(int32_t(0xFFFF0000u));
   acc.v = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(x.v, hi)), _mm256_castsi256_ps(_mm256_and_si256(w.v, hi)), acc.v);
@@ -153,6 +165,14 @@ inline float bf16_bits_to_f32(uint32_t bits) {
 inline Vb vload_bf16(const uint16_t* p) {
   Vb r;
   for (int i = 0; i < 2 * kLanes; ++i) r.v[i] = p[i];
+  return r;
+}
+inline Vb vbcast_pair(const uint16_t* p) {
+  Vb r;
+  for (int i = 0; i < kLanes; ++i) {
+    r.v[2 * i] = p[0];
+    r.v[2 * i + 1] = p[1];
+  }
   return r;
 }
 inline Vf vdot_bf16(Vf acc, Vb x, Vb w) {
