@@ -122,6 +122,12 @@ def main() -> None:
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "settings": "bf16 autocast, fused AdamW lr 1e-4, 1024-token windows, "
         f"accumulate_gradients 1, {args.steps} steps per run, tokens/s after step {args.warmup_steps}", "models": [],
     }
+    out = args.out or ROOT / "bench" / "results" / f"finetune_gpu-{datetime.date.today()}-{platform.node()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(results: dict) -> None:
+        out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+
     print(f"{props.name}, torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {transformers.__version__}, commit {commit}")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -155,12 +161,10 @@ def main() -> None:
                 record["ratio_compiled_to_transformers_median_of_pairs"] = statistics.median(
                     a / t for a, t in zip(speed["finetune_compiled"], speed["transformers"]))
             results["models"].append(record)
+            write(results)  # after each model, so a run cut short keeps what it measured
             print(f"{name}: finetune compiled {record['tokens_per_s']['finetune_compiled']['median']:,.0f} tok/s "
                   f"(peak {record['peak_gpu_bytes']['finetune_compiled'] / 2**30:.2f} GiB), eager "
                   f"{record['tokens_per_s']['finetune_eager']['median']:,.0f} tok/s", flush=True)
-    out = args.out or ROOT / "bench" / "results" / f"finetune_gpu-{datetime.date.today()}-{platform.node()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {out}")
 
 

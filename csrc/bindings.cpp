@@ -11,7 +11,6 @@
 
 #include <algorithm>
 #include <climits>
-#include <cmath>
 
 #include "engine/cpu_backend.h"
 #include "engine/cpu_features.h"
@@ -191,7 +190,9 @@ py::dict timings_dict(const gpt2s::Timings& t) {
 // a callback (or KeyboardInterrupt, noticed once per step) ends the call and propagates.
 py::list engine_generate(gpt2s::Engine& engine, py::iterable requests, int64_t batch_size, py::object on_token,
                          py::object on_finish, py::object on_logits) {
-  if (batch_size < 1 || batch_size > INT32_MAX) throw py::value_error("batch_size must be >= 1, got " + std::to_string(batch_size));
+  if (batch_size < 1 || batch_size > INT32_MAX) {
+    throw py::value_error("batch_size must be between 1 and 2**31 - 1, got " + std::to_string(batch_size));
+  }
   const gpt2s::Config& config = engine.weights().config;
   std::vector<gpt2s::GenRequest> reqs;
   for (py::handle r : requests) reqs.push_back(to_request(r, reqs.size(), config));

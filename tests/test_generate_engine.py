@@ -17,9 +17,19 @@ from gpt_2_simple.generate import GenerateSettings, SampleSpec, generate_samples
 from reference import TINY, random_gpt2  # noqa: E402
 
 
+def _peaked(model):
+    """GPT-2's init gives a random model near-uniform next-token distributions (logits ~1e-5 apart),
+    where float rounding between two correct implementations decides which of two tokens sits at a
+    top-p cut. A larger final LayerNorm gain (x10) spreads the logits (std ~1.5) as a trained model's are,
+    so exact text equality tests the engine, not the rounding."""
+    with torch.no_grad():
+        model.ln_f.weight.mul_(10.0)
+    return model
+
+
 @pytest.fixture(scope="module")
 def models():
-    return {1: random_gpt2(TINY, seed=1), 2: random_gpt2(TINY, seed=2)}
+    return {1: _peaked(random_gpt2(TINY, seed=1)), 2: _peaked(random_gpt2(TINY, seed=2))}
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@
 
 namespace gpt2s::cuda {
 
-constexpr int kSampleThreads = 512;
+constexpr int kSampleThreads = 1024;  // one block per row: at batch 1 the whole draw runs on one multiprocessor
 
 // One row's sampling parameters as the host uploads them (already validated and clamped).
 struct RowSampling {
@@ -84,12 +84,33 @@ __device__ uint64_t block_select(int V, uint64_t need, const KeyWeight& key_weig
     }
     __syncthreads();
     const uint64_t fixed_mask = shift == 56 ? 0 : (~0ull << (shift + 8));
-    for (int i = tid; i < V; i += nt) {
-      uint64_t key, weight;
-      if (!key_weight(i, key, weight) || (key & fixed_mask) != prefix) continue;
+    // Every warp runs the same iterations (i0 is block-uniform), so the warp-wide votes below see
+    // all 32 lanes. The first bytes of the keys are shared by most of the vocabulary (they hold the
+    // logits' sign and exponent), and 32 lanes adding to one shared counter are serialised: each
+    // warp therefore adds the lanes of its (at most kGroups) most common bins with one atomic per
+    // bin, and only the stragglers of a widely spread byte add one by one.
+    constexpr int kGroups = 4;
+    for (int i0 = 0; i0 < V; i0 += nt) {
+      const int i = i0 + tid;
+      uint64_t key = 0, weight = 0;
+      const bool in = i < V && key_weight(i, key, weight) && (key & fixed_mask) == prefix;
       const int d = int((key >> shift) & 255);
-      atomicAdd(&sh.count[d], 1u);
-      if (weight) atomicAdd(&sh.mass[d], (unsigned long long)weight);
+      unsigned pending = __ballot_sync(kFullWarp, in);
+      for (int g = 0; pending && g < kGroups; ++g) {
+        const int leader = __ffs(pending) - 1;
+        const int bin = __shfl_sync(kFullWarp, d, leader);
+        const unsigned group = __ballot_sync(kFullWarp, in && d == bin);
+        const unsigned long long mass = warp_sum<unsigned long long>(in && d == bin ? weight : 0);
+        if (lane == leader) {
+          atomicAdd(&sh.count[bin], unsigned(__popc(group)));
+          if (mass) atomicAdd(&sh.mass[bin], mass);
+        }
+        pending &= ~group;
+      }
+      if (pending & (1u << lane)) {
+        atomicAdd(&sh.count[d], 1u);
+        if (weight) atomicAdd(&sh.mass[d], (unsigned long long)weight);
+      }
     }
     __syncthreads();
     if (warp == 0) {

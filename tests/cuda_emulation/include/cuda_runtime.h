@@ -153,6 +153,7 @@ T __shfl_up_sync(unsigned, T v, unsigned delta) {
 }
 inline unsigned __ballot_sync(unsigned, int predicate) { return gpt2s_emulation::warp_ballot(predicate != 0); }
 inline int __ffs(unsigned x) { return __builtin_ffs(int(x)); }
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
 
 // Fibers of a block never run at the same time: plain read-modify-writes are atomic here.
 inline unsigned atomicAdd(unsigned* p, unsigned v) {
