@@ -34,7 +34,7 @@ from ..config import GPT2Config
 
 __all__ = [
     "Options", "Worker", "WorkerError", "ModelFiles", "context", "load_average", "summary", "interleave", "case_records",
-    "memory_bandwidth", "gemm_gflops", "rss", "peak_rss", "reset_peak_rss", "random_state", "log",
+    "memory_bandwidth", "gemm_gflops", "rss", "peak_rss", "reset_peak_rss", "random_state", "to_transformers", "log",
 ]
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
@@ -450,3 +450,24 @@ class ModelFiles:
         if not (path / "model.safetensors").exists():
             export_hf((self.config, self.state), path)
         return path
+
+
+def to_transformers(model):
+    """The same weights as our ``model.GPT2`` in ``transformers.GPT2LMHeadModel`` (eager attention,
+    tied head): the peer on identical weights (also the tests' reference)."""
+    import transformers
+
+    c = model.config
+    hf_config = transformers.GPT2Config(
+        vocab_size=c.n_vocab, n_positions=c.n_ctx, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
+        activation_function="gelu_new", layer_norm_epsilon=1e-5, attn_implementation="eager",
+    )
+    hf = transformers.GPT2LMHeadModel(hf_config)
+    state = {f"transformer.{k}": v for k, v in model.state_dict().items()}
+    result = hf.load_state_dict(state, strict=False)
+    if not set(result.missing_keys) <= {"lm_head.weight"} or result.unexpected_keys:
+        raise RuntimeError(f"the weights do not map onto transformers' GPT-2: {result}")
+    hf.tie_weights()
+    if hf.lm_head.weight.data_ptr() != hf.transformer.wte.weight.data_ptr():
+        raise RuntimeError("transformers did not tie the head to wte")
+    return hf.eval()
