@@ -20,29 +20,32 @@ import time
 import traceback
 from pathlib import Path
 
-__all__ = ["SUITES", "add_arguments", "run", "main"]
+__all__ = ["SUITES", "parse_suites", "add_arguments", "run", "readme", "main"]
 
 SUITES = ("generation", "batching", "load", "tokenizer", "finetune", "gpu")
 
 
-def _suites(text: str) -> list[str]:
+def parse_suites(text: str) -> list[str]:
+    """``--suites`` ("generation,load") as a list; ValueError (exit code 2, one line) naming the known ones."""
     names = [s.strip() for s in text.split(",") if s.strip()]
     unknown = [s for s in names if s not in SUITES]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown suite(s) {', '.join(unknown) or '(none)'}; choose from {','.join(SUITES)}")
-    return names
+        raise ValueError(f"--suites: unknown suite(s) {', '.join(unknown) or '(none given)'}; choose from {','.join(SUITES)}")
+    return list(dict.fromkeys(names))
 
 
 def add_arguments(parser: argparse.ArgumentParser, output_dir: str) -> None:
     """The options of ``gpt_2_simple bench`` (and ``bench/run.py``, which writes to bench/results)."""
-    parser.add_argument("--suites", type=_suites, default=list(SUITES), help=f"comma-separated suites to run (default: all: {','.join(SUITES)})")
+    parser.add_argument("--suites", default=",".join(SUITES), help=f"comma-separated suites to run (default: all: {','.join(SUITES)})")
     parser.add_argument("--quick", action="store_true", help="smoke run: small sizes, 2 repetitions (a minute or two; not figures to quote)")
     parser.add_argument("--reps", type=int, default=None, help="timed runs per configuration after the warm-up (default 5; 2 with --quick)")
     parser.add_argument("--model", default="124M", help="model geometry, random weights (default 124M; tiny/mini/small for a fast check)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for every peer (default: all cores)")
     parser.add_argument("--output_dir", default=output_dir, help=f"where results are written (default: {output_dir})")
     parser.add_argument("--workdir", default=None, help="folder for the model files the suites write (default: a temporary folder, removed)")
-    parser.add_argument("--readme", default=None, metavar="RESULTS.json", help="print the README Performance section of a results file (and rewrite its .md, .png) instead of measuring")
+    parser.add_argument("--readme", nargs="+", default=None, metavar="RESULTS.json",
+                        help="instead of measuring, print the README Performance section of a results file (and rewrite its .md, .png); "
+                        "may add GPU results files of bench/generate_cuda.py and bench/finetune_gpu.py (a GPU table each)")
     parser.add_argument("--apply", default=None, metavar="README.md", help="with --readme: write the section between the performance markers of this file")
 
 
@@ -94,14 +97,24 @@ def run(suites: list[str], *, quick: bool = False, reps: int | None = None, mode
     return path
 
 
-def readme(results_path: str, apply: str | None = None) -> str:
-    """The README section of a results file; rewrites its .md and .png, and ``apply``'s section."""
+def readme(results_paths: list[str] | str, apply: str | None = None) -> str:
+    """The README section of a harness results file and/or GPU results files (at most one harness
+    file); rewrites the harness file's .md and .png, and ``apply``'s section."""
     from . import report
 
-    path = Path(results_path)
-    results = report.load_results(path)
-    report.write_results(results, path)
-    section = report.readme_section(results, report.display_path(path))
+    harness, gpu = None, []
+    for name in [results_paths] if isinstance(results_paths, str) else results_paths:
+        path = Path(name)
+        kind, data = report.load_any(path)
+        if kind == "gpu":
+            gpu.append((report.display_path(path), data))
+        elif harness is not None:
+            raise ValueError(f"--readme takes one harness results file ({harness[0]} and {path} given) and any GPU results files")
+        else:
+            harness = (path, data)
+    if harness is not None:
+        report.write_results(harness[1], harness[0])
+    section = report.readme_section(harness and harness[1], harness and report.display_path(harness[0]), gpu=gpu)
     if apply:
         target = Path(apply)
         if not target.is_file():
@@ -113,8 +126,9 @@ def readme(results_path: str, apply: str | None = None) -> str:
 def command_line(program: str, args: argparse.Namespace) -> str:
     """The command that reproduces a run: ``program`` and the options that change what is measured."""
     parts = [program]
-    if args.suites != list(SUITES):
-        parts.append(f"--suites {','.join(args.suites)}")
+    suites = parse_suites(args.suites)
+    if suites != list(SUITES):
+        parts.append(f"--suites {','.join(suites)}")
     if args.quick:
         parts.append("--quick")
     for option in ("reps", "model", "threads"):
@@ -131,9 +145,10 @@ def main(args: argparse.Namespace, program: str) -> None:
     if args.readme:
         sys.stdout.write(readme(args.readme, args.apply))
         return
+    suites = parse_suites(args.suites)
     if args.reps is not None and args.reps < 1:
         raise ValueError(f"--reps must be at least 1, got {args.reps}")
-    path = run(args.suites, quick=args.quick, reps=args.reps, model=args.model, threads=args.threads, output_dir=args.output_dir,
+    path = run(suites, quick=args.quick, reps=args.reps, model=args.model, threads=args.threads, output_dir=args.output_dir,
                workdir=args.workdir, command=command_line(program, args))
     from .report import load_results
 

@@ -11,16 +11,16 @@ import os
 from pathlib import Path
 
 from ..plot import bar_chart_png
+from .gpu import records as gpu_records
+from .gpu import reproduce_command
 
-__all__ = ["SCHEMA", "load_results", "write_results", "markdown", "readme_section", "apply_readme", "chart_png", "START", "END"]
+__all__ = ["SCHEMA", "load_results", "load_any", "write_results", "markdown", "readme_section", "apply_readme", "chart_png", "START", "END"]
 
 SCHEMA = "gpt_2_simple-bench/1"
 START, END = "<!-- performance:start -->", "<!-- performance:end -->"
 TITLES = {"generation": "Generation", "batching": "Continuous vs static batching", "load": "Model load", "tokenizer": "Tokenizer encode",
           "finetune": "Fine-tuning", "gpu": "GPU"}
-REPRODUCE = """\
-    pip install "gpt_2_simple[bench]"   # transformers and tiktoken, the peers
-    gpt_2_simple bench                  # from a checkout: python bench/run.py"""
+PEERS_INSTALL = 'pip install "gpt_2_simple[bench]"    # the peers: transformers, tiktoken'
 
 
 def load_results(path: str | os.PathLike) -> dict:
@@ -34,6 +34,19 @@ def load_results(path: str | os.PathLike) -> dict:
     if not isinstance(results, dict) or results.get("schema") != SCHEMA:
         raise ValueError(f"{path} is not a gpt_2_simple bench results file (schema {SCHEMA!r})")
     return results
+
+
+def load_any(path: str | os.PathLike) -> tuple[str, dict]:
+    """A harness results file (``("harness", results)``) or a GPU results file of
+    bench/generate_cuda.py or bench/finetune_gpu.py (``("gpu", results)``)."""
+    try:
+        return "harness", load_results(path)
+    except ValueError:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        if isinstance(data, dict) and data.get("benchmark") in ("generate_cuda", "finetune_gpu"):
+            return "gpu", data
+        raise ValueError(f"{path} is neither a gpt_2_simple bench results file (schema {SCHEMA!r}) nor a GPU results file "
+                         "of bench/generate_cuda.py or bench/finetune_gpu.py") from None
 
 
 def write_results(results: dict, json_path: Path) -> tuple[Path, Path, Path]:
@@ -165,17 +178,59 @@ def _skipped(results: dict) -> list[str]:
     return out
 
 
-def readme_section(results: dict, results_path: str) -> str:
-    """The README's Performance section (markers included) for ``results`` stored at ``results_path``."""
-    lines = [START, "## Performance", "", f"Measured by `{results.get('command', 'gpt_2_simple bench')}` on {machine_line(results)}. "
-             f"{_method(results)} Full tables, every peer and the chart: `{results_path}` and its `.md`/`.png` beside it.", ""]
-    rows = _headline_rows(results)
+def gpu_lines(results_path: str, result: dict) -> list[str]:
+    """A GPU results file (bench/generate_cuda.py or bench/finetune_gpu.py) as a labelled table:
+    device, date, commit, settings, the command that wrote it, its headline figures."""
+    title = "GPU generation" if result["benchmark"] == "generate_cuda" else "GPU fine-tuning"
+    if result["benchmark"] == "generate_cuda":
+        c = result["context"]
+        g = result["generation"][0]
+        device = f"{c['gpu']} (sm_{c['capability'][0]}{c['capability'][1]}, {c['gpu_memory_bytes'] / 2**30:.0f} GiB, driver {c['driver']})"
+        software = f"torch {c['torch']} (CUDA {c['torch_cuda']}), transformers {c['transformers']}; gpt_2_simple {c['gpt_2_simple']} (commit {c['commit']})"
+        if c.get("commit_note"):
+            software += f"; {c['commit_note']}"
+        date = c["date"]
+        what = (f"124M geometry, random weights, bf16, prompt {g['prompt']}, {g['new_tokens']} new tokens, top-k {g['top_k']}; our CUDA engine "
+                f"against transformers `generate` on the same GPU, median of {g['reps']} runs after a warm-up, interleaved; batch-1 floor "
+                f"{result['batch1_floor_ms_per_token']:.3f} ms/token (weights over the copy bandwidth measured in the same run, "
+                f"{_num(result['copy_bandwidth_gb_s'])} GB/s)")
+    else:
+        device = f"{result['gpu']} ({result['gpu_memory_bytes'] / 2**30:.0f} GiB)"
+        software = f"torch {result['torch']} (CUDA {result['torch_cuda']}), transformers {result['transformers']}; commit {result['commit']}"
+        date = result["date"]
+        reps = result["models"][0]["reps"] if result["models"] else "?"
+        what = (f"Random init, {result['settings']}; `finetune` against a plain transformers loop, {reps} timed run(s) per variant after a "
+                "warm-up run, interleaved")
+    lines = [f"**{title}** on {device}, {date[:16].replace('T', ' ')}; {software}. {what}. Measured by `{reproduce_command(result)}`; "
+             f"results: `{results_path}`.", ""]
+    rows = _headline_rows({"records": gpu_records(result)})
     if rows:
         lines += ["| What | Case | gpt_2_simple | Peer | Ratio (> 1: ours better) |", "|---|---|---|---|---|", *rows, ""]
-    skipped = _skipped(results)
-    if skipped:
-        lines += ["Not measured or with a caveat:", "", *skipped, ""]
-    lines += ["To reproduce (figures vary with the machine and its load; compare ratios, not absolute numbers):", "", REPRODUCE, "", END]
+    return lines
+
+
+def readme_section(results: dict | None, results_path: str | None, *, gpu: list[tuple[str, dict]] = ()) -> str:
+    """The README's Performance section (markers included) for ``results`` stored at ``results_path``
+    (None: GPU files only), with a table for each ``(path, result)`` of ``gpu``."""
+    lines = [START, "## Performance", ""]
+    commands = [PEERS_INSTALL]
+    if results is not None:
+        lines += [f"Measured by `{results.get('command', 'gpt_2_simple bench')}` on {machine_line(results)}. {_method(results)} Full tables, "
+                  f"every peer and the chart: `{results_path}` and its `.md`/`.png` beside it.", ""]
+        rows = _headline_rows(results)
+        if rows:
+            lines += ["| What | Case | gpt_2_simple | Peer | Ratio (> 1: ours better) |", "|---|---|---|---|---|", *rows, ""]
+        skipped = _skipped(results)
+        if skipped:
+            lines += ["Not measured or with a caveat:", "", *skipped, ""]
+        commands.append(f"{results.get('command', 'gpt_2_simple bench')}    # python bench/run.py = gpt_2_simple bench in a checkout")
+    for path, result in gpu:
+        lines += gpu_lines(path, result)
+        commands.append(f"{reproduce_command(result)}    # needs an NVIDIA GPU (or: bash bench/gpu_check.sh)")
+    files = " ".join(p for p in [results_path, *(p for p, _ in gpu)] if p)
+    commands.append(f"python bench/run.py --readme {files} --apply README.md   # this section")
+    lines += ["To reproduce (figures vary with the machine and its load; compare ratios, not absolute numbers; docs/bench.md):", "",
+              *(f"    {c}" for c in commands), "", END]
     return "\n".join(lines) + "\n"
 
 
