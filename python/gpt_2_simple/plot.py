@@ -157,7 +157,7 @@ def bar_chart_png(panels: list[dict], width: int = 960) -> bytes:
                 bx = int(gx + group_width * 0.1 + s * bar)
                 ya, yb = sorted((to_y(1.0), to_y(v)))
                 image[ya : max(yb, ya + 1) + 1, bx : bx + bar - 1] = PALETTE[s % len(PALETTE)]
-            fit = max(1, int(group_width // 8))
+            fit = max(1, int(group_width // 8) - 2)  # a gap between neighbouring labels
             _text(image, int(gx + max(0.0, (group_width - 8 * min(len(label), fit)) / 2)), plot_bottom + 8, label[:fit].upper(), AXIS_RGB)
         image[plot_top : plot_bottom + 1, left] = AXIS_RGB
     return png_bytes(image)

@@ -170,7 +170,7 @@ def memory(opts: Options, name: str, data: Path, peers: list[str]) -> list[dict]
             with w:
                 peaks[peer] = w(batch=batch, steps=1)["peak_rss"]
             log(f"  {SUITE} memory {name} checkpointing={checkpointing} {peer}: peak RSS {peaks[peer] / 2**20:,.0f} MiB")
-        case = f"peak RSS of one step, {name}, batch {batch} x {config.n_ctx}" + (", activation checkpointing" if checkpointing else "")
+        case = f"peak RSS {name} {batch}x{config.n_ctx}" + (" checkpointed" if checkpointing else "")  # short: a chart label
         cfg = {"model": name, "hparams": config.to_hparams(), "batch": batch, "seq": config.n_ctx, "optimizer": "SGD (no optimizer state)",
                "activation_checkpointing": checkpointing, "dtype": "fp32"}
         records += case_records(SUITE, case, cfg, {p: [v / 2**20] for p, v in peaks.items()}, metric="peak RSS MiB", higher_is_better=False,

@@ -229,7 +229,7 @@ def readme_section(results: dict | None, results_path: str | None, *, gpu: list[
         commands.append(f"{reproduce_command(result)}    # needs an NVIDIA GPU (or: bash bench/gpu_check.sh)")
     files = " ".join(p for p in [results_path, *(p for p, _ in gpu)] if p)
     commands.append(f"python bench/run.py --readme {files} --apply README.md   # this section")
-    lines += ["To reproduce (figures vary with the machine and its load; compare ratios, not absolute numbers; docs/bench.md):", "",
+    lines += ["To reproduce (figures vary with the machine and its load; compare ratios, not absolute numbers; how: [docs/bench.md](docs/bench.md)):", "",
               *(f"    {c}" for c in commands), "", END]
     return "\n".join(lines) + "\n"
 
