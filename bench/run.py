@@ -1,9 +1,9 @@
 """Run the benchmark suites from a checkout: results to bench/results/ (JSON, markdown, PNG).
 
-    python bench/run.py                                   # every suite, full sizes (an hour or more on 2 cores)
-    python bench/run.py --quick                           # smoke run, a minute or two
+    python bench/run.py                                   # every suite, full sizes (about 1.5 hours on 2 cores)
+    python bench/run.py --quick --model tiny              # smoke run, a minute or two
     python bench/run.py --suites generation,batching --reps 7
-    python bench/run.py --readme bench/results/X.json [--apply README.md]
+    python bench/run.py --readme bench/results/X.json [GPU results files] [--apply README.md]
 
 The same as ``gpt_2_simple bench`` (which writes to ./bench_results); see docs/bench.md.
 """
