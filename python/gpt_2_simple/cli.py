@@ -136,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="openai: OpenAI's TF checkpoint, as the original (mirror: GPT_2_SIMPLE_BASE_URL); "
                    "hf: the Hugging Face hub's safetensors (mirror: GPT_2_SIMPLE_HF_BASE_URL or HF_ENDPOINT)")
     p.set_defaults(handler=_cmd_download)
+
+    p = sub.add_parser("bench", help="measure speed and memory against transformers/tiktoken (JSON, markdown and PNG results)")
+    from .benchmark.harness import add_arguments
+
+    add_arguments(p, output_dir="bench_results")
+    p.set_defaults(handler=_cmd_bench)
     return parser
 
 
@@ -243,6 +249,12 @@ def _cmd_download(args: argparse.Namespace) -> None:
 
     folder = download_gpt2(model_dir=args.model_dir, model_name=args.model_name, source=args.source)
     print(f"GPT-2 {args.model_name} is in {folder}")
+
+
+def _cmd_bench(args: argparse.Namespace) -> None:
+    from .benchmark.harness import main
+
+    main(args, program="gpt_2_simple bench")
 
 
 def _normalise_argv(argv: list[str]) -> list[str]:

@@ -2,7 +2,7 @@
 
 Same contract as the engine (``engine.Request`` in, ``engine.Result`` out, docs/design.md "Engine")
 and the same sampling (``sampling.py``), on ``model.py`` with its KV cache. Training uses it for the
-samples it prints, and ``bench/generate.py`` times it as the plain PyTorch KV-cached loop.
+samples it prints, and the benchmark harness (``benchmark/generation.py``) times it as the plain PyTorch KV-cached loop.
 
 Rows run in lockstep batches of requests with the same prompt length (model.py has no padding
 mask, and equal lengths need none); a finished row leaves its batch and stops costing compute.

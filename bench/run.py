@@ -1,0 +1,28 @@
+"""Run the benchmark suites from a checkout: results to bench/results/ (JSON, markdown, PNG).
+
+    python bench/run.py                                   # every suite, full sizes (about 1.5 hours on 2 cores)
+    python bench/run.py --quick --model tiny              # smoke run, a minute or two
+    python bench/run.py --suites generation,batching --reps 7
+    python bench/run.py --readme bench/results/X.json [GPU results files] [--apply README.md]
+
+The same as ``gpt_2_simple bench`` (which writes to ./bench_results); see docs/bench.md.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "python"))
+
+from gpt_2_simple.benchmark import harness  # noqa: E402
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    harness.add_arguments(parser, output_dir=str(ROOT / "bench" / "results"))
+    args = parser.parse_args()
+    try:
+        harness.main(args, program="python bench/run.py")
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"bench/run.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

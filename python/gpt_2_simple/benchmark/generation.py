@@ -1,0 +1,180 @@
+"""Generation speed: our C++ engine (fp32 and bf16) against a plain PyTorch KV-cached loop with our
+model (``torch_generate``) and HuggingFace transformers' ``generate``, on the same random weights.
+
+Each peer lives in its own worker process; one configuration (batch, prompt length) runs them
+interleaved, median of ``reps`` runs after one warm-up each. Timed: one whole generate call as the
+user waits for it (prefill, decode, top-k sampling, stop checks), tokens/s = batch x new tokens /
+seconds. Also recorded: the engine's decode ms per step, prefill ms and sampling share; beside
+them the physical limit, measured in the same run: at batch 1 the weight bytes a decode step reads
+against the machine's memory bandwidth, at larger batches the FLOPs per token against a measured
+GEMM rate; peak RSS of every peer during the configuration.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import statistics
+import time
+
+from .common import Options, Worker, case_records, gemm_gflops, log, memory_bandwidth, run_case, set_torch_threads
+
+SUITE = "generation"
+PEERS = ("engine-fp32", "engine-bf16", "torch", "transformers")
+COMPARE_TO = ("transformers", "torch")
+
+
+def _prompt(length: int) -> list[int]:
+    return list(range(1000, 1000 + length))
+
+
+def engine_peer(path: str, threads: int | None):
+    """Worker side: our engine on ``path``, generating ``batch`` samples per call."""
+    from ..engine import Engine, Request
+
+    engine = Engine(path, backend="cpu", threads=threads)
+
+    def run(batch: int, prompt: int, new_tokens: int, top_k: int) -> dict:
+        requests = [Request(_prompt(prompt), new_tokens, temperature=1.0, top_k=top_k, seed=1234, sample_index=i) for i in range(batch)]
+        start = time.perf_counter()
+        results = engine.generate(requests, batch_size=batch)
+        seconds = time.perf_counter() - start
+        if any(len(r.tokens) != new_tokens for r in results):
+            raise RuntimeError(f"the engine returned {[len(r.tokens) for r in results]} tokens, expected {new_tokens} each")
+        t = engine.last_timings()
+        keys = ("prefill_seconds", "decode_seconds", "decode_steps", "decode_sample_seconds", "kv_cache_bytes")
+        return {"seconds": seconds, "timings": {k: t[k] for k in keys}}
+
+    return run
+
+
+def torch_peer(folder: str, threads: int | None):
+    """Worker side: our PyTorch model with its KV-cached loop (``torch_generate.generate_tokens``)."""
+    set_torch_threads(threads)
+    from ..engine import Request
+    from ..torch_generate import generate_tokens
+    from ..weights import build_model, load_weights
+
+    model = build_model(*load_weights(folder))
+
+    def run(batch: int, prompt: int, new_tokens: int, top_k: int) -> dict:
+        requests = [Request(_prompt(prompt), new_tokens, temperature=1.0, top_k=top_k, seed=1234, sample_index=i) for i in range(batch)]
+        start = time.perf_counter()
+        results = generate_tokens(model, requests, batch_size=batch)
+        seconds = time.perf_counter() - start
+        if any(len(r.tokens) != new_tokens for r in results):
+            raise RuntimeError("the PyTorch loop stopped early")
+        return {"seconds": seconds}
+
+    return run
+
+
+def transformers_peer(folder: str, threads: int | None):
+    """Worker side: ``transformers.GPT2LMHeadModel.generate`` (its default attention), top-k sampling."""
+    set_torch_threads(threads)
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    model = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
+
+    def run(batch: int, prompt: int, new_tokens: int, top_k: int) -> dict:
+        ids = torch.tensor([_prompt(prompt)] * batch)
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=top_k, temperature=1.0,
+                                 max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0)
+        seconds = time.perf_counter() - start
+        if out.shape != (batch, prompt + new_tokens):
+            raise RuntimeError(f"transformers returned shape {tuple(out.shape)}")
+        return {"seconds": seconds}
+
+    return run
+
+
+def weight_bytes_per_token(path) -> int:
+    """Bytes a batch-1 decode step reads: every tensor once, except wpe, of which one row (the
+    head reads all of wte; the embedding one more row of it)."""
+    from ..export import inspect
+
+    info = inspect(path)
+    n_ctx, C = info["config"]["n_ctx"], info["config"]["n_embd"]
+    total = sum(t["nbytes"] if t["name"] != "wpe.weight" else t["nbytes"] // n_ctx for t in info["tensors"])
+    return total + C * (2 if info["dtype"] == "bf16" else 4)
+
+
+def flops_per_token(config, position: float) -> float:
+    """FLOPs of one decode token at context ``position``: the matrix products (12 C^2 per layer
+    and the V x C head, 2 FLOPs per multiply-add) and attention over ``position`` keys."""
+    C, L = config.n_embd, config.n_layer
+    return 2 * (L * 12 * C * C + config.n_vocab * C) + L * 4 * C * position
+
+
+def measure(opts: Options, *, batches: tuple[int, ...] | None = None, prompts: tuple[int, ...] | None = None,
+            new_tokens: int | None = None, top_k: int = 40, peers: tuple[str, ...] = PEERS) -> list[dict]:
+    """Records of every (prompt, batch) configuration: batch 1/8/20/64 x prompt 16/512 x 128 new
+    tokens (``--quick``: batch 1/8, prompt 16, 16 new tokens)."""
+    batches = batches or ((1, 8) if opts.quick else (1, 8, 20, 64))
+    prompts = prompts or ((16,) if opts.quick else (16, 512))
+    new_tokens = new_tokens or (16 if opts.quick else 128)
+    config = opts.config
+    if max(prompts) + new_tokens > config.n_ctx:
+        raise ValueError(f"prompt {max(prompts)} + {new_tokens} new tokens exceed the {opts.model} context ({config.n_ctx})")
+    peers = tuple(peers)
+    if "transformers" in peers and importlib.util.find_spec("transformers") is None:
+        opts.note("transformers is not installed: generation compares the engine with the PyTorch loop only (pip install transformers)")
+        peers = tuple(p for p in peers if p != "transformers")
+    files = {dtype: opts.models.engine(dtype) for dtype in ("fp32", "bf16") if f"engine-{dtype}" in peers}
+    gemm = {dtype: gemm_gflops(dtype, opts.threads) for dtype in files}
+    log(f"{SUITE}: {opts.model} geometry, random weights, peers {', '.join(peers)}; "
+        + ", ".join(f"{d} GEMM {g:.0f} GFLOP/s" for d, g in gemm.items()))
+
+    workers: dict[str, Worker] = {}
+    records = []
+    try:
+        for peer in peers:
+            if peer.startswith("engine-"):
+                workers[peer] = Worker(f"{__name__}:engine_peer", name=peer, threads=opts.threads, path=str(files[peer[7:]]))
+            else:
+                target = "torch_peer" if peer == "torch" else "transformers_peer"
+                workers[peer] = Worker(f"{__name__}:{target}", name=peer, threads=opts.threads, folder=str(opts.models.hf()))
+        for prompt in prompts:
+            for batch in batches:
+                case = f"batch {batch}, prompt {prompt}"
+                cfg = {"batch": batch, "prompt": prompt, "new_tokens": new_tokens, "top_k": top_k, "temperature": 1.0, "model": opts.model}
+                job = {"batch": batch, "prompt": prompt, "new_tokens": new_tokens, "top_k": top_k}
+                calls = {p: (lambda w=w: w(**job)) for p, w in workers.items()}
+                replies, peaks, load = run_case(calls, list(workers.values()), opts.reps, label=f"{SUITE} {case}",
+                                                rate=lambda r, b=batch: f"{b * new_tokens / r['seconds']:.1f} tok/s")
+                bandwidth = memory_bandwidth(opts.threads)
+                samples = {p: [batch * new_tokens / r["seconds"] for r in rs] for p, rs in replies.items()}
+                details = {p: _engine_details(replies[p], files[p[7:]], config, batch, prompt, new_tokens, bandwidth, gemm[p[7:]])
+                           for p in replies if p.startswith("engine-")}
+                records += case_records(SUITE, case, cfg, samples, metric="tokens/s", ours={p for p in peers if p.startswith("engine-")},
+                                        compare_to=[p for p in COMPARE_TO if p in peers], peak_rss=peaks, details=details,
+                                        load_average=load, headline={"engine-bf16"})
+    finally:
+        for w in workers.values():
+            w.close()
+    return records
+
+
+def _engine_details(replies: list[dict], path, config, batch: int, prompt: int, new_tokens: int, bandwidth: float, gemm: float) -> dict:
+    """Where the engine's time went and how close it came to the machine's limit."""
+    timings = [r["timings"] for r in replies]
+    step = statistics.median(t["decode_seconds"] / t["decode_steps"] for t in timings)
+    out = {
+        "decode_ms_per_step": 1e3 * step,
+        "prefill_ms": 1e3 * statistics.median(t["prefill_seconds"] for t in timings),
+        "sampling_share_of_decode": statistics.median(t["decode_sample_seconds"] / t["decode_seconds"] for t in timings),
+        "kv_cache_bytes": timings[0]["kv_cache_bytes"],
+        "file_bytes": path.stat().st_size,
+        "bandwidth_gb_per_s": bandwidth,
+    }
+    if batch == 1:  # memory-bound: every weight is read once per token
+        per_token = weight_bytes_per_token(path)
+        out.update(weight_bytes_per_token=per_token, weight_read_gb_per_s=per_token / step / 1e9,
+                   share_of_bandwidth=per_token / step / 1e9 / bandwidth)
+    else:  # compute-bound: FLOPs of the decode tokens against a GEMM's rate
+        flops = flops_per_token(config, prompt + new_tokens / 2)
+        out.update(flops_per_token=flops, gemm_gflops=gemm, share_of_gemm=batch / step * flops / 1e9 / gemm)
+    return out

@@ -1,0 +1,316 @@
+"""A results file (``<date>-<host>.json``) turned into what people read: the README's Performance
+section (between ``<!-- performance:start -->`` and ``<!-- performance:end -->``), markdown
+tables of every record, and a PNG chart of every comparison. Everything here is a pure function of
+the results file, so the same file always gives the same text and image.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..plot import bar_chart_png
+from .gpu import records as gpu_records
+from .gpu import reproduce_command
+
+__all__ = ["SCHEMA", "load_results", "load_any", "write_results", "markdown", "readme_section", "apply_readme", "chart_png", "START", "END"]
+
+SCHEMA = "gpt_2_simple-bench/1"
+START, END = "<!-- performance:start -->", "<!-- performance:end -->"
+TITLES = {"generation": "Generation", "batching": "Continuous vs static batching", "load": "Model load", "tokenizer": "Tokenizer encode",
+          "finetune": "Fine-tuning", "gpu": "GPU"}
+PEERS_INSTALL = 'pip install "gpt_2_simple[bench]"    # the peers: transformers, tiktoken'
+
+
+def load_results(path: str | os.PathLike) -> dict:
+    """Read a results file, checking that it is one."""
+    try:
+        results = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no results file at {path}; run `gpt_2_simple bench` (or python bench/run.py) to make one") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not JSON ({e})") from None
+    if not isinstance(results, dict) or results.get("schema") != SCHEMA:
+        raise ValueError(f"{path} is not a gpt_2_simple bench results file (schema {SCHEMA!r})")
+    return results
+
+
+def load_any(path: str | os.PathLike) -> tuple[str, dict]:
+    """A harness results file (``("harness", results)``) or a GPU results file of
+    bench/generate_cuda.py or bench/finetune_gpu.py (``("gpu", results)``)."""
+    try:
+        return "harness", load_results(path)
+    except ValueError:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        if isinstance(data, dict) and data.get("benchmark") in ("generate_cuda", "finetune_gpu"):
+            return "gpu", data
+        raise ValueError(f"{path} is neither a gpt_2_simple bench results file (schema {SCHEMA!r}) nor a GPU results file "
+                         "of bench/generate_cuda.py or bench/finetune_gpu.py") from None
+
+
+def write_results(results: dict, json_path: Path) -> tuple[Path, Path, Path]:
+    """Write the results and, beside them, the markdown (``.md``) and the chart (``.png``)."""
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path, png_path = json_path.with_suffix(".md"), json_path.with_suffix(".png")
+    for path, data in ((json_path, json.dumps(results, indent=2) + "\n"), (md_path, markdown(results, display_path(json_path)))):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(data, encoding="utf-8")
+        os.replace(tmp, path)
+    tmp = png_path.with_name(png_path.name + ".tmp")
+    tmp.write_bytes(chart_png(results))
+    os.replace(tmp, png_path)
+    return json_path, md_path, png_path
+
+
+def display_path(path: Path) -> str:
+    """The path as a reader of the README would type it (relative to the current folder when inside it)."""
+    try:
+        return Path(os.path.relpath(path)).as_posix() if not os.path.relpath(path).startswith("..") else path.as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+# ---------------------------------------------------------------------------------------------
+# Number formatting
+
+
+def _num(x: float) -> str:
+    if x >= 100:
+        return f"{x:,.0f}"
+    if x >= 10:
+        return f"{x:.1f}"
+    return f"{x:.2f}" if x >= 0.1 else f"{x:.3g}"
+
+
+def _value(metric: str, x: float) -> str:
+    if metric == "seconds":
+        return f"{_num(1e3 * x)} ms" if x < 1 else f"{_num(x)} s"
+    if metric == "microseconds":
+        return f"{_num(x)} us"
+    return _num(x)
+
+
+def _bytes(n: int | None) -> str:
+    if not n:
+        return ""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:,.0f} MiB"
+
+
+def _ratio(x: float) -> str:
+    return f"{x:.2f}x" if x < 10 else f"{x:,.0f}x" if x >= 100 else f"{x:.1f}x"
+
+
+def _notes(record: dict) -> str:
+    """The details a reader needs beside the figure (the rest is in the JSON)."""
+    d = record.get("details", {})
+    parts = []
+    if "decode_ms_per_step" in d:
+        step = d["decode_ms_per_step"]
+        parts.append(f"decode {_num(step['median'] if isinstance(step, dict) else step)} ms/step")
+    if "sampling_share_of_decode" in d:
+        parts.append(f"sampling {100 * d['sampling_share_of_decode']:.1f}%")
+    if "share_of_bandwidth" in d:
+        parts.append(f"weights read at {_num(d['weight_read_gb_per_s'])} GB/s = {100 * d['share_of_bandwidth']:.0f}% of the measured "
+                     f"{_num(d['bandwidth_gb_per_s'])} GB/s")
+    if "share_of_gemm" in d:
+        parts.append(f"{100 * d['share_of_gemm']:.0f}% of a {_num(d['gemm_gflops'])} GFLOP/s GEMM")
+    if "batch1_floor_ms_per_token" in d:
+        parts.append(f"floor {d['batch1_floor_ms_per_token']:.3f} ms/token at {_num(d['copy_bandwidth_gb_per_s'])} GB/s")
+    if "decode_steps" in d:
+        parts.append(f"{d['decode_steps']} decode steps")
+    if "peak_gpu_bytes" in d:
+        parts.append(f"peak GPU memory {_bytes(d['peak_gpu_bytes'])}")
+    if "file_bytes" in d and record["suite"] == "load":
+        parts.append(f"file {_bytes(d['file_bytes'])}")
+    return "; ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text
+
+
+def machine_line(results: dict) -> str:
+    c = results["context"]
+    v = c.get("versions", {})
+    simd = ", ".join(c.get("simd") or []) or "no AVX2"
+    memory = f", {c['memory_bytes'] / 2**30:.0f} GiB" if c.get("memory_bytes") else ""
+    peers = ", ".join(f"{name} {v[name]}" for name in ("torch", "transformers", "tiktoken") if v.get(name))
+    commit = f" (commit {c['commit']})" if c.get("commit") else ""
+    return (f"{c['cpu']} ({c['cores']} cores{memory}, {simd}; engine ISA {c.get('engine_isa') or 'n/a'}), {c['threads']} threads, "
+            f"{c['os']}, Python {c['python']}; gpt_2_simple {v.get('gpt_2_simple')}{commit}, {peers}; "
+            f"{c['date'][:16].replace('T', ' ')}; load average {c['load_average_start']:.1f} at the start, "
+            f"{c.get('load_average_end', c['load_average_start']):.1f} at the end")
+
+
+def _method(results: dict) -> str:
+    o = results.get("options", {})
+    quick = " **A `--quick` smoke run: small sizes and few repetitions, not figures to quote.**" if results.get("quick") else ""
+    return (f"Model geometry {o.get('model', '124M')} with random weights; every figure the median of {o.get('reps', '?')} runs after a "
+            f"warm-up, every ratio the median of per-round ratios against the peer measured in the same run, interleaved; each peer "
+            f"in its own process (its peak RSS its own).{quick}")
+
+
+def _headline_rows(results: dict) -> list[str]:
+    rows = []
+    by_case: dict[tuple[str, str], dict[str, dict]] = {}
+    for r in results["records"]:
+        by_case.setdefault((r["suite"], r["case"]), {})[r["peer"]] = r
+    for r in results["records"]:
+        if not r.get("headline") or not r.get("speedup"):
+            continue
+        peer = next(iter(r["speedup"]))
+        other = by_case[(r["suite"], r["case"])].get(peer)
+        what = f"{TITLES.get(r['suite'], r['suite'])} ({r['metric']})"
+        theirs = f"{_value(r['metric'], other['median'])} ({peer})" if other else peer
+        rows.append(f"| {what} | {r['case']} | {_value(r['metric'], r['median'])} ({r['peer']}) | {theirs} | "
+                    f"{_ratio(r['speedup'][peer]['median'])} |")
+    return rows
+
+
+def _skipped(results: dict) -> list[str]:
+    out = []
+    for s in results.get("suites", []):
+        if s["status"] != "ok":
+            out.append(f"- {s['name']}: {s['status']}" + (f" ({'; '.join(s['notes'])})" if s.get("notes") else ""))
+        elif s.get("notes"):
+            out.append(f"- {s['name']}: {'; '.join(s['notes'])}")
+    return out
+
+
+def gpu_lines(results_path: str, result: dict) -> list[str]:
+    """A GPU results file (bench/generate_cuda.py or bench/finetune_gpu.py) as a labelled table:
+    device, date, commit, settings, the command that wrote it, its headline figures."""
+    title = "GPU generation" if result["benchmark"] == "generate_cuda" else "GPU fine-tuning"
+    if result["benchmark"] == "generate_cuda":
+        c = result["context"]
+        g = result["generation"][0]
+        device = f"{c['gpu']} (sm_{c['capability'][0]}{c['capability'][1]}, {c['gpu_memory_bytes'] / 2**30:.0f} GiB, driver {c['driver']})"
+        software = f"torch {c['torch']} (CUDA {c['torch_cuda']}), transformers {c['transformers']}; gpt_2_simple {c['gpt_2_simple']} (commit {c['commit']})"
+        if c.get("commit_note"):
+            software += f"; {c['commit_note']}"
+        date = c["date"]
+        what = (f"124M geometry, random weights, bf16, prompt {g['prompt']}, {g['new_tokens']} new tokens, top-k {g['top_k']}; our CUDA engine "
+                f"against transformers `generate` on the same GPU, median of {g['reps']} runs after a warm-up, interleaved; batch-1 floor "
+                f"{result['batch1_floor_ms_per_token']:.3f} ms/token (weights over the copy bandwidth measured in the same run, "
+                f"{_num(result['copy_bandwidth_gb_s'])} GB/s)")
+    else:
+        device = f"{result['gpu']} ({result['gpu_memory_bytes'] / 2**30:.0f} GiB)"
+        software = f"torch {result['torch']} (CUDA {result['torch_cuda']}), transformers {result['transformers']}; commit {result['commit']}"
+        date = result["date"]
+        reps = result["models"][0]["reps"] if result["models"] else "?"
+        what = (f"Random init, {result['settings']}; `finetune` against a plain transformers loop, {reps} timed run(s) per variant after a "
+                "warm-up run, interleaved")
+    lines = [f"**{title}** on {device}, {date[:16].replace('T', ' ')}; {software}. {what}. Measured by `{reproduce_command(result)}`; "
+             f"results: `{results_path}`.", ""]
+    rows = _headline_rows({"records": gpu_records(result)})
+    if rows:
+        lines += ["| What | Case | gpt_2_simple | Peer | Ratio (> 1: ours better) |", "|---|---|---|---|---|", *rows, ""]
+    return lines
+
+
+def readme_section(results: dict | None, results_path: str | None, *, gpu: list[tuple[str, dict]] = ()) -> str:
+    """The README's Performance section (markers included) for ``results`` stored at ``results_path``
+    (None: GPU files only), with a table for each ``(path, result)`` of ``gpu``."""
+    lines = [START, "## Performance", ""]
+    commands = [PEERS_INSTALL]
+    if results is not None:
+        lines += [f"Measured by `{results.get('command', 'gpt_2_simple bench')}` on {machine_line(results)}. {_method(results)} Full tables, "
+                  f"every peer and the chart: `{results_path}` and its `.md`/`.png` beside it.", ""]
+        rows = _headline_rows(results)
+        if rows:
+            lines += ["| What | Case | gpt_2_simple | Peer | Ratio (> 1: ours better) |", "|---|---|---|---|---|", *rows, ""]
+        skipped = _skipped(results)
+        if skipped:
+            lines += ["Not measured or with a caveat:", "", *skipped, ""]
+        commands.append(f"{results.get('command', 'gpt_2_simple bench')}    # python bench/run.py = gpt_2_simple bench in a checkout")
+    for path, result in gpu:
+        lines += gpu_lines(path, result)
+        commands.append(f"{reproduce_command(result)}    # needs an NVIDIA GPU (or: bash bench/gpu_check.sh)")
+    files = " ".join(p for p in [results_path, *(p for p, _ in gpu)] if p)
+    commands.append(f"python bench/run.py --readme {files} --apply README.md   # this section")
+    lines += ["To reproduce (figures vary with the machine and its load; compare ratios, not absolute numbers; how: [docs/bench.md](docs/bench.md)):", "",
+              *(f"    {c}" for c in commands), "", END]
+    return "\n".join(lines) + "\n"
+
+
+def suite_tables(results: dict) -> str:
+    """One markdown table per suite: every record with its spread, ratios, peak RSS and notes."""
+    out = []
+    records = results["records"]
+    for suite in results.get("suites", []):
+        name = suite["name"]
+        out.append(f"### {name}\n")
+        if suite["status"] != "ok":
+            out.append(f"{suite['status'].capitalize()}: {'; '.join(suite.get('notes') or [])}\n")
+            continue
+        if suite.get("notes"):
+            out.append("Notes: " + "; ".join(suite["notes"]) + "\n")
+        mine = [r for r in records if r["suite"] == name]
+        peers = list(dict.fromkeys(p for r in mine for p in r.get("speedup", {})))
+        header = ["case", "peer", "metric", "median (min-max)", *[f"vs {p}" for p in peers], "peak RSS", "notes"]
+        out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for r in mine:
+            spread = f"{_value(r['metric'], r['median'])} ({_value(r['metric'], r['min'])}-{_value(r['metric'], r['max'])})" if r["runs"] > 1 \
+                else _value(r["metric"], r["median"])
+            ratios = [_ratio(r["speedup"][p]["median"]) if p in r.get("speedup", {}) else "" for p in peers]
+            peer = f"**{r['peer']}**" if r.get("ours") else r["peer"]
+            out.append("| " + " | ".join([r["case"], peer, r["metric"], spread, *ratios, _bytes(r.get("peak_rss_bytes")), _notes(r)]) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def markdown(results: dict, results_path: str) -> str:
+    """The ``.md`` written beside a results file: the README section, then every table."""
+    return (readme_section(results, results_path) + "\n## All results\n\n" + f"Machine: {machine_line(results)}.\n\n{_method(results)} "
+            "Ours in bold; `vs X` is the median per-round ratio to X, oriented so that > 1 means better (faster, or less memory).\n\n"
+            + suite_tables(results))
+
+
+def apply_readme(readme: str, section: str) -> str:
+    """``readme`` with the text between the performance markers (markers included) replaced by ``section``."""
+    start, end = readme.find(START), readme.find(END)
+    if start < 0 or end < start:
+        raise ValueError(f"the README has no {START} ... {END} pair: add the two lines where the Performance section belongs")
+    return readme[:start] + section.rstrip("\n") + readme[end + len(END):]
+
+
+# ---------------------------------------------------------------------------------------------
+# Chart
+
+
+def chart_panels(results: dict) -> list[dict]:
+    """One panel per suite with comparisons: each case a group of bars, each bar a peer's figure
+    relative to the case's reference peer (the first it is compared with), > 1 = better."""
+    panels = []
+    for suite in results.get("suites", []):
+        cases: dict[str, dict[str, dict]] = {}
+        for r in results["records"]:
+            if r["suite"] == suite["name"]:
+                cases.setdefault(r["case"], {})[r["peer"]] = r
+        groups, rows, series = [], [], []
+        reference_names = []
+        for case, by_peer in cases.items():
+            reference = next((p for r in by_peer.values() for p in r.get("speedup", {})), None)
+            if reference is None or reference not in by_peer:
+                continue
+            ref = by_peer[reference]
+            groups.append(case)
+            reference_names.append(reference)
+            row = {}
+            for peer, r in by_peer.items():
+                if peer not in series:
+                    series.append(peer)
+                row[peer] = r["median"] / ref["median"] if r["higher_is_better"] else ref["median"] / r["median"]
+            rows.append(row)
+        if groups:
+            refs = "/".join(dict.fromkeys(reference_names))
+            metrics = "/".join(dict.fromkeys(r["metric"] for c in cases.values() for r in c.values()))
+            panels.append({"title": f"{suite['name']}: {metrics} relative to {refs} (log scale, higher is better)", "groups": groups,
+                           "series": series, "values": [[row.get(s) for s in series] for row in rows]})
+    return panels
+
+
+def chart_png(results: dict) -> bytes:
+    panels = chart_panels(results)
+    return bar_chart_png(panels or [{"title": "no comparisons in this results file", "groups": [], "series": [], "values": []}])

@@ -1,0 +1,221 @@
+"""The benchmark harness end to end at its smallest size (``bench/run.py --quick --model tiny``,
+the fast suites, one repetition): the results file, the markdown and PNG beside it, the README
+section and its markers, the GPU results files of bench/generate_cuda.py and bench/finetune_gpu.py,
+and the one-line errors. Nothing timed is asserted: figures are compared with the JSON they came from."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+
+from gpt_2_simple import cli
+from gpt_2_simple.benchmark import gpu, report
+
+ROOT = Path(__file__).resolve().parents[1]
+H200_GENERATE = ROOT / "bench" / "results" / "generate_cuda-20261126-h200.json"
+H200_FINETUNE = ROOT / "bench" / "results" / "finetune_gpu-20261126-h200.json"
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One real run: the load and tokenizer suites on the tiny geometry, and the gpu suite."""
+    out = tmp_path_factory.mktemp("bench")
+    proc = _run("bench/run.py", "--quick", "--model", "tiny", "--suites", "load,tokenizer,gpu", "--reps", "1", "--output_dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = out.glob("*-quick.json")
+    return proc, path, json.loads(path.read_text())
+
+
+def test_results_file_has_records(quick_run):
+    _, path, results = quick_run
+    assert results["schema"] == report.SCHEMA and results["quick"] is True
+    assert [s["name"] for s in results["suites"]] == ["load", "tokenizer", "gpu"]
+    assert results["command"] == "python bench/run.py --suites load,tokenizer,gpu --quick --reps 1 --model tiny"
+    assert results["context"]["cores"] >= 1 and results["context"]["memory_bandwidth_gb_per_s"] > 0
+    for suite in ("load", "tokenizer"):
+        assert next(s for s in results["suites"] if s["name"] == suite)["status"] == "ok"
+        records = [r for r in results["records"] if r["suite"] == suite]
+        assert any(r["ours"] for r in records) and any(not r["ours"] for r in records)
+        for r in records:
+            assert r["runs"] == 1 and len(r["samples"]) == 1
+            assert r["min"] <= r["median"] <= r["max"] and r["median"] > 0
+            assert r["peak_rss_bytes"] > 0
+            for other, ratio in r.get("speedup", {}).items():
+                peer = next(x for x in records if x["peer"] == other and x["case"] == r["case"])
+                expected = r["samples"][0] / peer["samples"][0] if r["higher_is_better"] else peer["samples"][0] / r["samples"][0]
+                assert ratio["median"] == pytest.approx(expected)
+    load_peers = {r["peer"] for r in results["records"] if r["suite"] == "load"}
+    assert {"engine-bf16", "open-bf16", "safetensors"} <= load_peers
+    tokenizer = {r["peer"]: r for r in results["records"] if r["suite"] == "tokenizer"}
+    if "tiktoken" in tokenizer:
+        assert "tiktoken" in tokenizer["ours"]["speedup"]
+        assert next(r for r in results["records"] if r["suite"] == "tokenizer")["config"]["ids_identical"] is True
+
+
+@pytest.mark.skipif(_has_cuda(), reason="this machine has CUDA: the gpu suite runs instead of being skipped")
+def test_gpu_suite_skipped_with_a_clear_line(quick_run):
+    proc, path, results = quick_run
+    assert re.search(r"^gpu: skipped, no CUDA here: \S", proc.stderr, re.M)
+    suite = next(s for s in results["suites"] if s["name"] == "gpu")
+    assert suite["status"] == "skipped" and suite["notes"][0].startswith("no CUDA here: ")
+    assert not [r for r in results["records"] if r["suite"] == "gpu"]
+    assert f"Skipped: {suite['notes'][0]}" in path.with_suffix(".md").read_text()
+
+
+def _close(text: str, value: float) -> bool:
+    """A figure as printed (``1,234``, ``12.3``, ``0.0123``, ``4.5 ms``, ``2.1x``) equals ``value`` to its last digit."""
+    number, unit = re.fullmatch(r"([\d,.e+-]+)\s*(ms|s|us|x)?", text.strip()).groups()
+    shown = float(number.replace(",", ""))
+    if unit == "ms":
+        shown /= 1e3
+    digits = len(number.split(".")[1]) if "." in number and "e" not in number else 0
+    tolerance = 0.5 * 10**-digits * (1e-3 if unit == "ms" else 1) if "e" not in number else abs(shown) * 5e-3
+    return abs(shown - value) <= tolerance * 1.0001 + 1e-12
+
+
+def _md_rows(md: str, suite: str) -> list[dict]:
+    section = md.split(f"### {suite}\n", 1)[1].split("\n### ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+
+
+def test_markdown_has_the_numbers_of_the_json(quick_run):
+    _, path, results = quick_run
+    md = path.with_suffix(".md").read_text()
+    assert md.startswith(report.START)
+    for suite in ("load", "tokenizer"):
+        records = [r for r in results["records"] if r["suite"] == suite]
+        rows = _md_rows(md, suite)
+        assert len(rows) == len(records)
+        for r, row in zip(records, rows):
+            assert row["case"] == r["case"] and row["peer"].strip("*") == r["peer"] and row["metric"] == r["metric"]
+            assert _close(row["median (min-max)"], r["median"]), (row, r["median"])
+            for other, ratio in r.get("speedup", {}).items():
+                assert _close(row[f"vs {other}"], ratio["median"]), (row, other, ratio)
+    headline = [r for r in results["records"] if r["headline"] and r.get("speedup")]
+    section = md.split(report.END)[0]
+    for r in headline:
+        row = next(line for line in section.splitlines() if line.startswith("|") and f"| {r['case']} |" in line)
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert _close(cells[2].split(" (")[0], r["median"]) and _close(cells[4], next(iter(r["speedup"].values()))["median"])
+
+
+def test_png_is_valid(quick_run):
+    _, path, _ = quick_run
+    data = path.with_suffix(".png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    chunks, pos = [], 8
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
+        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF, kind
+        chunks.append((kind, body))
+        pos += 12 + length
+    assert chunks[0][0] == b"IHDR" and chunks[-1] == (b"IEND", b"")
+    width, height, depth, color, _, _, interlace = struct.unpack(">IIBBBBB", chunks[0][1])
+    assert width > 100 and height > 100 and depth == 8 and interlace == 0
+    channels = {0: 1, 2: 3, 4: 2, 6: 4}[color]
+    pixels = zlib.decompress(b"".join(body for kind, body in chunks if kind == b"IDAT"))
+    assert len(pixels) == height * (1 + width * channels)
+    assert all(pixels[y * (1 + width * channels)] <= 4 for y in range(height))  # each row's filter type
+    assert len(set(pixels)) > 2  # something drawn, not a blank image
+
+
+README = "# Title\n\nIntro.\n\n{start}\nold text\n{end}\n\n## Next\nunchanged\n"
+
+
+def test_readme_apply_replaces_the_marker_section_idempotently(quick_run, tmp_path, capsys):
+    _, path, results = quick_run
+    readme = tmp_path / "README.md"
+    readme.write_text(README.format(start=report.START, end=report.END))
+    before, after = README.split("{start}")[0], README.split("{end}")[1]
+    assert cli.main(["bench", "--readme", str(path), str(H200_GENERATE), str(H200_FINETUNE), "--apply", str(readme)]) == 0
+    section = capsys.readouterr().out
+    text = readme.read_text()
+    assert text == before + section.rstrip("\n") + after
+    assert text.count(report.START) == 1 and text.count(report.END) == 1 and "old text" not in text
+    assert results["command"] in section and results["context"]["cpu"] in section
+    gen, ft = json.loads(H200_GENERATE.read_text()), json.loads(H200_FINETUNE.read_text())
+    for result in (gen, ft):  # each GPU file: device, date, command, its ratios
+        assert gpu.reproduce_command(result) in section
+    assert f"{gen['context']['gpu']} (sm_90" in section and gen["context"]["date"][:16].replace("T", " ") in section
+    assert f"**GPU fine-tuning** on {ft['gpu']}" in section and ft["date"][:16].replace("T", " ") in section
+    for g in gen["generation"]:
+        row = next(line for line in section.splitlines() if f"| generate, batch {g['batch']} |" in line)
+        assert _close(row.strip("|").split("|")[4], g["ratio_to_transformers_median_of_pairs"])
+    assert cli.main(["bench", "--readme", str(path), str(H200_GENERATE), str(H200_FINETUNE), "--apply", str(readme)]) == 0
+    assert readme.read_text() == text  # idempotent
+
+
+def test_gpu_records_carry_the_files_figures():
+    for file in (H200_GENERATE, H200_FINETUNE):
+        result = json.loads(file.read_text())
+        kind, loaded = report.load_any(file)
+        assert kind == "gpu" and loaded == result
+        records = gpu.records(result)
+        assert records and all(r["suite"] == "gpu" and r["min"] <= r["median"] <= r["max"] for r in records)
+        if result["benchmark"] == "generate_cuda":
+            for g in result["generation"]:
+                mine = {r["peer"]: r for r in records if r["case"] == f"generate, batch {g['batch']}"}
+                assert {p: r["median"] for p, r in mine.items()} == {p: s["median"] for p, s in g["tokens_per_s"].items()}
+                assert mine["engine"]["speedup"]["transformers"]["median"] == g["ratio_to_transformers_median_of_pairs"]
+            assert len([r for r in records if r["metric"] == "microseconds"]) == len(result["sampling"])
+        else:
+            for m in result["models"]:
+                mine = {r["peer"]: r for r in records if r["config"]["model"] == m["model"]}
+                assert {p: r["median"] for p, r in mine.items()} == {p: s["median"] for p, s in m["tokens_per_s"].items()}
+                assert {p: r["details"]["peak_gpu_bytes"] for p, r in mine.items()} == m["peak_gpu_bytes"]
+
+
+def test_readme_errors_are_one_line(tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers\n")
+    assert cli.main(["bench", "--readme", str(H200_GENERATE), "--apply", str(readme)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "performance:start" in err and readme.read_text() == "# no markers\n"
+    not_results = tmp_path / "x.json"
+    not_results.write_text("{}")
+    assert cli.main(["bench", "--readme", str(not_results)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "x.json is neither" in err
+
+
+def test_bad_suites_exit_2_with_one_line(tmp_path):
+    proc = _run("bench/run.py", "--suites", "load,nonsense", "--output_dir", str(tmp_path))
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "unknown suite(s) nonsense" in proc.stderr and "generation" in proc.stderr
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(_has_cuda(), reason="this machine has CUDA")
+@pytest.mark.parametrize("script, args", [
+    ("bench/generate_cuda.py", ["--reps", "3", "--batch", "1", "64", "256"]),  # bench/gpu_check.sh's command lines
+    ("bench/finetune_gpu.py", ["--reps", "1", "--steps", "20", "--warmup-steps", "8"]),
+])
+def test_gpu_scripts_skip_with_one_line(script, args, tmp_path):
+    out = tmp_path / "out.json"
+    proc = _run(script, *args, "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert re.fullmatch(rf"{re.escape(script)}: skipped, no CUDA here: [^\n]+\n", proc.stdout)
+    assert not out.exists()
