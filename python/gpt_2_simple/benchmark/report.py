@@ -20,7 +20,7 @@ SCHEMA = "gpt_2_simple-bench/1"
 START, END = "<!-- performance:start -->", "<!-- performance:end -->"
 TITLES = {"generation": "Generation", "batching": "Continuous vs static batching", "load": "Model load", "tokenizer": "Tokenizer encode",
           "finetune": "Fine-tuning", "gpu": "GPU"}
-PEERS_INSTALL = 'pip install "gpt_2_simple[bench]"    # the peers: transformers, tiktoken'
+PEERS_INSTALL = 'pip install ".[bench]"    # from the checkout: the peers: transformers, tiktoken'
 
 
 def load_results(path: str | os.PathLike) -> dict:
