@@ -31,8 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "python"))
+from checkout import ROOT  # noqa: E402  (the checkout's sources or the installed package)
 
 from gpt_2_simple.config import get_config  # noqa: E402
 from gpt_2_simple.tf_checkpoint import _crc_bytes, crc32c  # noqa: E402

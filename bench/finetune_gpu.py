@@ -8,13 +8,9 @@ gpt_2_simple/benchmark/gpu.py, docs/bench.md).
 Without a CUDA GPU in PyTorch it prints one line saying so and exits 0.
 """
 
-import sys
-from pathlib import Path
+from checkout import ROOT  # the checkout's sources or the installed package
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "python"))
-
-from gpt_2_simple.benchmark.gpu import finetune_gpu_main  # noqa: E402
+from gpt_2_simple.benchmark.gpu import finetune_gpu_main
 
 if __name__ == "__main__":
     finetune_gpu_main(results_dir=ROOT / "bench" / "results")

@@ -7,13 +7,9 @@ JSON file; the code and what it measures: gpt_2_simple/benchmark/gpu.py, docs/be
 Without an NVIDIA GPU it prints one line saying so and exits 0.
 """
 
-import sys
-from pathlib import Path
+from checkout import ROOT  # the checkout's sources or the installed package
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "python"))
-
-from gpt_2_simple.benchmark.gpu import generate_cuda_main  # noqa: E402
+from gpt_2_simple.benchmark.gpu import generate_cuda_main
 
 if __name__ == "__main__":
     generate_cuda_main(results_dir=ROOT / "bench" / "results")

@@ -10,12 +10,10 @@ The same as ``gpt_2_simple bench`` (which writes to ./bench_results); see docs/b
 
 import argparse
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "python"))
+from checkout import ROOT  # the checkout's sources or the installed package
 
-from gpt_2_simple.benchmark import harness  # noqa: E402
+from gpt_2_simple.benchmark import harness
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
