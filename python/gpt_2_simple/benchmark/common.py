@@ -354,6 +354,13 @@ def run_case(calls: dict[str, Callable[[], dict]], workers: list[Worker], reps: 
     return replies, peaks, [before, load_average()]
 
 
+def run_peers(workers: dict[str, Worker], reps: int, *, label: str, rate: Callable[[dict], str],
+              **job: Any) -> tuple[dict[str, list[dict]], dict[str, int], list[float]]:
+    """``run_case`` for the usual configuration: every peer's worker called with the same ``job``."""
+    calls = {name: (lambda w=w: w(**job)) for name, w in workers.items()}
+    return run_case(calls, list(workers.values()), reps, label=label, rate=rate)
+
+
 # ---------------------------------------------------------------------------------------------
 # Physical limits
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import SCRATCH, GPT2Config, get_config
-from .common import Options, Worker, case_records, log, random_state, run_case, set_torch_threads
+from .common import Options, Worker, case_records, log, random_state, run_peers, set_torch_threads
 
 SUITE = "finetune"
 LEARNING_RATE = 1e-4
@@ -141,9 +141,8 @@ def throughput(opts: Options, name: str, model_dir: Path, data: Path, batch: int
         if "transformers" in peers:
             workers["transformers"] = Worker(f"{__name__}:transformers_peer", name="transformers", hparams=config.to_hparams(), **args)
         case = f"{name}, batch {batch} x {config.n_ctx}"
-        calls = {p: (lambda w=w: w(batch=batch, steps=steps)) for p, w in workers.items()}
-        replies, peaks, load = run_case(calls, list(workers.values()), opts.reps, label=f"{SUITE} {case}",
-                                        rate=lambda r: f"{r['tokens_per_s']:,.0f} tok/s")
+        replies, peaks, load = run_peers(workers, opts.reps, label=f"{SUITE} {case}",
+                                         rate=lambda r: f"{r['tokens_per_s']:,.0f} tok/s", batch=batch, steps=steps)
     finally:
         for w in workers.values():
             w.close()

@@ -16,7 +16,7 @@ import importlib.util
 import statistics
 import time
 
-from .common import Options, Worker, case_records, gemm_gflops, log, memory_bandwidth, run_case, set_torch_threads
+from .common import Options, Worker, case_records, gemm_gflops, log, memory_bandwidth, run_peers, set_torch_threads
 
 SUITE = "generation"
 PEERS = ("engine-fp32", "engine-bf16", "torch", "transformers")
@@ -142,9 +142,8 @@ def measure(opts: Options, *, batches: tuple[int, ...] | None = None, prompts: t
                 case = f"batch {batch}, prompt {prompt}"
                 cfg = {"batch": batch, "prompt": prompt, "new_tokens": new_tokens, "top_k": top_k, "temperature": 1.0, "model": opts.model}
                 job = {"batch": batch, "prompt": prompt, "new_tokens": new_tokens, "top_k": top_k}
-                calls = {p: (lambda w=w: w(**job)) for p, w in workers.items()}
-                replies, peaks, load = run_case(calls, list(workers.values()), opts.reps, label=f"{SUITE} {case}",
-                                                rate=lambda r, b=batch: f"{b * new_tokens / r['seconds']:.1f} tok/s")
+                replies, peaks, load = run_peers(workers, opts.reps, label=f"{SUITE} {case}",
+                                                 rate=lambda r, b=batch: f"{b * new_tokens / r['seconds']:.1f} tok/s", **job)
                 bandwidth = memory_bandwidth(opts.threads)
                 samples = {p: [batch * new_tokens / r["seconds"] for r in rs] for p, rs in replies.items()}
                 details = {p: _engine_details(replies[p], files[p[7:]], config, batch, prompt, new_tokens, bandwidth, gemm[p[7:]])

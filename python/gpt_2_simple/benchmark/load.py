@@ -21,7 +21,7 @@ import shutil
 import time
 from pathlib import Path
 
-from .common import Options, Worker, case_records, log, run_case
+from .common import Options, Worker, case_records, log, run_peers
 
 SUITE = "load"
 COMPARE_TO = ("transformers", "safetensors")
@@ -108,8 +108,7 @@ def measure(opts: Options, *, transformers: bool = True) -> list[dict]:
     try:
         for name, (kind, path) in chosen.items():
             workers[name] = Worker(f"{__name__}:loader", name=name, threads=opts.threads, kind=kind, path=str(path))
-        calls = {name: (lambda w=w: w()) for name, w in workers.items()}
-        replies, peaks, load = run_case(calls, list(workers.values()), opts.reps, label=SUITE, rate=lambda r: f"{1e3 * r['seconds']:.1f} ms")
+        replies, peaks, load = run_peers(workers, opts.reps, label=SUITE, rate=lambda r: f"{1e3 * r['seconds']:.1f} ms")
     finally:
         for w in workers.values():
             w.close()

@@ -16,7 +16,7 @@ import shutil
 import numpy as np
 
 from ..tokenizer import BUNDLED_DIR, BUNDLED_SHA256
-from .common import Options, Worker, case_records, log, run_case
+from .common import Options, Worker, case_records, log, run_peers
 
 SUITE = "tokenizer"
 CORPUS = BUNDLED_DIR / "shakespeare.txt"
@@ -103,8 +103,7 @@ def measure(opts: Options) -> list[dict]:
     try:
         for kind in kinds:
             workers[kind] = Worker(f"{__name__}:encoder", name=kind, threads=opts.threads, kind=kind, path=str(path))
-        calls = {kind: (lambda w=w: w()) for kind, w in workers.items()}
-        replies, peaks, load = run_case(calls, list(workers.values()), opts.reps, label=SUITE, rate=lambda r: f"{len(text) / 1e6 / r['seconds']:.2f} MB/s")
+        replies, peaks, load = run_peers(workers, opts.reps, label=SUITE, rate=lambda r: f"{len(text) / 1e6 / r['seconds']:.2f} MB/s")
     finally:
         for w in workers.values():
             w.close()
