@@ -266,6 +266,29 @@ def test_sampler_equals_sampling_py_draw_for_draw(cuda_module, V):
             assert np.flatnonzero(mask[b]).tolist() == ids.tolist(), (b, params[b])
 
 
+def test_top_k_rows_take_either_road_and_draw_as_sampling_py(cuda_module):
+    # Top-k rows are drawn from a short list gathered from their best coarse bins when those hold at
+    # most 1024 tokens, else by the radix select over the whole row (sampler.cuh). Rows built to
+    # take each road, on GPT-2's vocabulary size: every draw and support equal sampling.py's.
+    V = 50257
+    rng = np.random.default_rng(11)
+    logits = (rng.standard_normal((8, V)) * 2).astype(np.float32)  # short road
+    logits[2] = 1.5  # one coarse bin holds the whole row: radix select
+    logits[3, : V // 2] = 7.0  # 25,000 tied best tokens: radix select
+    logits[5] = rng.integers(-3, 3, V)  # ties across the k-th best, 8,000 in the best bin: radix select
+    logits[6, rng.choice(V, 30, replace=False)] = 12.0  # 30 clear winners, then the crowd
+    params = [(1.0, 40, 0.0), (0.7, 40, 0.9), (1.0, 40, 0.0), (1.0, 40, 0.5), (1.0, 1024, 0.0), (1.0, 2000, 0.95),
+              (0.8, 40, 0.999), (1.2, 1, 1e-6)]
+    t, k, p = (np.array(x) for x in zip(*params))
+    p = p.astype(np.float32).astype(np.float64)  # the engine carries top_p as float32
+    seed, index, position = rng.integers(0, 2**63, 8), rng.integers(0, 2**40, 8), rng.integers(0, 2**33, 8)
+    drawn, mask = cuda_module.sample(logits, t, k, p, seed, index, position, support=True)
+    assert drawn.tolist() == sampling.sample(logits, t, k, p, seed, index, position).tolist()
+    for b in range(8):
+        ids, _ = sampling.support(logits[b], t[b], int(k[b]), p[b])
+        assert np.flatnonzero(mask[b]).tolist() == ids.tolist(), (b, params[b])
+
+
 def test_sampler_frequencies_follow_the_distribution(cuda_module):
     # 1500 draws (positions) from one row with temperature, top-k and top-p: the observed
     # frequencies against sampling.probabilities (a chi-square test at a 1e-6 false-alarm rate).

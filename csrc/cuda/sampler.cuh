@@ -12,6 +12,13 @@
 // every sum is exact and the same whatever the order of the threads: a draw depends only on its
 // inputs. The rounding this adds (below 2^-46 of the largest weight per token) moves a top-p or
 // draw boundary by less than the exp differences the spec already allows between backends.
+//
+// Top-k rows (k <= kCandidates, the usual case) take a shorter road: the argmax pass also counts
+// the logits per coarse bin (the top 11 bits of their order bits), which bounds the k-th best
+// from below; a second pass gathers every token of the bins at or above that one into shared
+// memory when they fit, and top-k, top-p and the draw then run on that short list alone (each
+// thread ranks its token by counting, with no further pass over the vocabulary). Rows whose best
+// bins hold too many tokens (ties, flat rows) and rows without top-k take the radix select.
 #pragma once
 
 #include <climits>
@@ -24,6 +31,10 @@
 namespace gpt2s::cuda {
 
 constexpr int kSampleThreads = 1024;  // one block per row: at batch 1 the whole draw runs on one multiprocessor
+constexpr int kCandidates = kSampleThreads;  // a top-k row's gathered best tokens: one per thread
+constexpr int kCoarseShift = 21;             // coarse bin of a logit: the top 11 of its 32 order bits
+constexpr int kCoarseBins = 1 << (32 - kCoarseShift);
+constexpr int kHistogramGroups = 4;          // bins per warp counted with one atomic each (warp_count)
 
 // One row's sampling parameters as the host uploads them (already validated and clamped).
 struct RowSampling {
@@ -52,6 +63,11 @@ struct SampleShared {
   unsigned int sel_count;
   int sel_digit;
   int result;
+  unsigned int coarse[kCoarseBins];            // top-k rows: logits per coarse bin
+  unsigned long long cand_key[kCandidates];    // the gathered tokens' rank keys
+  unsigned long long cand_weight[kCandidates]; // and their weights (0 once dropped)
+  unsigned int n_cand;
+  int coarse_bin;                              // lowest gathered bin, -1: too many to gather
 };
 
 // Step 0 of the spec (NaN counts as -inf), and -0 made +0 so equal logits get equal keys.
@@ -60,10 +76,32 @@ __device__ __forceinline__ float clean_logit(float x) {
   return x == 0.f ? 0.f : x;
 }
 
-__device__ __forceinline__ uint64_t rank_key(float x, int id) {
+__device__ __forceinline__ uint32_t order_bits(float x) {  // monotone in x
   const uint32_t bits = __float_as_uint(x);
-  const uint32_t order = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);  // monotone in x
-  return (uint64_t(order) << 32) | uint64_t(0xFFFFFFFFu - uint32_t(id));
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+__device__ __forceinline__ uint64_t rank_key(float x, int id) {
+  return (uint64_t(order_bits(x)) << 32) | uint64_t(0xFFFFFFFFu - uint32_t(id));
+}
+
+__device__ __forceinline__ int key_id(uint64_t key) { return int(0xFFFFFFFFu - uint32_t(key)); }
+
+// count[bin] += 1 for every lane with `in`. 32 lanes adding to one shared counter are serialised,
+// and most of a row's logits share a few bins: the lanes of the warp's (at most kHistogramGroups)
+// most common bins add with one atomic per bin, only the stragglers one by one. Every lane of the
+// warp must call it.
+__device__ __forceinline__ void warp_count(unsigned int* count, bool in, int bin) {
+  const int lane = threadIdx.x & 31;
+  unsigned pending = __ballot_sync(kFullWarp, in);
+  for (int g = 0; pending && g < kHistogramGroups; ++g) {
+    const int leader = __ffs(pending) - 1;
+    const int shared_bin = __shfl_sync(kFullWarp, bin, leader);
+    const unsigned group = __ballot_sync(kFullWarp, in && bin == shared_bin);
+    if (lane == leader) atomicAdd(&count[shared_bin], unsigned(__popc(group)));
+    pending &= ~group;
+  }
+  if (pending & (1u << lane)) atomicAdd(&count[bin], 1u);
 }
 
 // The largest tau with  sum of weight(i) over {i included, key(i) >= tau}  >= need, for
@@ -86,17 +124,15 @@ __device__ uint64_t block_select(int V, uint64_t need, const KeyWeight& key_weig
     const uint64_t fixed_mask = shift == 56 ? 0 : (~0ull << (shift + 8));
     // Every warp runs the same iterations (i0 is block-uniform), so the warp-wide votes below see
     // all 32 lanes. The first bytes of the keys are shared by most of the vocabulary (they hold the
-    // logits' sign and exponent), and 32 lanes adding to one shared counter are serialised: each
-    // warp therefore adds the lanes of its (at most kGroups) most common bins with one atomic per
-    // bin, and only the stragglers of a widely spread byte add one by one.
-    constexpr int kGroups = 4;
+    // logits' sign and exponent): as in warp_count, the lanes of a warp's most common bins add
+    // their counts and masses with one atomic per bin.
     for (int i0 = 0; i0 < V; i0 += nt) {
       const int i = i0 + tid;
       uint64_t key = 0, weight = 0;
       const bool in = i < V && key_weight(i, key, weight) && (key & fixed_mask) == prefix;
       const int d = int((key >> shift) & 255);
       unsigned pending = __ballot_sync(kFullWarp, in);
-      for (int g = 0; pending && g < kGroups; ++g) {
+      for (int g = 0; pending && g < kHistogramGroups; ++g) {
         const int leader = __ffs(pending) - 1;
         const int bin = __shfl_sync(kFullWarp, d, leader);
         const unsigned group = __ballot_sync(kFullWarp, in && d == bin);
@@ -165,15 +201,27 @@ sample_kernel(int32_t* __restrict__ out, uint8_t* __restrict__ support, int* __r
   const float* row = logits + b * V;
   const RowSampling P = params[b];
 
-  // Step 1: the argmax, lowest id among equal logits (also the fallback of step 4).
+  const float T = P.temperature;
+  // The short road (see the top of this file) needs top-k with k small enough to gather.
+  const bool short_road = T > 0.f && P.top_k > 0 && P.top_k < V && P.top_k <= kCandidates;
+  if (short_road) {
+    for (int d = tid; d < kCoarseBins; d += nt) sh.coarse[d] = 0;
+    if (tid == 0) sh.n_cand = 0;
+    __syncthreads();
+  }
+
+  // Step 1: the argmax, lowest id among equal logits (also the fallback of step 4); the short
+  // road counts the coarse bins in the same pass. i0 is block-uniform: warp_count sees every lane.
   float best_x = -INFINITY;
   int best_id = INT_MAX;
-  for (int i = tid; i < V; i += nt) {
-    const float x = clean_logit(row[i]);
-    if (x > best_x || (x == best_x && i < best_id)) {
+  for (int i0 = 0; i0 < V; i0 += nt) {
+    const int i = i0 + tid;
+    const float x = i < V ? clean_logit(row[i]) : -INFINITY;
+    if (i < V && (x > best_x || (x == best_x && i < best_id))) {
       best_x = x;
       best_id = i;
     }
+    if (short_road) warp_count(sh.coarse, i < V, int(order_bits(x) >> kCoarseShift));
   }
   for (int offset = 16; offset > 0; offset >>= 1) {
     const float ox = __shfl_xor_sync(kFullWarp, best_x, offset);
@@ -197,7 +245,6 @@ sample_kernel(int32_t* __restrict__ out, uint8_t* __restrict__ support, int* __r
     }
   }
 
-  const float T = P.temperature;
   const float m = T > 0.f ? __fdiv_rn(best_x, T) : 0.f;  // max of x / T over any kept set
   if (T == 0.f || !isfinite(m)) {
     if (tid == 0) out[b] = best_id;
@@ -205,6 +252,97 @@ sample_kernel(int32_t* __restrict__ out, uint8_t* __restrict__ support, int* __r
       for (int i = tid; i < V; i += nt) support[b * V + i] = i == best_id;
     }
     return;
+  }
+
+  // Step 4's weights exp(x / T - m) in float32, as fixed point (2^frac_bits = weight 1).
+  const double one = ldexp(1.0, frac_bits);
+  auto weight_of = [&](float x) -> uint64_t { return __double2ull_rn(double(expf(__fdiv_rn(x, T) - m)) * one); };
+  // Step 6's target floor(u * S) for the kept total S, with u = U / 2^53 exactly: the first token
+  // (ascending ids) whose running sum exceeds u * S is the first whose integer running sum exceeds it.
+  auto draw_target = [&](unsigned long long S) -> unsigned long long {
+    const double u = draw_uniform(P.seed, P.sample_index, P.position);
+    const unsigned long long U = (unsigned long long)(u * 9007199254740992.0);  // exact: u has 53 bits
+    const unsigned long long lo = U * S, hi = __umul64hi(U, S);
+    return (hi << 11) | (lo >> 53);
+  };
+
+  if (short_road) {
+    // The lowest coarse bin whose count, with all bins above it, reaches k: warp 0, lane L holding
+    // bins 2047 - 64L down to 1984 - 64L (best first), scanned like block_select's digits.
+    if (warp == 0) {
+      constexpr int kPerLane = kCoarseBins / 32;
+      unsigned lane_count = 0;
+      for (int j = 0; j < kPerLane; ++j) lane_count += sh.coarse[kCoarseBins - 1 - kPerLane * lane - j];
+      unsigned incl = lane_count;
+      for (int offset = 1; offset < 32; offset <<= 1) {
+        const unsigned t = __shfl_up_sync(kFullWarp, incl, offset);
+        if (lane >= offset) incl += t;
+      }
+      const unsigned hit = __ballot_sync(kFullWarp, incl >= unsigned(P.top_k));  // never 0: V >= k
+      if (lane == __ffs(hit) - 1) {
+        unsigned acc = incl - lane_count;
+        for (int j = 0; j < kPerLane; ++j) {
+          const int bin = kCoarseBins - 1 - kPerLane * lane - j;
+          acc += sh.coarse[bin];
+          if (acc >= unsigned(P.top_k)) {
+            sh.coarse_bin = acc <= unsigned(kCandidates) ? bin : -1;
+            break;
+          }
+        }
+      }
+    }
+    __syncthreads();
+    const int lowest = sh.coarse_bin;
+    if (lowest >= 0) {
+      // Gather: exactly the tokens counted up to `lowest` (<= kCandidates), in any order.
+      for (int i = tid; i < V; i += nt) {
+        const float x = clean_logit(row[i]);
+        if (int(order_bits(x) >> kCoarseShift) >= lowest) sh.cand_key[atomicAdd(&sh.n_cand, 1u)] = rank_key(x, i);
+      }
+      __syncthreads();
+      const int n = int(sh.n_cand);
+      const bool mine = tid < n;  // thread t owns candidate t
+      const uint64_t key = mine ? sh.cand_key[tid] : 0;
+      const int id = key_id(key);
+      // Step 3: kept if fewer than k candidates rank above (every token not gathered ranks below).
+      int above = 0;
+      for (int j = 0; j < n; ++j) above += sh.cand_key[j] > key;
+      bool kept = mine && above < P.top_k;
+      uint64_t weight = kept ? weight_of(clean_logit(row[id])) : 0;
+      sh.cand_weight[tid] = weight;
+      __syncthreads();
+      // Step 5: kept if the kept mass ranked above it is still short of p * W (the shortest
+      // best-first prefix reaching it).
+      if (P.top_p > 0.0 && P.top_p < 1.0) {
+        const unsigned long long total = block_sum((unsigned long long)weight, sh.warp_total);
+        unsigned long long need = (unsigned long long)ceil(P.top_p * double(total));
+        need = need < 1 ? 1 : (need > total ? total : need);
+        unsigned long long mass_above = 0;
+        for (int j = 0; j < n; ++j) mass_above += sh.cand_key[j] > key ? sh.cand_weight[j] : 0;
+        kept = kept && mass_above < need;
+        weight = kept ? weight : 0;
+        __syncthreads();  // every thread has read the top-k weights
+        sh.cand_weight[tid] = weight;
+      }
+      if (support) {
+        for (int i = tid; i < V; i += nt) support[b * V + i] = 0;
+        __syncthreads();  // the zeros land before the kept ones
+        if (kept) support[b * V + id] = 1;
+      }
+      // Step 6 on the list: the running sum of the kept weights in ascending id order, and the
+      // one token where it first exceeds the target (weight > 0, running sum before it <= target).
+      if (tid == 0) sh.result = -1;
+      const unsigned long long target = draw_target(block_sum((unsigned long long)weight, sh.warp_total));
+      unsigned long long running = 0;
+      for (int j = 0; j < n; ++j) running += key_id(sh.cand_key[j]) <= id ? sh.cand_weight[j] : 0;
+      if (weight > 0 && running > target && running - weight <= target) sh.result = id;
+      __syncthreads();
+      if (tid == 0) {
+        if (sh.result < 0) atomicExch(error_flag, 1);  // a broken invariant: S > target always crosses
+        out[b] = sh.result < 0 ? best_id : sh.result;
+      }
+      return;
+    }
   }
 
   // Step 3, top-k: the k best keys.
@@ -219,10 +357,6 @@ sample_kernel(int32_t* __restrict__ out, uint8_t* __restrict__ support, int* __r
         },
         sh, error_flag);
   }
-
-  // Step 4: weights exp(x / T - m) in float32, as fixed point (2^frac_bits = weight 1).
-  const double one = ldexp(1.0, frac_bits);
-  auto weight_of = [&](float x) -> uint64_t { return __double2ull_rn(double(expf(__fdiv_rn(x, T) - m)) * one); };
 
   // Step 5, top-p: the shortest best-first prefix of the kept tokens whose mass reaches p * W.
   if (P.top_p > 0.0 && P.top_p < 1.0) {
@@ -271,12 +405,7 @@ sample_kernel(int32_t* __restrict__ out, uint8_t* __restrict__ support, int* __r
   __syncthreads();
   unsigned long long S = 0;
   for (int w = 0; w < n_warps; ++w) S += sh.warp_total[w];
-  // target = floor(u * S) with u = U / 2^53 exactly: the first token whose running sum exceeds
-  // u * S is the first whose (integer) running sum exceeds target.
-  const double u = draw_uniform(P.seed, P.sample_index, P.position);
-  const unsigned long long U = (unsigned long long)(u * 9007199254740992.0);  // exact: u has 53 bits
-  const unsigned long long lo = U * S, hi = __umul64hi(U, S);
-  const unsigned long long target = (hi << 11) | (lo >> 53);
+  const unsigned long long target = draw_target(S);
   int crossing = 0;
   unsigned long long base = 0;
   while (crossing < n_warps - 1 && base + sh.warp_total[crossing] <= target) base += sh.warp_total[crossing++];
