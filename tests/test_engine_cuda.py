@@ -124,6 +124,24 @@ def test_logits_match_pytorch_at_every_step(cuda_module, small, file_dtype, devi
             np.testing.assert_allclose(logits[(i, step)], expected[step], **TOLERANCE[dtype], err_msg=f"row {i} step {step}")
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_decode_steps_of_many_rows_match_pytorch(cuda_module, small, dtype):
+    # Decode steps of up to 8 rows run decode.cuh's fused products; 10 rows take cuBLAS and the
+    # general kernels (captured in the bucket-16 graph): every step's logits against model.py.
+    model, files = small
+    engine = cuda_module.Engine(str(files[dtype]))
+    prompts = _prompts([1 + 3 * i for i in range(10)], vocab=BYTES.n_vocab)
+    logits = {}
+    out = engine.generate([Request(p, 4, temperature=1.0, seed=5, sample_index=i) for i, p in enumerate(prompts)],
+                          batch_size=10, on_logits=lambda i, s, x: logits.__setitem__((i, s), x.copy()))
+    reference = _rounded(model, dtype)
+    for i, (prompt, (tokens, _)) in enumerate(zip(prompts, out)):
+        with torch.no_grad():
+            expected = reference(torch.tensor([prompt + tokens]))[0, len(prompt) - 1 :].numpy()
+        for step in range(4):
+            np.testing.assert_allclose(logits[(i, step)], expected[step], **TOLERANCE[dtype], err_msg=f"row {i} step {step}")
+
+
 def test_long_contexts_split_attention(cuda_module, tmp_path):
     # Positions past 2 x kAttnSplit (128): every query's attention is cut into up to 3 splits that
     # attention_combine merges, in the prefill of a 300-token prompt and in the decode steps after it.
@@ -380,7 +398,8 @@ def test_forced_cuda_here(small):
 
 
 @pytest.mark.cuda
-def test_gpt2_124m_geometry_matches_pytorch_on_the_gpu(tmp_path):
+@pytest.mark.parametrize("batch", [3, 12])  # decode through decode.cuh's fused products, then cuBLAS
+def test_gpt2_124m_geometry_matches_pytorch_on_the_gpu(tmp_path, batch):
     try:
         from gpt_2_simple import _engine_cuda
     except ImportError as e:
@@ -392,10 +411,10 @@ def test_gpt2_124m_geometry_matches_pytorch_on_the_gpu(tmp_path):
     path = export(model, tmp_path / "124m.bf16.bin", "bf16", progress=False)
     reference = _rounded(model, "bf16").cuda()
     engine = _engine_cuda.Engine(str(path))
-    prompts = _prompts([16, 300, 5], vocab=config.n_vocab)
+    prompts = _prompts([16, 300, 5] * (batch // 3), vocab=config.n_vocab)
     requests = [Request(p, 24, temperature=0.0) for p in prompts]
     logits = {}
-    out = engine.generate(requests, batch_size=3, on_logits=lambda i, s, x: logits.__setitem__((i, s), x.copy()))
+    out = engine.generate(requests, batch_size=batch, on_logits=lambda i, s, x: logits.__setitem__((i, s), x.copy()))
     for i, (prompt, (tokens, _)) in enumerate(zip(prompts, out)):
         with torch.no_grad():
             expected = reference(torch.tensor([prompt + tokens], device="cuda"))[0, len(prompt) - 1 :].float().cpu().numpy()

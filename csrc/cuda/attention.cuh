@@ -143,6 +143,21 @@ __global__ void attention_combine_kernel(W* __restrict__ out, const float* __res
 inline int64_t attention_part_o_floats(int N, int NH, int HS, int T) { return int64_t(N) * NH * attention_splits(T) * HS; }
 inline int64_t attention_part_ml_floats(int N, int NH, int T) { return int64_t(N) * NH * attention_splits(T) * 2; }
 
+// Each token attends to positions [0, p] of its slot's cache (its own key and value already
+// written there). q (N, C) fp32 with bias; out (N, C) in W.
+template <typename W>
+void attend(W* out, const float* q, const W* k_cache, const W* v_cache, float* part_o, float* part_ml,
+            const int32_t* slots, const int32_t* positions, int N, int NH, int HS, int T, cudaStream_t stream) {
+  if (N == 0) return;
+  GPT2S_CUDA_ASSERT(HS <= kMaxHeadSize && N <= 65535 && NH <= 65535, "attention: geometry beyond the kernels' limits");
+  const int splits = attention_splits(T);
+  const float scale = 1.f / sqrtf(float(HS));
+  launch("attention_partial", attention_partial_kernel<W>, dim3(NH, splits, N), kAttnThreads, stream, part_o, part_ml, q,
+         k_cache, v_cache, slots, positions, NH, HS, T, splits, scale);
+  launch("attention_combine", attention_combine_kernel<W>, dim3(N, NH), 64, stream, out, part_o, part_ml, positions, NH,
+         HS, splits);
+}
+
 // One layer: scatter this pass's keys/values into the cache, then attend. out (N, C) in W.
 // k_cache/v_cache: the layer's (S, NH, T, HS) caches; T is the cache's positions per slot.
 template <typename W>
@@ -150,16 +165,9 @@ void attention(W* out, float* q, W* k_cache, W* v_cache, float* part_o, float* p
                const float* c_attn_b, const int32_t* slots, const int32_t* positions, int N, int NH, int HS, int T,
                cudaStream_t stream) {
   if (N == 0) return;
-  GPT2S_CUDA_ASSERT(HS <= kMaxHeadSize && N <= 65535 && NH <= 65535, "attention: geometry beyond the kernels' limits");
-  const int C = NH * HS;
-  launch("qkv_scatter", qkv_scatter_kernel<W>, N, 256, stream, q, k_cache, v_cache, qkv, c_attn_b, slots, positions, C, NH,
-         HS, T);
-  const int splits = attention_splits(T);
-  const float scale = 1.f / sqrtf(float(HS));
-  launch("attention_partial", attention_partial_kernel<W>, dim3(NH, splits, N), kAttnThreads, stream, part_o, part_ml, q,
-         k_cache, v_cache, slots, positions, NH, HS, T, splits, scale);
-  launch("attention_combine", attention_combine_kernel<W>, dim3(N, NH), 64, stream, out, part_o, part_ml, positions, NH,
-         HS, splits);
+  launch("qkv_scatter", qkv_scatter_kernel<W>, N, 256, stream, q, k_cache, v_cache, qkv, c_attn_b, slots, positions,
+         NH * HS, NH, HS, T);
+  attend(out, q, k_cache, v_cache, part_o, part_ml, slots, positions, N, NH, HS, T, stream);
 }
 
 }  // namespace gpt2s::cuda

@@ -17,6 +17,7 @@
 
 #include "cuda/attention.cuh"
 #include "cuda/check.cuh"
+#include "cuda/decode.cuh"
 #include "cuda/dtype.cuh"
 #include "cuda/embedding.cuh"
 #include "cuda/gelu.cuh"
@@ -119,6 +120,7 @@ class CudaBackend final : public Backend {
   CudaBackend(const ModelWeights& w, const CudaOptions& options, const DeviceInfo& info, const char* dtype_name)
       : config_(w.config),
         device_(options.device),
+        multiprocessors_(info.multiprocessors),
         use_graphs_(options.graphs),
         description_("cuda:" + std::to_string(options.device) + " " + info.name + " (sm_" + std::to_string(info.major) +
                      std::to_string(info.minor) + "), " + dtype_name + (options.graphs ? ", CUDA graphs" : "")),
@@ -318,8 +320,10 @@ class CudaBackend final : public Backend {
 
   // Enqueues the forward pass of N tokens (the step's inputs already on the device) and leaves the
   // logits of the R sampling rows in ws_.logits. Only kernel launches and cuBLAS calls on stream_:
-  // it is what a graph captures.
+  // it is what a graph captures. Steps of a few rows (decode at small batch sizes) take
+  // forward_few_rows: four fused products per layer instead of cuBLAS and six kernels around it.
   void forward(int N, int R) {
+    if (decode_products_fit<W>(N, C_)) return forward_few_rows(N, R);
     Workspace<W>& ws = ws_;
     cudaStream_t stream = stream_.get();
     cublasHandle_t blas = cublas_.get();
@@ -352,6 +356,70 @@ class CudaBackend final : public Backend {
     gemm_xwt(blas, ws.logits, ws.lnf, w_.wte, R, V_, C_);
   }
 
+  // The same pass for N <= kDecodeMaxRows tokens through decode.cuh's products, which add each
+  // sub-layer's output to the residual stream x themselves.
+  void forward_few_rows(int N, int R) {
+    Workspace<W>& ws = ws_;
+    cudaStream_t stream = stream_.get();
+    const int32_t* slot_of = ws.io.template at<int32_t>(ws.slots_at);
+    const int32_t* positions = ws.io.template at<int32_t>(ws.positions_at);
+    auto product = [&](int n, int in, int out, const W* weight, const float* bias) {
+      DecodeArgs<W> a;
+      a.n = n;
+      a.in = in;
+      a.out = out;
+      a.weight = weight;
+      a.bias = bias;
+      return a;
+    };
+    auto normalised = [&](DecodeArgs<W> a, const float* gamma, const float* beta) {
+      a.residual = ws.x;
+      a.gamma = gamma;
+      a.beta = beta;
+      return a;
+    };
+
+    embedding(ws.x, w_.wte, w_.wpe, ws.io.template at<int32_t>(ws.tokens_at), positions, N, C_, stream);
+    for (int l = 0; l < L_; ++l) {
+      const DeviceLayer<W>& layer = w_.h[l];
+      W* k_cache = ws.k_cache + l * ws.layer_stride;
+      W* v_cache = ws.v_cache + l * ws.layer_stride;
+      // q, and k and v into the cache = ln_1(x) c_attn + b
+      DecodeArgs<W> qkv = normalised(product(N, C_, 3 * C_, layer.attn_c_attn_w, layer.attn_c_attn_b), layer.ln_1_w,
+                                     layer.ln_1_b);
+      qkv.y = ws.q;
+      qkv.k_cache = k_cache;
+      qkv.v_cache = v_cache;
+      qkv.slots = slot_of;
+      qkv.positions = positions;
+      qkv.NH = NH_;
+      qkv.HS = HS_;
+      qkv.T = ws.ctx;
+      decode_product<W, true, DecodeOut::QKV>(qkv, multiprocessors_, stream);
+      attend(ws.att, ws.q, k_cache, v_cache, ws.part_o, ws.part_ml, slot_of, positions, N, NH_, HS_, ws.ctx, stream);
+      // x += att c_proj + b
+      DecodeArgs<W> proj = product(N, C_, C_, layer.attn_c_proj_w, layer.attn_c_proj_b);
+      proj.act = ws.att;
+      proj.y = ws.x;
+      decode_product<W, false, DecodeOut::Residual>(proj, multiprocessors_, stream);
+      // gelu = gelu(ln_2(x) c_fc + b)
+      DecodeArgs<W> fc = normalised(product(N, C_, 4 * C_, layer.mlp_c_fc_w, layer.mlp_c_fc_b), layer.ln_2_w,
+                                    layer.ln_2_b);
+      fc.act_out = ws.gelu;
+      decode_product<W, true, DecodeOut::Gelu>(fc, multiprocessors_, stream);
+      // x += gelu c_proj + b
+      DecodeArgs<W> mlp = product(N, 4 * C_, C_, layer.mlp_c_proj_w, layer.mlp_c_proj_b);
+      mlp.act = ws.gelu;
+      mlp.y = ws.x;
+      decode_product<W, false, DecodeOut::Residual>(mlp, multiprocessors_, stream);
+    }
+    // logits = ln_f(x at sample_at) wte^T
+    DecodeArgs<W> logits = normalised(product(R, C_, V_, w_.wte, nullptr), w_.ln_f_w, w_.ln_f_b);
+    logits.rows = ws.io.template at<int32_t>(ws.sample_at_at);
+    logits.y = ws.logits;
+    decode_product<W, true, DecodeOut::Logits>(logits, multiprocessors_, stream);
+  }
+
   // The decode forward pass for `rows` tokens (= sampling rows), captured once per bucket. The
   // graph reads its inputs from the fixed io arrays, so replays only need those refreshed.
   void capture(int rows) {
@@ -376,6 +444,7 @@ class CudaBackend final : public Backend {
   Config config_;
   int C_ = 0, NH_ = 0, HS_ = 0, V_ = 0, L_ = 0;
   int device_;
+  int multiprocessors_;
   bool use_graphs_;
   std::string description_;
   // Declaration order is destruction order reversed: graphs and buffers go before the stream.
