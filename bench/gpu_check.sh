@@ -6,7 +6,7 @@
 # results. Logs and JSON go to $OUT (default bench/results/gpu).
 #
 #     bash bench/gpu_check.sh                      # all steps
-#     bash bench/gpu_check.sh build tests generate # some of: build tests cli generate finetune
+#     bash bench/gpu_check.sh build tests generate # some of: build tests cli generate finetune profile
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -48,6 +48,10 @@ fi
 if want generate; then
   step bench_generate 120 $PY bench/generate_cuda.py --reps 3 --batch 1 64 256 --out "$OUT/generate_cuda.json"
   grep -E '^(batch|sampling|weights)' "$OUT/bench_generate.log"
+fi
+if want profile; then  # GPU time per kernel of decode steps (Nsight Compute), for the next optimisation
+  step profile 150 $PY bench/profile_cuda.py --batch 1 64
+  cat "$OUT/profile.log"
 fi
 if want finetune; then
   step bench_finetune 180 $PY bench/finetune_gpu.py --reps 1 --steps 20 --warmup-steps 8 --out "$OUT/finetune_gpu.json"
