@@ -65,7 +65,7 @@ def profile(batch: int) -> None:
     per_name = defaultdict(list)
     for row in csv.DictReader(io.StringIO(out.stdout[out.stdout.index('"ID"'):])):
         if row.get("Metric Name") == "gpu__time_duration.sum":  # ns
-            per_name[kernel_name(row["Kernel Name"])].append(float(row["Metric Value"]) * 1e-3)
+            per_name[kernel_name(row["Kernel Name"])].append(float(row["Metric Value"].replace(",", "")) * 1e-3)
     total = sum(sum(v) for v in per_name.values())
     print(f"batch {batch}: {sum(map(len, per_name.values()))} kernels, {total:.0f} us in all "
           f"(prefill and {NEW_TOKENS - 1} decode steps)")

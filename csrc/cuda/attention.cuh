@@ -22,8 +22,11 @@
 namespace gpt2s::cuda {
 
 constexpr int kAttnSplit = 128;     // positions per split (a 144-position decode at batch 1 spreads over 2 x NH blocks)
-constexpr int kAttnThreads = 128;   // threads per split block
+constexpr int kAttnThreads = kAttnSplit;  // threads per split block: one per position for the scores
 constexpr int kMaxHeadSize = 256;   // HS (GPT-2's is 64 in every size)
+
+// Head sizes the kernels take: whole 16-byte pieces of every storage type, at most kMaxHeadSize.
+inline bool attention_fits(int HS) { return HS % 8 == 0 && HS <= kMaxHeadSize; }
 
 inline int attention_splits(int T) { return (T + kAttnSplit - 1) / kAttnSplit; }
 
@@ -49,12 +52,16 @@ __global__ void qkv_scatter_kernel(float* __restrict__ q, KV* __restrict__ k_cac
 
 // Block (h, s, n): token n, head h, cache positions [s * kAttnSplit, min((s + 1) * kAttnSplit, p + 1)).
 // part_o ((N, NH, splits), HS) and part_ml ((N, NH, splits), 2) receive o, and (m, l).
+// Every cached row is read in 16-byte pieces (HS is a multiple of 8: attention_fits), and each
+// thread's loads are independent of each other, so they are all in flight at once: a decode
+// step's attention waits for memory about once per phase, not once per key.
 template <typename KV>
 __global__ void __launch_bounds__(kAttnThreads)
 attention_partial_kernel(float* __restrict__ part_o, float* __restrict__ part_ml, const float* __restrict__ q,
                          const KV* __restrict__ k_cache, const KV* __restrict__ v_cache,
                          const int32_t* __restrict__ slots, const int32_t* __restrict__ positions, int NH, int HS,
                          int T, int splits, float scale) {
+  constexpr int kPiece = Piece<KV>::kSize;
   const int h = blockIdx.x, s = blockIdx.y;
   const int64_t n = blockIdx.z;
   const int p = positions[n];
@@ -62,9 +69,9 @@ attention_partial_kernel(float* __restrict__ part_o, float* __restrict__ part_ml
   if (t0 > p) return;  // the whole block leaves together, before any barrier
   const int len = min(t0 + kAttnSplit, p + 1) - t0;
 
-  __shared__ float qs[kMaxHeadSize];  // (HS) the query
-  __shared__ float w[kAttnSplit];     // scores, then softmax numerators
-  __shared__ float part[kAttnThreads > kMaxHeadSize ? kAttnThreads : kMaxHeadSize];  // per-group outputs
+  __shared__ float qs[kMaxHeadSize];            // (HS) the query
+  __shared__ float w[kAttnSplit];               // scores, then softmax numerators
+  __shared__ float part[kAttnThreads * 8];      // (groups, HS) partial outputs: groups * HS <= 8 * nt
   __shared__ float scratch[32];
 
   const int tid = threadIdx.x, nt = blockDim.x;
@@ -75,34 +82,38 @@ attention_partial_kernel(float* __restrict__ part_o, float* __restrict__ part_ml
   const int64_t head = (int64_t(slots[n]) * NH + h) * T + t0;  // first cached row of this split
   const KV* kb = k_cache + head * HS;
   const KV* vb = v_cache + head * HS;
-  // Scores: one warp per cached key, its lanes reading the key's HS values side by side (one
-  // coalesced read per key), then a warp sum.
-  const int lane = tid & 31, warp = tid >> 5, n_warps = nt >> 5;
-  float local_max = -INFINITY;
-  for (int i = warp; i < len; i += n_warps) {
-    const KV* k = kb + int64_t(i) * HS;
+  // Scores: thread i takes key i whole (kAttnSplit == kAttnThreads: one key each).
+  float score = -INFINITY;
+  if (tid < len) {
     float dot = 0.f;
-    for (int d = lane; d < HS; d += 32) dot += qs[d] * to_float(k[d]);
-    const float score = warp_sum(dot) * scale;
-    if (lane == 0) w[i] = score;
-    local_max = fmaxf(local_max, score);
+    for (int d = 0; d < HS; d += kPiece) {
+      float kv[kPiece];
+      load_piece(kv, kb + int64_t(tid) * HS + d);
+      for (int j = 0; j < kPiece; ++j) dot += qs[d + j] * kv[j];
+    }
+    score = dot * scale;
+    w[tid] = score;
   }
-  const float m = block_max(local_max, scratch);  // its barriers also publish w to every thread
-  float local_sum = 0.f;
-  for (int i = tid; i < len; i += nt) {
-    w[i] = expf(w[i] - m);
-    local_sum += w[i];
+  const float m = block_max(score, scratch);  // its barriers also publish w to every thread
+  float numerator = 0.f;
+  if (tid < len) {
+    numerator = expf(w[tid] - m);
+    w[tid] = numerator;
   }
-  const float l = block_sum(local_sum, scratch);  // and these publish the numerators
+  const float l = block_sum(numerator, scratch);  // and these publish the numerators
 
-  // o[d] = sum_i w[i] v[i][d]: G groups of HS threads each take every G-th position, reading
-  // whole cached rows at a time (coalesced); the groups' sums are added in a fixed order.
-  const int groups = HS <= nt ? nt / HS : 1;
-  for (int e = tid; e < groups * HS; e += nt) {
-    const int g = e / HS, d = e - g * HS;
-    float acc = 0.f;
-    for (int i = g; i < len; i += groups) acc += w[i] * to_float(vb[int64_t(i) * HS + d]);
-    part[e] = acc;
+  // o[d] = sum_i w[i] v[i][d]: thread (g, piece) sums every groups-th position from g for the
+  // kPiece values of its piece; the groups' sums are then added in a fixed order.
+  const int pieces = HS / kPiece, groups = max(1, nt / pieces);
+  if (tid < groups * pieces) {
+    const int g = tid / pieces, d = (tid - g * pieces) * kPiece;
+    float acc[kPiece] = {};
+    for (int i = g; i < len; i += groups) {
+      float vv[kPiece];
+      load_piece(vv, vb + int64_t(i) * HS + d);
+      for (int j = 0; j < kPiece; ++j) acc[j] += w[i] * vv[j];
+    }
+    for (int j = 0; j < kPiece; ++j) part[g * HS + d + j] = acc[j];
   }
   __syncthreads();
   const int64_t out = (n * NH + h) * splits + s;
@@ -149,7 +160,7 @@ template <typename W>
 void attend(W* out, const float* q, const W* k_cache, const W* v_cache, float* part_o, float* part_ml,
             const int32_t* slots, const int32_t* positions, int N, int NH, int HS, int T, cudaStream_t stream) {
   if (N == 0) return;
-  GPT2S_CUDA_ASSERT(HS <= kMaxHeadSize && N <= 65535 && NH <= 65535, "attention: geometry beyond the kernels' limits");
+  GPT2S_CUDA_ASSERT(attention_fits(HS) && N <= 65535 && NH <= 65535, "attention: geometry beyond the kernels' limits");
   const int splits = attention_splits(T);
   const float scale = 1.f / sqrtf(float(HS));
   launch("attention_partial", attention_partial_kernel<W>, dim3(NH, splits, N), kAttnThreads, stream, part_o, part_ml, q,

@@ -136,8 +136,10 @@ class CudaBackend final : public Backend {
     V_ = config_.n_vocab;
     L_ = config_.n_layer;
     if (HS_ * NH_ != C_) throw std::invalid_argument("n_embd must be a multiple of n_head");
-    if (HS_ > kMaxHeadSize) {
-      throw std::invalid_argument("head size n_embd / n_head above " + std::to_string(kMaxHeadSize) + " is not supported on CUDA");
+    if (!attention_fits(HS_)) {
+      throw std::invalid_argument("the CUDA engine needs a head size n_embd / n_head that is a multiple of 8 and at most " +
+                                  std::to_string(kMaxHeadSize) + " (this model's is " + std::to_string(HS_) +
+                                  "; GPT-2's is 64): use backend='cpu'");
     }
     CUBLAS_CHECK(cublasSetStream(cublas_.get(), stream_.get()));
     // After SetStream (which resets it): a fixed workspace, so graph capture allocates nothing.

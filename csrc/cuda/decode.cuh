@@ -56,38 +56,26 @@ struct DecodeArgs {
   int NH = 0, HS = 0, T = 0;
 };
 
-// Eight bf16/fp16 or four fp32 values: one 16-byte load.
-template <typename W>
-struct alignas(16) Piece {
-  static constexpr int kSize = 16 / sizeof(W);
-  W v[kSize];
-};
-
-// p: 16-byte aligned (every matrix and activation is 256-byte aligned, and rows hold a multiple
-// of kSize values: decode_products_fit).
-template <typename W>
-__device__ __forceinline__ void load_piece(float* out, const W* p) {
-  const Piece<W> piece = *reinterpret_cast<const Piece<W>*>(p);
-  for (int j = 0; j < Piece<W>::kSize; ++j) out[j] = to_float(piece.v[j]);
-}
-
 template <typename W, int kRows, bool kNorm, DecodeOut kOut>
 __global__ void __launch_bounds__(kDecodeThreads) decode_product_kernel(const DecodeArgs<W> a) {
   constexpr int kPiece = Piece<W>::kSize;
   __shared__ float xs[kNorm ? kDecodeNormFloats : 1];  // (n, in) LayerNorm outputs, rounded to W
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if constexpr (kNorm) {
-    // Warp r normalises row r (mean, then the variance around it, as residual_layernorm).
+    // Warp r normalises row r (mean, then the variance around it, as residual_layernorm), reading
+    // the row from memory once; each lane only touches its own columns, so no barrier is needed
+    // until the rows are shared.
     if (warp < a.n) {
       const float* x = a.residual + int64_t(a.rows ? a.rows[warp] : warp) * a.in;
+      float* row = xs + warp * a.in;
       float sum = 0.f;
-      for (int c = lane; c < a.in; c += 32) sum += x[c];
+      for (int c = lane; c < a.in; c += 32) sum += row[c] = x[c];
       const float mean = warp_sum(sum) / float(a.in);
       float sq = 0.f;
-      for (int c = lane; c < a.in; c += 32) sq += (x[c] - mean) * (x[c] - mean);
+      for (int c = lane; c < a.in; c += 32) sq += (row[c] - mean) * (row[c] - mean);
       const float rstd = rsqrtf(warp_sum(sq) / float(a.in) + 1e-5f);
       for (int c = lane; c < a.in; c += 32) {
-        xs[warp * a.in + c] = to_float(from_float<W>((x[c] - mean) * rstd * a.gamma[c] + a.beta[c]));
+        row[c] = to_float(from_float<W>((row[c] - mean) * rstd * a.gamma[c] + a.beta[c]));
       }
     }
     __syncthreads();

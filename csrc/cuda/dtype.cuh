@@ -26,6 +26,21 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { re
 template <>
 __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 
+// Eight bf16/fp16 or four fp32 values: one 16-byte load.
+template <typename W>
+struct alignas(16) Piece {
+  static constexpr int kSize = 16 / sizeof(W);
+  W v[kSize];
+};
+
+// out[0, kSize) = p[0, kSize) as fp32. p: 16-byte aligned (every matrix, activation and cache is
+// 256-byte aligned, and the rows read this way hold a multiple of kSize values).
+template <typename W>
+__device__ __forceinline__ void load_piece(float* out, const W* p) {
+  const Piece<W> piece = *reinterpret_cast<const Piece<W>*>(p);
+  for (int j = 0; j < Piece<W>::kSize; ++j) out[j] = to_float(piece.v[j]);
+}
+
 template <typename W>
 constexpr cudaDataType_t cuda_data_type();
 template <>
