@@ -14,7 +14,7 @@
 // draw boundary by less than the exp differences the spec already allows between backends.
 //
 // Top-k rows (k <= kCandidates, the usual case) take a shorter road: the argmax pass also counts
-// the logits per coarse bin (the top 11 bits of their order bits), which bounds the k-th best
+// the logits per coarse bin (the top 12 bits of their order bits), which bounds the k-th best
 // from below; a second pass gathers every token of the bins at or above that one into shared
 // memory when they fit, and top-k, top-p and the draw then run on that short list alone (each
 // thread ranks its token by counting, with no further pass over the vocabulary). Rows whose best
@@ -32,7 +32,7 @@ namespace gpt2s::cuda {
 
 constexpr int kSampleThreads = 1024;  // one block per row: at batch 1 the whole draw runs on one multiprocessor
 constexpr int kCandidates = kSampleThreads;  // a top-k row's gathered best tokens: one per thread
-constexpr int kCoarseShift = 21;             // coarse bin of a logit: the top 11 of its 32 order bits
+constexpr int kCoarseShift = 20;             // coarse bin of a logit: the top 12 of its 32 order bits
 constexpr int kCoarseBins = 1 << (32 - kCoarseShift);
 constexpr int kHistogramGroups = 4;          // bins per warp counted with one atomic each (warp_count)
 
@@ -65,8 +65,9 @@ struct SampleShared {
   int result;
   unsigned int coarse[kCoarseBins];            // top-k rows: logits per coarse bin
   unsigned long long cand_key[kCandidates];    // the gathered tokens' rank keys
-  unsigned long long cand_weight[kCandidates]; // and their weights (0 once dropped)
-  unsigned int n_cand;
+  unsigned long long kept_key[kCandidates];    // the top-k among them
+  unsigned long long kept_weight[kCandidates]; // and their weights (0 once top-p drops them)
+  unsigned int n_cand, n_kept;
   int coarse_bin;                              // lowest gathered bin, -1: too many to gather
 };
 
@@ -206,22 +207,31 @@ sample_kernel(int32_t* __restrict__ out, uint8_t* __restrict__ support, int* __r
   const bool short_road = T > 0.f && P.top_k > 0 && P.top_k < V && P.top_k <= kCandidates;
   if (short_road) {
     for (int d = tid; d < kCoarseBins; d += nt) sh.coarse[d] = 0;
-    if (tid == 0) sh.n_cand = 0;
+    if (tid == 0) sh.n_cand = sh.n_kept = 0;
     __syncthreads();
   }
 
   // Step 1: the argmax, lowest id among equal logits (also the fallback of step 4); the short
   // road counts the coarse bins in the same pass. i0 is block-uniform: warp_count sees every lane.
+  // At batch 1 this block is alone with the row: kUnroll loads per thread are issued together, so
+  // the pass waits on memory V / (kUnroll * nt) times instead of V / nt.
+  constexpr int kUnroll = 4;
   float best_x = -INFINITY;
   int best_id = INT_MAX;
-  for (int i0 = 0; i0 < V; i0 += nt) {
-    const int i = i0 + tid;
-    const float x = i < V ? clean_logit(row[i]) : -INFINITY;
-    if (i < V && (x > best_x || (x == best_x && i < best_id))) {
-      best_x = x;
-      best_id = i;
+  for (int i0 = 0; i0 < V; i0 += kUnroll * nt) {
+    float xs[kUnroll];
+    for (int u = 0; u < kUnroll; ++u) {
+      const int i = i0 + u * nt + tid;
+      xs[u] = i < V ? clean_logit(row[i]) : -INFINITY;
     }
-    if (short_road) warp_count(sh.coarse, i < V, int(order_bits(x) >> kCoarseShift));
+    for (int u = 0; u < kUnroll; ++u) {
+      const int i = i0 + u * nt + tid;
+      if (i < V && (xs[u] > best_x || (xs[u] == best_x && i < best_id))) {
+        best_x = xs[u];
+        best_id = i;
+      }
+      if (short_road) warp_count(sh.coarse, i < V, int(order_bits(xs[u]) >> kCoarseShift));
+    }
   }
   for (int offset = 16; offset > 0; offset >>= 1) {
     const float ox = __shfl_xor_sync(kFullWarp, best_x, offset);
@@ -268,7 +278,7 @@ sample_kernel(int32_t* __restrict__ out, uint8_t* __restrict__ support, int* __r
 
   if (short_road) {
     // The lowest coarse bin whose count, with all bins above it, reaches k: warp 0, lane L holding
-    // bins 2047 - 64L down to 1984 - 64L (best first), scanned like block_select's digits.
+    // the L-th run of kCoarseBins / 32 bins from the top (best first), scanned like block_select's digits.
     if (warp == 0) {
       constexpr int kPerLane = kCoarseBins / 32;
       unsigned lane_count = 0;
@@ -295,22 +305,40 @@ sample_kernel(int32_t* __restrict__ out, uint8_t* __restrict__ support, int* __r
     const int lowest = sh.coarse_bin;
     if (lowest >= 0) {
       // Gather: exactly the tokens counted up to `lowest` (<= kCandidates), in any order.
-      for (int i = tid; i < V; i += nt) {
-        const float x = clean_logit(row[i]);
-        if (int(order_bits(x) >> kCoarseShift) >= lowest) sh.cand_key[atomicAdd(&sh.n_cand, 1u)] = rank_key(x, i);
+      for (int i0 = 0; i0 < V; i0 += kUnroll * nt) {
+        float xs[kUnroll];
+        for (int u = 0; u < kUnroll; ++u) {
+          const int i = i0 + u * nt + tid;
+          xs[u] = i < V ? clean_logit(row[i]) : -INFINITY;
+        }
+        for (int u = 0; u < kUnroll; ++u) {
+          const int i = i0 + u * nt + tid;
+          if (i < V && int(order_bits(xs[u]) >> kCoarseShift) >= lowest) {
+            sh.cand_key[atomicAdd(&sh.n_cand, 1u)] = rank_key(xs[u], i);
+          }
+        }
       }
       __syncthreads();
+      // Step 3: candidate t (thread t) is kept if fewer than k candidates rank above it (every
+      // token not gathered ranks below them all). The k kept move to a list of their own, so the
+      // later steps loop over k tokens, not over every candidate.
       const int n = int(sh.n_cand);
-      const bool mine = tid < n;  // thread t owns candidate t
-      const uint64_t key = mine ? sh.cand_key[tid] : 0;
-      const int id = key_id(key);
-      // Step 3: kept if fewer than k candidates rank above (every token not gathered ranks below).
-      int above = 0;
-      for (int j = 0; j < n; ++j) above += sh.cand_key[j] > key;
-      bool kept = mine && above < P.top_k;
-      uint64_t weight = kept ? weight_of(clean_logit(row[id])) : 0;
-      sh.cand_weight[tid] = weight;
+      if (tid < n) {
+        const uint64_t key = sh.cand_key[tid];
+        int above = 0;
+        for (int j = 0; j < n; ++j) above += sh.cand_key[j] > key;
+        if (above < P.top_k) {
+          const unsigned slot = atomicAdd(&sh.n_kept, 1u);
+          sh.kept_key[slot] = key;
+          sh.kept_weight[slot] = weight_of(clean_logit(row[key_id(key)]));
+        }
+      }
       __syncthreads();
+      const int k = int(sh.n_kept);  // = top_k: n >= top_k and keys are distinct
+      bool kept = tid < k;           // thread t owns kept token t
+      const uint64_t key = kept ? sh.kept_key[tid] : 0;
+      const int id = key_id(key);
+      uint64_t weight = kept ? sh.kept_weight[tid] : 0;
       // Step 5: kept if the kept mass ranked above it is still short of p * W (the shortest
       // best-first prefix reaching it).
       if (P.top_p > 0.0 && P.top_p < 1.0) {
@@ -318,11 +346,11 @@ sample_kernel(int32_t* __restrict__ out, uint8_t* __restrict__ support, int* __r
         unsigned long long need = (unsigned long long)ceil(P.top_p * double(total));
         need = need < 1 ? 1 : (need > total ? total : need);
         unsigned long long mass_above = 0;
-        for (int j = 0; j < n; ++j) mass_above += sh.cand_key[j] > key ? sh.cand_weight[j] : 0;
+        for (int j = 0; j < k; ++j) mass_above += sh.kept_key[j] > key ? sh.kept_weight[j] : 0;
         kept = kept && mass_above < need;
         weight = kept ? weight : 0;
         __syncthreads();  // every thread has read the top-k weights
-        sh.cand_weight[tid] = weight;
+        if (tid < k) sh.kept_weight[tid] = weight;
       }
       if (support) {
         for (int i = tid; i < V; i += nt) support[b * V + i] = 0;
@@ -334,7 +362,7 @@ sample_kernel(int32_t* __restrict__ out, uint8_t* __restrict__ support, int* __r
       if (tid == 0) sh.result = -1;
       const unsigned long long target = draw_target(block_sum((unsigned long long)weight, sh.warp_total));
       unsigned long long running = 0;
-      for (int j = 0; j < n; ++j) running += key_id(sh.cand_key[j]) <= id ? sh.cand_weight[j] : 0;
+      for (int j = 0; j < k; ++j) running += key_id(sh.kept_key[j]) <= id ? sh.kept_weight[j] : 0;
       if (weight > 0 && running > target && running - weight <= target) sh.result = id;
       __syncthreads();
       if (tid == 0) {
