@@ -215,24 +215,27 @@ sample_kernel(int32_t* __restrict__ out, uint8_t* __restrict__ support, int* __r
   // road counts the coarse bins in the same pass. i0 is block-uniform: warp_count sees every lane.
   // At batch 1 this block is alone with the row: kUnroll loads per thread are issued together, so
   // the pass waits on memory V / (kUnroll * nt) times instead of V / nt.
-  constexpr int kUnroll = 4;
+  // visit(i, x) for every i of the row (x = -inf past V), block-uniformly.
+  auto each_logit = [&](const auto& visit) {
+    constexpr int kUnroll = 4;
+    for (int i0 = 0; i0 < V; i0 += kUnroll * nt) {
+      float xs[kUnroll];
+      for (int u = 0; u < kUnroll; ++u) {
+        const int i = i0 + u * nt + tid;
+        xs[u] = i < V ? clean_logit(row[i]) : -INFINITY;
+      }
+      for (int u = 0; u < kUnroll; ++u) visit(i0 + u * nt + tid, xs[u]);
+    }
+  };
   float best_x = -INFINITY;
   int best_id = INT_MAX;
-  for (int i0 = 0; i0 < V; i0 += kUnroll * nt) {
-    float xs[kUnroll];
-    for (int u = 0; u < kUnroll; ++u) {
-      const int i = i0 + u * nt + tid;
-      xs[u] = i < V ? clean_logit(row[i]) : -INFINITY;
+  each_logit([&](int i, float x) {
+    if (i < V && (x > best_x || (x == best_x && i < best_id))) {
+      best_x = x;
+      best_id = i;
     }
-    for (int u = 0; u < kUnroll; ++u) {
-      const int i = i0 + u * nt + tid;
-      if (i < V && (xs[u] > best_x || (xs[u] == best_x && i < best_id))) {
-        best_x = xs[u];
-        best_id = i;
-      }
-      if (short_road) warp_count(sh.coarse, i < V, int(order_bits(xs[u]) >> kCoarseShift));
-    }
-  }
+    if (short_road) warp_count(sh.coarse, i < V, int(order_bits(x) >> kCoarseShift));
+  });
   for (int offset = 16; offset > 0; offset >>= 1) {
     const float ox = __shfl_xor_sync(kFullWarp, best_x, offset);
     const int oi = __shfl_xor_sync(kFullWarp, best_id, offset);
@@ -305,19 +308,9 @@ sample_kernel(int32_t* __restrict__ out, uint8_t* __restrict__ support, int* __r
     const int lowest = sh.coarse_bin;
     if (lowest >= 0) {
       // Gather: exactly the tokens counted up to `lowest` (<= kCandidates), in any order.
-      for (int i0 = 0; i0 < V; i0 += kUnroll * nt) {
-        float xs[kUnroll];
-        for (int u = 0; u < kUnroll; ++u) {
-          const int i = i0 + u * nt + tid;
-          xs[u] = i < V ? clean_logit(row[i]) : -INFINITY;
-        }
-        for (int u = 0; u < kUnroll; ++u) {
-          const int i = i0 + u * nt + tid;
-          if (i < V && int(order_bits(xs[u]) >> kCoarseShift) >= lowest) {
-            sh.cand_key[atomicAdd(&sh.n_cand, 1u)] = rank_key(xs[u], i);
-          }
-        }
-      }
+      each_logit([&](int i, float x) {
+        if (i < V && int(order_bits(x) >> kCoarseShift) >= lowest) sh.cand_key[atomicAdd(&sh.n_cand, 1u)] = rank_key(x, i);
+      });
       __syncthreads();
       // Step 3: candidate t (thread t) is kept if fewer than k candidates rank above it (every
       // token not gathered ranks below them all). The k kept move to a list of their own, so the
