@@ -131,19 +131,24 @@ def test_logits_match_pytorch_at_every_step(model, files, isa, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_wide_vocabulary_packed_in_slices(tmp_path, dtype):
-    # wte of 50257 x 192 (37 MiB fp32, 18 MiB bf16) is repacked in several slices (cpu_backend.cpp).
-    config = GPT2Config(n_ctx=32, n_embd=192, n_head=2, n_layer=1)
+@pytest.mark.parametrize("isa", ["native", "avx2", "scalar"])
+def test_wide_matrices_at_every_batch_shape(tmp_path, isa, dtype):
+    # n_embd 192: the matmuls run over inputs of 192 and 768 (mlp.c_proj), more than one slice of
+    # the matmul's panels (128 inputs) and not a multiple of one; a prefill of 9 + 17 + 30 = 56
+    # rows spans several row groups of every ISA (at most 32 rows each) and a partial row block;
+    # then three rows decode together. wte of 50257 x 192 (37 MiB fp32, 18 MiB bf16) is also
+    # repacked in several slices (cpu_backend.cpp).
+    config = GPT2Config(n_ctx=48, n_embd=192, n_head=2, n_layer=1)
     model = random_gpt2(config, seed=4)
-    engine = Engine(export(model, tmp_path / f"wide.{dtype}.bin", dtype, progress=False), backend="cpu")
-    logits = {}
-    prompt = _prompts([9], seed=8)[0]
-    tokens = engine.generate([Request(prompt, 4, temperature=1.0, seed=1)], on_logits=lambda i, s, x: logits.setdefault(s, x))[0].tokens
+    prompts = _prompts([9, 17, 30], seed=8)
+    requests = [dict(prompt=p, max_new_tokens=4, temperature=1.0, seed=1, sample_index=i) for i, p in enumerate(prompts)]
+    out = _run_in_subprocess(export(model, tmp_path / f"wide.{dtype}.bin", dtype, progress=False), isa, requests, batch_size=3)
     reference = model if dtype == "fp32" else _bf16_model(model, config)
-    with torch.no_grad():
-        expected = reference(torch.tensor([prompt + tokens]))[0, len(prompt) - 1 :].numpy()
-    for step in range(4):
-        np.testing.assert_allclose(logits[step], expected[step], **TOLERANCE[dtype])
+    for i, (prompt, tokens) in enumerate(zip(prompts, out["tokens"])):
+        with torch.no_grad():
+            expected = reference(torch.tensor([prompt + tokens]))[0, len(prompt) - 1 :].numpy()
+        for step in range(4):
+            np.testing.assert_allclose(out["logits"][f"{i}_{step}"], expected[step], **TOLERANCE[dtype], err_msg=f"{isa} {dtype} row {i} step {step}")
 
 
 def test_greedy_equals_pytorch_past_the_context(small, engine):

@@ -2,6 +2,8 @@
 // cache sized per generate call, and the sampler of sampler.h, on a ThreadPool of its own.
 #pragma once
 
+#include <sys/mman.h>
+
 #include <cstdint>
 #include <memory>
 #include <new>
@@ -17,24 +19,33 @@
 namespace gpt2s {
 
 // An uninitialised, 64-byte aligned array of a trivial type: pages are only touched (and counted
-// in RSS) when written.
+// in RSS) when written. One of 2 MiB or more is aligned to 2 MiB and asks the kernel for huge pages
+// (transparent huge pages, where enabled): a matmul streaming the weights at batch 1 then misses
+// the TLB once per 2 MiB instead of once per 4 KiB; on the 2-core test machine of docs/bench.md
+// that raised its weight read rate from about 31 to 44 GB/s.
 template <typename T>
 class Buffer {
  public:
   void resize(int64_t n) {
-    if (n != size_) {
-      data_.reset(n > 0 ? static_cast<T*>(::operator new[](size_t(n) * sizeof(T), std::align_val_t(64))) : nullptr);
-      size_ = n;
-    }
+    if (n == size_) return;
+    const size_t bytes = size_t(n) * sizeof(T);
+    const size_t align = bytes >= kHugePage ? kHugePage : 64;
+    const size_t rounded = (bytes + align - 1) / align * align;
+    data_ = std::unique_ptr<T, Free>(n > 0 ? static_cast<T*>(::operator new[](rounded, std::align_val_t(align))) : nullptr,
+                                     Free{align});
+    if (align == kHugePage) madvise(data_.get(), rounded, MADV_HUGEPAGE);  // a hint: failure is harmless
+    size_ = n;
   }
   T* data() const { return data_.get(); }
   int64_t size() const { return size_; }
 
  private:
+  static constexpr size_t kHugePage = size_t(2) << 20;
   struct Free {
-    void operator()(T* p) const { ::operator delete[](p, std::align_val_t(64)); }
+    size_t align = 64;
+    void operator()(T* p) const { ::operator delete[](p, std::align_val_t(align)); }
   };
-  std::unique_ptr<T, Free> data_;
+  std::unique_ptr<T, Free> data_{nullptr, Free{}};
   int64_t size_ = 0;
 };
 

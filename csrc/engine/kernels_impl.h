@@ -88,45 +88,71 @@ void pack(ThreadPool& pool, const TensorView& w, void* out) {
   }, &job);
 }
 
-// acc[r][v] = sum over k of x[r][k] * panel[k][v * kLanes + lane], k in order, for r < RB.
-template <int RB>
-inline void panel_f32(const float* x, int64_t ldx, int64_t K, const float* panel, Vf (&acc)[kRowBlock][kPanelVecs]) {
-#pragma GCC unroll 8
-  for (int r = 0; r < RB; ++r)
-#pragma GCC unroll 8
-    for (int v = 0; v < kPanelVecs; ++v) acc[r][v] = vzero();
-  for (int64_t k = 0; k < K; ++k, panel += kPanel) {
-    Vf xb[RB];
-#pragma GCC unroll 8
-    for (int r = 0; r < RB; ++r) xb[r] = vset1(x[r * ldx + k]);
-#pragma GCC unroll 8
-    for (int v = 0; v < kPanelVecs; ++v) {
-      const Vf wv = vload(panel + v * kLanes);
-#pragma GCC unroll 8
-      for (int r = 0; r < RB; ++r) acc[r][v] = vfma(xb[r], wv, acc[r][v]);
-    }
-  }
-}
+// The two weight formats a panel holds, as the micro-kernel sees them: inputs per step, the x
+// value(s) broadcast to every lane, one vector of panel weights, and the multiply-add.
+struct WeightsF32 {
+  using T = float;
+  using Vx = Vf;
+  static constexpr int kStep = 1;
+  static Vf broadcast(const float* x) { return vset1(*x); }
+  static Vf load(const float* w) { return vload(w); }
+  static Vf madd(Vf acc, Vf x, Vf w) { return vfma(x, w, acc); }
+};
+struct WeightsBF16 {  // x rows bf16 with an even stride (a zero after an odd K)
+  using T = uint16_t;
+  using Vx = Vb;
+  static constexpr int kStep = 2;
+  static Vb broadcast(const uint16_t* x) { return vbcast_pair(x); }
+  static Vb load(const uint16_t* w) { return vload_bf16(w); }
+  static Vf madd(Vf acc, Vb x, Vb w) { return vdot_bf16(acc, x, w); }
+};
 
-// The same over pairs of inputs: x rows are bf16 with an even stride ldx (a zero after an odd K).
-template <int RB>
-inline void panel_bf16(const uint16_t* x, int64_t ldx, int64_t K, const uint16_t* panel,
-                       Vf (&acc)[kRowBlock][kPanelVecs]) {
+// Inputs per slice: a panel is multiplied slice by slice (48 KiB of weights, either format), every
+// row of a group of up to kGroupRows rows over one slice before the next, so that the slice comes
+// from memory once and from the L2 cache for the other row blocks. Meanwhile the row blocks
+// prefetch the next slice into the L2, a few cache lines per input step, spread over all of the
+// group's passes: the memory streams while the arithmetic runs, instead of each first pass
+// waiting on it. The partial sums wait in memory between slices as fp32, exactly, so every output
+// still accumulates input after input in its own lane.
+constexpr int64_t kSlice = 128;
+constexpr int kGroupRows = 8 * kRowBlock;
+constexpr int64_t kStepBytes = kPanel * 4;  // panel bytes per input step, either format
+
+// Where the next prefetch goes, how far it may go, and how many cache lines per input step.
+struct Prefetch {
+  const char* at;
+  const char* end;
+  int64_t lines_per_step;
+};
+
+// acc (RB, kPanel) += x (RB rows of stride ldx, inputs [0, n)) times the panel's weights of those
+// inputs, each output in its own lane, input after input; acc starts at zero when `first`.
+template <class W, int RB>
+inline void slice_block(const typename W::T* x, int64_t ldx, int64_t n, const typename W::T* panel, float* acc, bool first,
+                        Prefetch& pf) {
+  Vf a[RB][kPanelVecs];
 #pragma GCC unroll 8
   for (int r = 0; r < RB; ++r)
 #pragma GCC unroll 8
-    for (int v = 0; v < kPanelVecs; ++v) acc[r][v] = vzero();
-  for (int64_t k = 0; k < K; k += 2, panel += 2 * kPanel) {
-    Vb xb[RB];
+    for (int v = 0; v < kPanelVecs; ++v) a[r][v] = first ? vzero() : vload(acc + r * kPanel + v * kLanes);
+  const char* at = pf.at;
+  for (int64_t k = 0; k < n; k += W::kStep, panel += W::kStep * kPanel) {
+    for (int64_t i = 0; i < pf.lines_per_step && at < pf.end; ++i, at += 64) __builtin_prefetch(at, 0, 2);
+    typename W::Vx xb[RB];
 #pragma GCC unroll 8
-    for (int r = 0; r < RB; ++r) xb[r] = vbcast_pair(x + r * ldx + k);
+    for (int r = 0; r < RB; ++r) xb[r] = W::broadcast(x + r * ldx + k);
 #pragma GCC unroll 8
     for (int v = 0; v < kPanelVecs; ++v) {
-      const Vb wv = vload_bf16(panel + v * 2 * kLanes);
+      const auto wv = W::load(panel + v * W::kStep * kLanes);
 #pragma GCC unroll 8
-      for (int r = 0; r < RB; ++r) acc[r][v] = vdot_bf16(acc[r][v], xb[r], wv);
+      for (int r = 0; r < RB; ++r) a[r][v] = W::madd(a[r][v], xb[r], wv);
     }
   }
+  pf.at = at;
+#pragma GCC unroll 8
+  for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < kPanelVecs; ++v) vstore(acc + r * kPanel + v * kLanes, a[r][v]);
 }
 
 inline Vf vgelu(Vf x) {
@@ -138,7 +164,7 @@ inline Vf vgelu(Vf x) {
 
 // y = epilogue(acc + bias) for one row of one panel: `valid` outputs at y (all kPanel, or fewer
 // in the last panel, which goes through a padded copy with the very same vector operations).
-inline void store_panel(const Vf (&acc)[kPanelVecs], const float* bias, float* y, int64_t valid, Epilogue epilogue) {
+inline void store_panel(const float* acc, const float* bias, float* y, int64_t valid, Epilogue epilogue) {
   float yb[kPanel], bb[kPanel];
   const bool full = valid == kPanel;
   if (!full) {
@@ -151,7 +177,8 @@ inline void store_panel(const Vf (&acc)[kPanelVecs], const float* bias, float* y
   const float* b = full ? bias : bb;
 #pragma GCC unroll 8
   for (int v = 0; v < kPanelVecs; ++v) {
-    Vf t = b ? vadd(acc[v], vload(b + v * kLanes)) : acc[v];
+    Vf t = vload(acc + v * kLanes);
+    if (b) t = vadd(t, vload(b + v * kLanes));
     if (epilogue == Epilogue::kGelu) t = vgelu(t);
     if (epilogue == Epilogue::kAdd) t = vadd(vload(out + v * kLanes), t);
     vstore(out + v * kLanes, t);
@@ -171,32 +198,50 @@ struct MatmulJob {
   int64_t panels;    // per chunk
 };
 
-// Rows m0 .. m0 + RB of one panel.
-template <int RB>
-inline void rows_of_panel(const MatmulJob& j, int64_t p, int64_t m0) {
-  const int64_t N = j.w->rows, K = j.K;
-  Vf acc[kRowBlock][kPanelVecs];
-  if (j.w->dtype == DType::F32) {
-    panel_f32<RB>(static_cast<const float*>(j.x) + m0 * j.ldx, j.ldx, K, static_cast<const float*>(j.w->data) + p * K * kPanel, acc);
-  } else {
-    panel_bf16<RB>(static_cast<const uint16_t*>(j.x) + m0 * j.ldx, j.ldx, K,
-                   static_cast<const uint16_t*>(j.w->data) + p * pairs(K) * kPanel * 2, acc);
+// Rows [m0, m1) of panel p, at most kGroupRows: slice after slice, row block after row block.
+template <class W>
+void group_of_panel(const MatmulJob& j, int64_t p, int64_t m0, int64_t m1) {
+  alignas(64) float acc[kGroupRows * kPanel];  // (rows, kPanel) partial sums between slices
+  const int64_t K = j.K;
+  const auto* x = static_cast<const typename W::T*>(j.x);
+  const auto* panel = static_cast<const typename W::T*>(j.w->data) + p * ((K + W::kStep - 1) / W::kStep * W::kStep) * kPanel;
+  for (int64_t k0 = 0; k0 < K; k0 += kSlice) {
+    const int64_t n = min64(kSlice, K - k0);
+    const typename W::T* ws = panel + k0 * kPanel;
+    // The next slice (for the last one, the start of the next panel, which follows in memory).
+    const int64_t steps = (n + W::kStep - 1) / W::kStep, blocks = (m1 - m0 + kRowBlock - 1) / kRowBlock;
+    const char* next = reinterpret_cast<const char*>(ws + steps * W::kStep * kPanel);
+    const int64_t lines = kSlice / W::kStep * kStepBytes / 64;
+    Prefetch pf{next, next + lines * 64, (lines + blocks * steps - 1) / (blocks * steps)};
+    for (int64_t m = m0; m < m1; m += kRowBlock) {
+      const typename W::T* xs = x + m * j.ldx + k0;
+      float* a = acc + (m - m0) * kPanel;
+      const bool first = k0 == 0;
+      switch (min64(kRowBlock, m1 - m)) {
+        case 1: slice_block<W, 1>(xs, j.ldx, n, ws, a, first, pf); break;
+        case 2: if constexpr (kRowBlock >= 2) slice_block<W, 2>(xs, j.ldx, n, ws, a, first, pf); break;
+        case 3: if constexpr (kRowBlock >= 3) slice_block<W, 3>(xs, j.ldx, n, ws, a, first, pf); break;
+        case 4: if constexpr (kRowBlock >= 4) slice_block<W, 4>(xs, j.ldx, n, ws, a, first, pf); break;
+        default: break;
+      }
+    }
   }
-  const int64_t n0 = p * kPanel, valid = min64(kPanel, N - n0);
-  for (int r = 0; r < RB; ++r) store_panel(acc[r], j.bias ? j.bias + n0 : nullptr, j.y + (m0 + r) * N + n0, valid, j.epilogue);
+  const int64_t N = j.w->rows, n0 = p * kPanel, valid = min64(kPanel, N - n0);
+  for (int64_t m = m0; m < m1; ++m) {
+    store_panel(acc + (m - m0) * kPanel, j.bias ? j.bias + n0 : nullptr, j.y + m * N + n0, valid, j.epilogue);
+  }
 }
 
 void matmul_chunk(void* job_ptr, int64_t c, int /*thread*/) {
   const MatmulJob& j = *static_cast<const MatmulJob*>(job_ptr);
   const int64_t n_panels = (j.w->rows + kPanel - 1) / kPanel;
   for (int64_t p = c * j.panels; p < min64(n_panels, (c + 1) * j.panels); ++p) {
-    int64_t m = 0;
-    for (; m + kRowBlock <= j.M; m += kRowBlock) rows_of_panel<kRowBlock>(j, p, m);
-    switch (j.M - m) {
-      case 1: rows_of_panel<1>(j, p, m); break;
-      case 2: if constexpr (kRowBlock > 2) rows_of_panel<2>(j, p, m); break;
-      case 3: if constexpr (kRowBlock > 3) rows_of_panel<3>(j, p, m); break;
-      default: break;
+    for (int64_t m = 0; m < j.M; m += kGroupRows) {
+      if (j.w->dtype == DType::F32) {
+        group_of_panel<WeightsF32>(j, p, m, min64(j.M, m + kGroupRows));
+      } else {
+        group_of_panel<WeightsBF16>(j, p, m, min64(j.M, m + kGroupRows));
+      }
     }
   }
 }
