@@ -208,6 +208,27 @@ def test_bad_suites_exit_2_with_one_line(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_batches_and_prompts_choose_the_generation_cases(tmp_path):
+    out = tmp_path / "results"
+    proc = _run("bench/run.py", "--quick", "--model", "tiny", "--suites", "generation", "--batches", "3", "--prompts", "5",
+                "--reps", "1", "--output_dir", str(out))
+    assert proc.returncode == 0, proc.stderr
+    (path,) = out.glob("*-quick.json")
+    results = json.loads(path.read_text(encoding="utf-8"))
+    assert results["command"].endswith("--batches 3 --prompts 5")
+    assert results["options"]["batches"] == [3] and results["options"]["prompts"] == [5]
+    assert {r["case"] for r in results["records"]} == {"batch 3, prompt 5"}
+    assert {r["peer"] for r in results["records"]} >= {"engine-fp32", "engine-bf16", "torch"}
+
+
+@pytest.mark.parametrize("option, value", [("--batches", "1,0"), ("--prompts", "16,x"), ("--batches", "")])
+def test_bad_sizes_exit_2_with_one_line(option, value, tmp_path):
+    proc = _run("bench/run.py", "--suites", "generation", option, value, "--output_dir", str(tmp_path))
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and f"{option}: expected positive integers" in proc.stderr
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.skipif(_has_cuda(), reason="this machine has CUDA")
 @pytest.mark.parametrize("script, args", [
     ("bench/generate_cuda.py", ["--reps", "3", "--batch", "1", "64", "256"]),  # bench/gpu_check.sh's command lines

@@ -46,7 +46,8 @@ class Options:
     is a ``--quick`` smoke run, and a folder for the files it writes (shared by the suites of a run)."""
 
     def __init__(self, *, model: str = "124M", reps: int = 5, threads: int | None = None, quick: bool = False,
-                 workdir: str | os.PathLike | None = None):
+                 workdir: str | os.PathLike | None = None, batches: tuple[int, ...] | None = None,
+                 prompts: tuple[int, ...] | None = None):
         from ..config import get_config
 
         if reps < 1:
@@ -56,6 +57,8 @@ class Options:
         self.reps = reps
         self.threads = threads or os.cpu_count() or 1
         self.quick = quick
+        self.batches = batches  # the generation suite's batch sizes and prompt lengths (None: its defaults)
+        self.prompts = prompts
         self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="gpt2s-bench-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.notes: list[str] = []  # what a reader of the results must know (a missing peer, a skipped case)
@@ -367,12 +370,23 @@ def run_peers(workers: dict[str, Worker], reps: int, *, label: str, rate: Callab
 
 def memory_bandwidth(threads: int, reps: int = 5) -> float:
     """GB/s of a multi-threaded sum over 512 MB (larger than any cache): the read rate a
-    memory-bound kernel can hope for on this machine right now."""
+    memory-bound kernel can hope for on this machine right now. The buffer asks for transparent
+    huge pages, as the engine's weights do (cpu_backend.h): on 4 KiB pages the TLB misses alone
+    hold a stream well below what the memory gives."""
+    import mmap
+
     import torch
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
-    x = torch.ones(128 * 2**20)
+    size = 512 * 2**20
+    if hasattr(mmap, "MADV_HUGEPAGE"):  # Linux; private, as shared memory gets no huge pages
+        buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        buffer.madvise(mmap.MADV_HUGEPAGE)
+    else:
+        buffer = bytearray(size)
+    x = torch.frombuffer(buffer, dtype=torch.float32)
+    x.fill_(1.0)
     x.sum()
     times = []
     for _ in range(reps):
@@ -380,7 +394,8 @@ def memory_bandwidth(threads: int, reps: int = 5) -> float:
         x.sum()
         times.append(time.perf_counter() - t)
     torch.set_num_threads(previous)
-    return x.numel() * 4 / statistics.median(times) / 1e9
+    del x
+    return size / statistics.median(times) / 1e9
 
 
 def gemm_gflops(dtype: str, threads: int, reps: int = 5) -> float:

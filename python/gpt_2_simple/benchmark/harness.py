@@ -41,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser, output_dir: str) -> None:
     parser.add_argument("--reps", type=int, default=None, help="timed runs per configuration after the warm-up (default 5; 2 with --quick)")
     parser.add_argument("--model", default="124M", help="model geometry, random weights (default 124M; tiny/mini/small for a fast check)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for every peer (default: all cores)")
+    parser.add_argument("--batches", default=None, help="generation suite: comma-separated batch sizes (default 1,8,20,64)")
+    parser.add_argument("--prompts", default=None, help="generation suite: comma-separated prompt lengths in tokens (default 16,512)")
     parser.add_argument("--output_dir", default=output_dir, help=f"where results are written (default: {output_dir})")
     parser.add_argument("--workdir", default=None, help="folder for the model files the suites write (default: a temporary folder, removed)")
     parser.add_argument("--readme", nargs="+", default=None, metavar="RESULTS.json",
@@ -49,23 +51,39 @@ def add_arguments(parser: argparse.ArgumentParser, output_dir: str) -> None:
     parser.add_argument("--apply", default=None, metavar="README.md", help="with --readme: write the section between the performance markers of this file")
 
 
+def parse_sizes(text: str | None, option: str) -> tuple[int, ...] | None:
+    """``--batches 1,20`` as (1, 20); None stays None (the suite's defaults); ValueError naming the option."""
+    if text is None:
+        return None
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"{option}: expected positive integers separated by commas (e.g. 1,20), got {text!r}")
+    return sizes
+
+
 def _filename(quick: bool) -> str:
     host = re.sub(r"[^A-Za-z0-9._-]", "_", platform.node() or "host")
     return f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{host}{'-quick' if quick else ''}.json"
 
 
 def run(suites: list[str], *, quick: bool = False, reps: int | None = None, model: str = "124M", threads: int | None = None,
-        output_dir: str | Path, workdir: str | Path | None = None, command: str = "gpt_2_simple bench") -> Path:
+        output_dir: str | Path, workdir: str | Path | None = None, command: str = "gpt_2_simple bench",
+        batches: tuple[int, ...] | None = None, prompts: tuple[int, ...] | None = None) -> Path:
     """Run ``suites`` and write the results; returns the JSON file's path."""
     from . import common, report
 
     temporary = workdir is None
-    opts = common.Options(model=model, reps=reps or (2 if quick else 5), threads=threads, quick=quick, workdir=workdir)
+    opts = common.Options(model=model, reps=reps or (2 if quick else 5), threads=threads, quick=quick, workdir=workdir,
+                          batches=batches, prompts=prompts)
     context = common.context(opts.threads)
     context["memory_bandwidth_gb_per_s"] = common.memory_bandwidth(opts.threads)
     context["gemm_gflops"] = {dtype: common.gemm_gflops(dtype, opts.threads) for dtype in ("fp32", "bf16")}
     results = {"schema": report.SCHEMA, "command": command, "quick": quick,
-               "options": {"suites": suites, "model": model, "reps": opts.reps, "threads": opts.threads},
+               "options": {"suites": suites, "model": model, "reps": opts.reps, "threads": opts.threads,
+                           **({"batches": list(batches)} if batches else {}), **({"prompts": list(prompts)} if prompts else {})},
                "context": context, "suites": [], "records": []}
     path = Path(output_dir) / _filename(quick)
     common.log(f"gpt_2_simple bench: {report.machine_line(results)}")
@@ -131,7 +149,7 @@ def command_line(program: str, args: argparse.Namespace) -> str:
         parts.append(f"--suites {','.join(suites)}")
     if args.quick:
         parts.append("--quick")
-    for option in ("reps", "model", "threads"):
+    for option in ("reps", "model", "threads", "batches", "prompts"):
         value = getattr(args, option)
         if value is not None and not (option == "model" and value == "124M"):
             parts.append(f"--{option} {value}")
@@ -148,8 +166,9 @@ def main(args: argparse.Namespace, program: str) -> None:
     suites = parse_suites(args.suites)
     if args.reps is not None and args.reps < 1:
         raise ValueError(f"--reps must be at least 1, got {args.reps}")
+    batches, prompts = parse_sizes(args.batches, "--batches"), parse_sizes(args.prompts, "--prompts")
     path = run(suites, quick=args.quick, reps=args.reps, model=args.model, threads=args.threads, output_dir=args.output_dir,
-               workdir=args.workdir, command=command_line(program, args))
+               workdir=args.workdir, command=command_line(program, args), batches=batches, prompts=prompts)
     from .report import load_results
 
     failed = [s["name"] for s in load_results(path)["suites"] if s["status"] == "failed"]
