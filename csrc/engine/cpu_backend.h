@@ -88,7 +88,7 @@ class CpuBackend final : public Backend {
   Buffer<float> xf_;       // (R, C) final layernorm of the sampling rows
   Buffer<float> logits_;   // (R, V)
   Buffer<float> scores_;   // (threads, ctx) attention scratch
-  Buffer<uint16_t> xb_;    // (N, 4C + 2) activations rounded to bf16 (bf16 weights only)
+  Buffer<uint16_t> xb_;    // (2, N, 4C + 2) activations rounded to bf16 (bf16 weights only), two halves
   std::vector<SamplerScratch> samplers_;  // one per thread
 };
 
