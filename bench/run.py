@@ -3,7 +3,7 @@
     python bench/run.py                                   # every suite, full sizes (about 1.5 hours on 2 cores)
     python bench/run.py --quick --model tiny              # smoke run, a minute or two
     python bench/run.py --suites generation,batching --reps 7
-    python bench/run.py --readme bench/results/X.json [GPU results files] [--apply README.md]
+    python bench/run.py --readme bench/results/X.json [reruns] [GPU results files] [--apply README.md]
 
 The same as ``gpt_2_simple bench`` (which writes to ./bench_results); see docs/bench.md.
 """

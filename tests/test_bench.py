@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from gpt_2_simple import cli
-from gpt_2_simple.benchmark import gpu, report
+from gpt_2_simple.benchmark import gpu, harness, report
 
 ROOT = Path(__file__).resolve().parents[1]
 H200_GENERATE = ROOT / "bench" / "results" / "generate_cuda-20261126-h200.json"
@@ -166,6 +166,21 @@ def test_readme_apply_replaces_the_marker_section_idempotently(quick_run, tmp_pa
         assert _close(row.strip("|").split("|")[4], g["ratio_to_transformers_median_of_pairs"])
     assert cli.main(["bench", "--readme", str(path), str(H200_GENERATE), str(H200_FINETUNE), "--apply", str(readme)]) == 0
     assert readme.read_text() == text  # idempotent
+
+
+def test_readme_takes_a_full_run_then_reruns_in_order(quick_run, tmp_path):
+    _, path, results = quick_run
+    rerun = json.loads(path.read_text(encoding="utf-8"))
+    rerun["command"] = "python bench/run.py --suites tokenizer --reps 1"
+    rerun["context"]["date"] = "2031-01-02T03:04:05+00:00"
+    rerun_path = tmp_path / "rerun.json"
+    rerun_path.write_text(json.dumps(rerun), encoding="utf-8")
+    section = harness.readme([str(path), str(rerun_path)])
+    first, second = section.index(f"Measured by `{results['command']}`"), section.index(f"Measured by `{rerun['command']}`")
+    assert first < second and "2031-01-02 03:04" in section[second:]
+    assert section.count("| What | Case |") == 2
+    assert f"--readme {report.display_path(path)} {report.display_path(rerun_path)} --apply README.md" in section
+    assert rerun_path.with_suffix(".md").is_file() and rerun_path.with_suffix(".png").is_file()
 
 
 def test_gpu_records_carry_the_files_figures():

@@ -46,8 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser, output_dir: str) -> None:
     parser.add_argument("--output_dir", default=output_dir, help=f"where results are written (default: {output_dir})")
     parser.add_argument("--workdir", default=None, help="folder for the model files the suites write (default: a temporary folder, removed)")
     parser.add_argument("--readme", nargs="+", default=None, metavar="RESULTS.json",
-                        help="instead of measuring, print the README Performance section of a results file (and rewrite its .md, .png); "
-                        "may add GPU results files of bench/generate_cuda.py and bench/finetune_gpu.py (a GPU table each)")
+                        help="instead of measuring, print the README Performance section of results files (a full run, then any "
+                        "focused reruns; rewrites their .md, .png) and GPU results files of bench/generate_cuda.py and "
+                        "bench/finetune_gpu.py (a table each)")
     parser.add_argument("--apply", default=None, metavar="README.md", help="with --readme: write the section between the performance markers of this file")
 
 
@@ -116,23 +117,21 @@ def run(suites: list[str], *, quick: bool = False, reps: int | None = None, mode
 
 
 def readme(results_paths: list[str] | str, apply: str | None = None) -> str:
-    """The README section of a harness results file and/or GPU results files (at most one harness
-    file); rewrites the harness file's .md and .png, and ``apply``'s section."""
+    """The README section of harness results files (a full run, then any focused reruns, in the
+    order given) and/or GPU results files; rewrites each harness file's .md and .png, and
+    ``apply``'s section."""
     from . import report
 
-    harness, gpu = None, []
+    harness, gpu = [], []
     for name in [results_paths] if isinstance(results_paths, str) else results_paths:
         path = Path(name)
         kind, data = report.load_any(path)
         if kind == "gpu":
             gpu.append((report.display_path(path), data))
-        elif harness is not None:
-            raise ValueError(f"--readme takes one harness results file ({harness[0]} and {path} given) and any GPU results files")
         else:
-            harness = (path, data)
-    if harness is not None:
-        report.write_results(harness[1], harness[0])
-    section = report.readme_section(harness and harness[1], harness and report.display_path(harness[0]), gpu=gpu)
+            report.write_results(data, path)
+            harness.append((report.display_path(path), data))
+    section = report.readme_section(harness, gpu=gpu)
     if apply:
         target = Path(apply)
         if not target.is_file():

@@ -209,12 +209,13 @@ def gpu_lines(results_path: str, result: dict) -> list[str]:
     return lines
 
 
-def readme_section(results: dict | None, results_path: str | None, *, gpu: list[tuple[str, dict]] = ()) -> str:
-    """The README's Performance section (markers included) for ``results`` stored at ``results_path``
-    (None: GPU files only), with a table for each ``(path, result)`` of ``gpu``."""
+def readme_section(harness: list[tuple[str, dict]], *, gpu: list[tuple[str, dict]] = ()) -> str:
+    """The README's Performance section (markers included): for each ``(path, results)`` of
+    ``harness`` (e.g. a full run, then a focused rerun of some suites) its machine, method and
+    headline table, then a table for each ``(path, result)`` of ``gpu``."""
     lines = [START, "## Performance", ""]
     commands = [PEERS_INSTALL]
-    if results is not None:
+    for results_path, results in harness:
         lines += [f"Measured by `{results.get('command', 'gpt_2_simple bench')}` on {machine_line(results)}. {_method(results)} Full tables, "
                   f"every peer and the chart: `{results_path}` and its `.md`/`.png` beside it.", ""]
         rows = _headline_rows(results)
@@ -227,7 +228,7 @@ def readme_section(results: dict | None, results_path: str | None, *, gpu: list[
     for path, result in gpu:
         lines += gpu_lines(path, result)
         commands.append(f"{reproduce_command(result)}    # needs an NVIDIA GPU (or: bash bench/gpu_check.sh)")
-    files = " ".join(p for p in [results_path, *(p for p, _ in gpu)] if p)
+    files = " ".join(p for p, _ in [*harness, *gpu])
     commands.append(f"python bench/run.py --readme {files} --apply README.md   # this section")
     lines += ["To reproduce (figures vary with the machine and its load; compare ratios, not absolute numbers; how: [docs/bench.md](docs/bench.md)):", "",
               *(f"    {c}" for c in commands), "", END]
@@ -262,7 +263,7 @@ def suite_tables(results: dict) -> str:
 
 def markdown(results: dict, results_path: str) -> str:
     """The ``.md`` written beside a results file: the README section, then every table."""
-    return (readme_section(results, results_path) + "\n## All results\n\n" + f"Machine: {machine_line(results)}.\n\n{_method(results)} "
+    return (readme_section([(results_path, results)]) + "\n## All results\n\n" + f"Machine: {machine_line(results)}.\n\n{_method(results)} "
             "Ours in bold; `vs X` is the median per-round ratio to X, oriented so that > 1 means better (faster, or less memory).\n\n"
             + suite_tables(results))
 
