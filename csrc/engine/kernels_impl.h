@@ -193,6 +193,13 @@ inline void store_panel(const float* acc, const float* bias, float* y, int64_t v
   }
 }
 
+// out[i] = x[i] rounded to bf16, nearest even.
+inline void round_bf16(const float* x, int64_t n, uint16_t* out) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) vstore_bf16(out + i, vload(x + i));
+  for (; i < n; ++i) out[i] = f32_to_bf16(x[i]);
+}
+
 struct MatmulJob {
   const void* x;     // (M, ldx) fp32, or bf16 for bf16 weights
   int64_t M, K, ldx;
@@ -265,12 +272,8 @@ void matmul(ThreadPool& pool, const float* x, int64_t M, int64_t K, const Packed
     // product is then bf16 x bf16 (exact in fp32), accumulated in fp32.
     const int64_t ldx = 2 * pairs(K);
     for (int64_t m = 0; m < M; ++m) {
-      const float* src = x + m * K;
-      uint16_t* dst = xb + m * ldx;
-      int64_t k = 0;
-      for (; k + kLanes <= K; k += kLanes) vstore_bf16(dst + k, vload(src + k));
-      for (; k < K; ++k) dst[k] = f32_to_bf16(src[k]);
-      if (ldx > K) dst[K] = 0;
+      round_bf16(x + m * K, K, xb + m * ldx);
+      if (ldx > K) xb[m * ldx + K] = 0;
     }
     job.x = xb;
     job.ldx = ldx;
@@ -367,11 +370,7 @@ struct KVF32 {
 
 struct KVBF16 {
   using T = uint16_t;
-  static void store(uint16_t* dst, const float* src, int64_t n) {
-    int64_t i = 0;
-    for (; i + kLanes <= n; i += kLanes) vstore_bf16(dst + i, vload(src + i));
-    for (; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
-  }
+  static void store(uint16_t* dst, const float* src, int64_t n) { round_bf16(src, n, dst); }
   static Vf load(const uint16_t* p) { return vload_bf16_f32(p); }
   static float value(uint16_t a) { return bf16_to_f32(a); }
 };
