@@ -400,7 +400,7 @@ inline float dot_key(const float* q, const typename KV::T* k, int64_t HS) {
 }
 
 // o[v * kLanes ...] = sum over t < T of p[t] * vh[t][d0 + v * kLanes ...], for NV vectors held in
-// registers across the positions.
+// registers across the positions; with `prefetch`, row t of it is prefetched as row t is read.
 template <class KV, int NV>
 inline void weighted_rows(const float* p, int64_t T, const typename KV::T* vh, int64_t HS, int64_t d0, float* o,
                           const typename KV::T* prefetch) {
