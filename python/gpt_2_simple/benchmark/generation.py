@@ -109,12 +109,12 @@ def flops_per_token(config, position: float) -> float:
     return 2 * (L * 12 * C * C + config.n_vocab * C) + L * 4 * C * position
 
 
-def measure(opts: Options, *, batches: tuple[int, ...] | None = None, prompts: tuple[int, ...] | None = None,
-            new_tokens: int | None = None, top_k: int = 40, peers: tuple[str, ...] = PEERS) -> list[dict]:
+def measure(opts: Options, *, new_tokens: int | None = None, top_k: int = 40, peers: tuple[str, ...] = PEERS) -> list[dict]:
     """Records of every (prompt, batch) configuration: batch 1/8/20/64 x prompt 16/512 x 128 new
-    tokens (``--quick``: batch 1/8, prompt 16, 16 new tokens; ``--batches``/``--prompts`` choose others)."""
-    batches = batches or opts.batches or ((1, 8) if opts.quick else (1, 8, 20, 64))
-    prompts = prompts or opts.prompts or ((16,) if opts.quick else (16, 512))
+    tokens (``--quick``: batch 1/8, prompt 16, 16 new tokens; ``opts.batches``/``opts.prompts``,
+    from ``--batches``/``--prompts``, choose others)."""
+    batches = opts.batches or ((1, 8) if opts.quick else (1, 8, 20, 64))
+    prompts = opts.prompts or ((16,) if opts.quick else (16, 512))
     new_tokens = new_tokens or (16 if opts.quick else 128)
     config = opts.config
     if max(prompts) + new_tokens > config.n_ctx:
