@@ -151,6 +151,25 @@ def test_wide_matrices_at_every_batch_shape(tmp_path, isa, dtype):
             np.testing.assert_allclose(out["logits"][f"{i}_{step}"], expected[step], **TOLERANCE[dtype], err_msg=f"{isa} {dtype} row {i} step {step}")
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("isa", ["native", "avx2", "scalar"])
+def test_odd_widths(tmp_path, isa, dtype):
+    # n_embd 45 (3 heads of 15): every matmul but mlp.c_proj has an odd number of inputs, whose
+    # bf16 pairs end with a padding zero (kernels_impl.h, pack), and no width is a multiple of a
+    # SIMD vector; 45 x 4 = 180 outputs of mlp.c_fc leave a partial last panel.
+    config = GPT2Config(n_ctx=32, n_embd=45, n_head=3, n_layer=2)
+    model = random_gpt2(config, seed=5)
+    prompts = _prompts([5, 11], seed=9)
+    requests = [dict(prompt=p, max_new_tokens=4, temperature=1.0, seed=2, sample_index=i) for i, p in enumerate(prompts)]
+    out = _run_in_subprocess(export(model, tmp_path / f"odd.{dtype}.bin", dtype, progress=False), isa, requests, batch_size=2)
+    reference = model if dtype == "fp32" else _bf16_model(model, config)
+    for i, (prompt, tokens) in enumerate(zip(prompts, out["tokens"])):
+        with torch.no_grad():
+            expected = reference(torch.tensor([prompt + tokens]))[0, len(prompt) - 1 :].numpy()
+        for step in range(4):
+            np.testing.assert_allclose(out["logits"][f"{i}_{step}"], expected[step], **TOLERANCE[dtype], err_msg=f"{isa} {dtype} row {i} step {step}")
+
+
 def test_greedy_equals_pytorch_past_the_context(small, engine):
     # 10 + 150 tokens in a 64-token context: the window slides three times.
     requests = [Request(p, 150, temperature=0.0) for p in _prompts([10, 40], seed=1, vocab=BYTES.n_vocab)]

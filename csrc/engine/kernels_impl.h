@@ -72,22 +72,40 @@ struct PackJob {
   void* out;
 };
 
+// A panel is the transpose of its kPanel stored rows, on 32-bit words either way: an fp32 weight is
+// a word, and so is a bf16 pair (inputs 2q, 2q + 1, the first in the low half as in memory). Done in
+// tiles of kPackTile words of every row, whose kPanel x kPackTile words stay in the L1 cache: a row
+// at a time across the whole panel would write each of its K cache lines once per row.
+constexpr int64_t kPackTile = 16;
+
+// Word q (inputs 2q, 2q + 1 for bf16; 0 past K) of a stored row of K inputs.
+inline uint32_t pack_word(const uint8_t* row, int64_t q, int64_t K, bool f32) {
+  uint32_t word;
+  if (f32 || 2 * q + 1 < K) {
+    __builtin_memcpy(&word, row + 4 * q, 4);
+  } else {  // the last pair of an odd K: the input past K is 0
+    uint16_t half;
+    __builtin_memcpy(&half, row + 4 * q, 2);
+    word = half;
+  }
+  return word;
+}
+
 void pack(ThreadPool& pool, const TensorView& w, void* out) {
   PackJob job{&w, out};
   const int64_t panels = (w.rows + kPanel - 1) / kPanel;
   parallel_chunks(pool, panels, w.rows * w.cols, +[](void* ptr, int64_t p, int) {
     const PackJob& j = *static_cast<const PackJob*>(ptr);
     const int64_t N = j.w->rows, K = j.w->cols;
-    for (int64_t i = 0; i < kPanel; ++i) {
-      const int64_t n = p * kPanel + i;
-      if (j.w->dtype == DType::F32) {
-        float* dst = static_cast<float*>(j.out) + p * K * kPanel + i;  // (K, kPanel)
-        const float* src = static_cast<const float*>(j.w->data) + n * K;
-        for (int64_t k = 0; k < K; ++k) dst[k * kPanel] = n < N ? src[k] : 0.0f;
-      } else {
-        uint16_t* dst = static_cast<uint16_t*>(j.out) + p * pairs(K) * kPanel * 2 + 2 * i;  // (K/2, kPanel, 2)
-        const uint16_t* src = static_cast<const uint16_t*>(j.w->data) + n * K;
-        for (int64_t k = 0; k < 2 * pairs(K); ++k) dst[(k / 2) * kPanel * 2 + k % 2] = n < N && k < K ? src[k] : 0;
+    const bool f32 = j.w->dtype == DType::F32;
+    const int64_t words = f32 ? K : pairs(K), row_bytes = K * (f32 ? 4 : 2), rows = min64(kPanel, N - p * kPanel);
+    uint32_t* panel = static_cast<uint32_t*>(j.out) + p * words * kPanel;  // (words, kPanel)
+    const uint8_t* first = static_cast<const uint8_t*>(j.w->data) + p * kPanel * row_bytes;
+    for (int64_t q0 = 0; q0 < words; q0 += kPackTile) {
+      const int64_t qn = min64(kPackTile, words - q0);
+      for (int64_t i = 0; i < kPanel; ++i) {
+        uint32_t* d = panel + q0 * kPanel + i;
+        for (int64_t q = 0; q < qn; ++q) d[q * kPanel] = i < rows ? pack_word(first + i * row_bytes, q0 + q, K, f32) : 0;
       }
     }
   }, &job);
