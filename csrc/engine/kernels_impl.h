@@ -240,8 +240,11 @@ void group_of_panel(const MatmulJob& j, int64_t p, int64_t m0, int64_t m1) {
     const typename W::T* ws = panel + k0 * kPanel;
     // The next slice (for the last one, the start of the next panel, which follows in memory).
     const int64_t steps = (n + W::kStep - 1) / W::kStep, blocks = (m1 - m0 + kRowBlock - 1) / kRowBlock;
+    // A group of one row block (batch <= kRowBlock) prefetches nothing: its one pass over the
+    // slice is the stream itself, which the hardware prefetcher keeps further ahead than software
+    // prefetches do (they hold miss buffers of their own). docs/engine.md has the measurements.
     const char* next = reinterpret_cast<const char*>(ws + steps * W::kStep * kPanel);
-    const int64_t lines = kSlice / W::kStep * kStepBytes / 64;
+    const int64_t lines = blocks > 1 ? kSlice / W::kStep * kStepBytes / 64 : 0;
     Prefetch pf{next, next + lines * 64, (lines + blocks * steps - 1) / (blocks * steps)};
     for (int64_t m = m0; m < m1; m += kRowBlock) {
       const typename W::T* xs = x + m * j.ldx + k0;
