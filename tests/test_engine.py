@@ -130,6 +130,21 @@ def test_logits_match_pytorch_at_every_step(model, files, isa, dtype):
             np.testing.assert_allclose(out["logits"][f"{i}_{step}"], expected[step], **TOLERANCE[dtype], err_msg=f"{isa} {dtype} row {i} step {step}")
 
 
+def _check_shape(tmp_path, config, lengths, isa, dtype, new_tokens=4):
+    """Prompts of these lengths prefilled together, then decoded together, on a random model of
+    this geometry: the engine's logits against model.py's at every step."""
+    model = random_gpt2(config, seed=4)
+    prompts = _prompts(lengths, seed=8)
+    requests = [dict(prompt=p, max_new_tokens=new_tokens, temperature=1.0, seed=1, sample_index=i) for i, p in enumerate(prompts)]
+    out = _run_in_subprocess(export(model, tmp_path / f"model.{dtype}.bin", dtype, progress=False), isa, requests, batch_size=len(prompts))
+    reference = model if dtype == "fp32" else _bf16_model(model, config)
+    for i, (prompt, tokens) in enumerate(zip(prompts, out["tokens"])):
+        with torch.no_grad():
+            expected = reference(torch.tensor([prompt + tokens]))[0, len(prompt) - 1 :].numpy()
+        for step in range(new_tokens):
+            np.testing.assert_allclose(out["logits"][f"{i}_{step}"], expected[step], **TOLERANCE[dtype], err_msg=f"{isa} {dtype} row {i} step {step}")
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("isa", ["native", "avx2", "scalar"])
 def test_wide_matrices_at_every_batch_shape(tmp_path, isa, dtype):
@@ -138,17 +153,7 @@ def test_wide_matrices_at_every_batch_shape(tmp_path, isa, dtype):
     # rows spans several row groups of every ISA (at most 32 rows each) and a partial row block;
     # then three rows decode together. wte of 50257 x 192 (37 MiB fp32, 18 MiB bf16) is also
     # repacked in several slices (cpu_backend.cpp).
-    config = GPT2Config(n_ctx=48, n_embd=192, n_head=2, n_layer=1)
-    model = random_gpt2(config, seed=4)
-    prompts = _prompts([9, 17, 30], seed=8)
-    requests = [dict(prompt=p, max_new_tokens=4, temperature=1.0, seed=1, sample_index=i) for i, p in enumerate(prompts)]
-    out = _run_in_subprocess(export(model, tmp_path / f"wide.{dtype}.bin", dtype, progress=False), isa, requests, batch_size=3)
-    reference = model if dtype == "fp32" else _bf16_model(model, config)
-    for i, (prompt, tokens) in enumerate(zip(prompts, out["tokens"])):
-        with torch.no_grad():
-            expected = reference(torch.tensor([prompt + tokens]))[0, len(prompt) - 1 :].numpy()
-        for step in range(4):
-            np.testing.assert_allclose(out["logits"][f"{i}_{step}"], expected[step], **TOLERANCE[dtype], err_msg=f"{isa} {dtype} row {i} step {step}")
+    _check_shape(tmp_path, GPT2Config(n_ctx=48, n_embd=192, n_head=2, n_layer=1), [9, 17, 30], isa, dtype)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -157,17 +162,7 @@ def test_odd_widths(tmp_path, isa, dtype):
     # n_embd 45 (3 heads of 15): every matmul but mlp.c_proj has an odd number of inputs, whose
     # bf16 pairs end with a padding zero (kernels_impl.h, pack), and no width is a multiple of a
     # SIMD vector; 45 x 4 = 180 outputs of mlp.c_fc leave a partial last panel.
-    config = GPT2Config(n_ctx=32, n_embd=45, n_head=3, n_layer=2)
-    model = random_gpt2(config, seed=5)
-    prompts = _prompts([5, 11], seed=9)
-    requests = [dict(prompt=p, max_new_tokens=4, temperature=1.0, seed=2, sample_index=i) for i, p in enumerate(prompts)]
-    out = _run_in_subprocess(export(model, tmp_path / f"odd.{dtype}.bin", dtype, progress=False), isa, requests, batch_size=2)
-    reference = model if dtype == "fp32" else _bf16_model(model, config)
-    for i, (prompt, tokens) in enumerate(zip(prompts, out["tokens"])):
-        with torch.no_grad():
-            expected = reference(torch.tensor([prompt + tokens]))[0, len(prompt) - 1 :].numpy()
-        for step in range(4):
-            np.testing.assert_allclose(out["logits"][f"{i}_{step}"], expected[step], **TOLERANCE[dtype], err_msg=f"{isa} {dtype} row {i} step {step}")
+    _check_shape(tmp_path, GPT2Config(n_ctx=32, n_embd=45, n_head=3, n_layer=2), [5, 11], isa, dtype)
 
 
 def test_greedy_equals_pytorch_past_the_context(small, engine):
