@@ -103,7 +103,7 @@ void pack(ThreadPool& pool, const TensorView& w, void* out) {
     const uint8_t* first = static_cast<const uint8_t*>(j.w->data) + p * kPanel * row_bytes;
     for (int64_t q0 = 0; q0 < words; q0 += kPackTile) {
       const int64_t qn = min64(kPackTile, words - q0);
-      for (int64_t i = 0; i < kPanel; ++i) {
+      for (int64_t i = 0; i < kPanel; ++i) {  // rows past N (the last panel's padding) are zeros
         uint32_t* d = panel + q0 * kPanel + i;
         for (int64_t q = 0; q < qn; ++q) d[q * kPanel] = i < rows ? pack_word(first + i * row_bytes, q0 + q, K, f32) : 0;
       }
@@ -448,16 +448,14 @@ void attend(const AttentionJob<KV>& j, int64_t task, int64_t next, float* scores
   const int64_t T = int64_t(j.pos[i]) + 1;
   const float scale = 1.0f / __builtin_sqrtf(float(HS));
   const float* q = j.qkv + i * 3 * C + h * HS;
-  const typename KV::T* kh = j.k + (int64_t(j.slot[i]) * j.NH + h) * j.ctx * HS;  // (ctx, HS)
-  const typename KV::T* vh = j.v + (int64_t(j.slot[i]) * j.NH + h) * j.ctx * HS;  // (ctx, HS)
+  // A task's (ctx, HS) rows of the K or V cache: its token's slot, its head.
+  auto rows_of = [&](const typename KV::T* cache, int64_t t) { return cache + (int64_t(j.slot[t / j.NH]) * j.NH + t % j.NH) * j.ctx * HS; };
+  const typename KV::T* kh = rows_of(j.k, task);
+  const typename KV::T* vh = rows_of(j.v, task);
   // The next task's first T rows: mostly its own (the same token's next head, or a token of the
   // same length); past its length they are unused rows of its cache, never outside it.
-  const typename KV::T *next_k = nullptr, *next_v = nullptr;
-  if (next >= 0) {
-    const int64_t ni = next / j.NH, nh = next % j.NH;
-    next_k = j.k + (int64_t(j.slot[ni]) * j.NH + nh) * j.ctx * HS;
-    next_v = j.v + (int64_t(j.slot[ni]) * j.NH + nh) * j.ctx * HS;
-  }
+  const typename KV::T* next_k = next >= 0 ? rows_of(j.k, next) : nullptr;
+  const typename KV::T* next_v = next >= 0 ? rows_of(j.v, next) : nullptr;
   float m = -__builtin_inff();
   for (int64_t t = 0; t < T; ++t) {
     if (next_k) prefetch_row(next_k + t * HS, HS * int64_t(sizeof(typename KV::T)));
