@@ -257,7 +257,7 @@ def _sampler_cases(rng, V: int, B: int):
     logits[5] = 2.5  # all equal
     logits[6] *= 40
     params = [
-        (float(t), int(k), float(np.float32(p)))  # the engine carries top_p as float32
+        (float(t), int(k), float(p))
         for t, k, p in zip(
             rng.choice([0.0, 1.0, 0.7, 1e-3, 3.0, 1e-30], B), rng.choice([0, 1, 2, 40, V - 1, V, V + 5], B),
             rng.choice([0.0, 1.0, 0.5, 0.9, 0.999, 1e-6], B),
@@ -266,45 +266,67 @@ def _sampler_cases(rng, V: int, B: int):
     return logits.astype(np.float32), params
 
 
+def _check_draws(cuda_module, logits, params, rng):
+    # Every draw and every support mask of the GPU sampler equal sampling.py's.
+    B = len(params)
+    t, k, p = (np.array(x) for x in zip(*params))
+    p = p.astype(np.float32).astype(np.float64)  # the engine carries top_p as float32
+    seed, index, position = rng.integers(0, 2**63, B), rng.integers(0, 2**40, B), rng.integers(0, 2**33, B)
+    drawn, mask = cuda_module.sample(logits, t, k, p, seed, index, position, support=True)
+    assert drawn.tolist() == sampling.sample(logits, t, k, p, seed, index, position).tolist()
+    for b in range(B):
+        ids, _ = sampling.support(logits[b], t[b], int(k[b]), p[b])
+        assert np.flatnonzero(mask[b]).tolist() == ids.tolist(), (b, params[b])
+
+
 @pytest.mark.parametrize("V", [1, 33, 1000, 50257])
 def test_sampler_equals_sampling_py_draw_for_draw(cuda_module, V):
     # The GPU sampler on logits from the host: every draw and every support mask equal sampling.py's
     # for the same logits and the same (seed, sample_index, position), i.e. the same uniform number.
     rng = np.random.default_rng(V)
     for _ in range(2 if V < 50257 else 1):
-        B = 12
-        logits, params = _sampler_cases(rng, V, B)
-        t, k, p = (np.array(x) for x in zip(*params))
-        seed, index, position = rng.integers(0, 2**63, B), rng.integers(0, 2**40, B), rng.integers(0, 2**33, B)
-        drawn, mask = cuda_module.sample(logits, t, k, p, seed, index, position, support=True)
-        expected = sampling.sample(logits, t, k, p, seed, index, position)
-        assert drawn.tolist() == expected.tolist()
-        for b in range(B):
-            ids, _ = sampling.support(logits[b], t[b], int(k[b]), p[b])
-            assert np.flatnonzero(mask[b]).tolist() == ids.tolist(), (b, params[b])
+        logits, params = _sampler_cases(rng, V, 12)
+        _check_draws(cuda_module, logits, params, rng)
 
 
-def test_top_k_rows_take_either_road_and_draw_as_sampling_py(cuda_module):
-    # Top-k rows are drawn from a short list gathered from their best coarse bins when those hold at
-    # most 1024 tokens, else by the radix select over the whole row (sampler.cuh). Rows built to
-    # take each road, on GPT-2's vocabulary size: every draw and support equal sampling.py's.
+def test_top_k_rows_take_every_road_and_draw_as_sampling_py(cuda_module):
+    # sampler.cuh has three roads for top-k rows: the split road (k <= 128: each chunk of 2048
+    # logits keeps its k best), the short road (k <= 1024, when the best coarse bins hold at most
+    # 1024 tokens) and the radix select over the whole row. Rows built to take each, on GPT-2's
+    # vocabulary size, with ties across the k-th best.
     V = 50257
     rng = np.random.default_rng(11)
-    logits = (rng.standard_normal((8, V)) * 2).astype(np.float32)  # short road
-    logits[2] = 1.5  # one coarse bin holds the whole row: radix select
-    logits[3, : V // 2] = 7.0  # 25,000 tied best tokens: radix select
-    logits[5] = rng.integers(-3, 3, V)  # ties across the k-th best, 8,000 in the best bin: radix select
+    logits = (rng.standard_normal((12, V)) * 2).astype(np.float32)
+    logits[2] = 1.5  # every token tied
+    logits[3, : V // 2] = 7.0  # 25,000 tied best tokens
+    logits[5] = rng.integers(-3, 3, V)  # ties across the k-th best
     logits[6, rng.choice(V, 30, replace=False)] = 12.0  # 30 clear winners, then the crowd
-    params = [(1.0, 40, 0.0), (0.7, 40, 0.9), (1.0, 40, 0.0), (1.0, 40, 0.5), (1.0, 1024, 0.0), (1.0, 2000, 0.95),
-              (0.8, 40, 0.999), (1.2, 1, 1e-6)]
-    t, k, p = (np.array(x) for x in zip(*params))
-    p = p.astype(np.float32).astype(np.float64)  # the engine carries top_p as float32
-    seed, index, position = rng.integers(0, 2**63, 8), rng.integers(0, 2**40, 8), rng.integers(0, 2**33, 8)
-    drawn, mask = cuda_module.sample(logits, t, k, p, seed, index, position, support=True)
-    assert drawn.tolist() == sampling.sample(logits, t, k, p, seed, index, position).tolist()
-    for b in range(8):
-        ids, _ = sampling.support(logits[b], t[b], int(k[b]), p[b])
-        assert np.flatnonzero(mask[b]).tolist() == ids.tolist(), (b, params[b])
+    logits[9] = np.sort(logits[9])  # the best tokens all in the last chunks
+    params = [
+        (1.0, 40, 0.0), (0.7, 40, 0.9), (1.0, 40, 0.0), (1.0, 40, 0.5), (1.0, 128, 0.0), (1.2, 1, 1e-6),  # split
+        (0.8, 40, 0.999), (1.0, 129, 0.0), (0.9, 500, 0.95), (1.0, 100, 0.0),  # split, short, short, split
+        (1.0, 1024, 0.0), (1.0, 2000, 0.95),  # short road, radix select
+    ]
+    _check_draws(cuda_module, logits, params, rng)
+    flat = np.full((2, V), 1.5, np.float32)  # one coarse bin holds the whole row: the radix select
+    _check_draws(cuda_module, flat, [(1.0, 500, 0.0), (0.5, 1000, 0.9)], rng)
+
+
+def test_split_road_chunk_edges(cuda_module):
+    # The split road on a vocabulary of two full chunks and a short one (7 tokens, fewer than k):
+    # the short chunk pads its list, and the row's best may all sit in one chunk or straddle two.
+    V = 2 * 2048 + 7
+    rng = np.random.default_rng(5)
+    logits = (rng.standard_normal((8, V)) * 3).astype(np.float32)
+    logits[1, -7:] = 50.0  # the short chunk holds the 7 best, tied
+    logits[2, 2040:2060] = 9.0  # 20 tied best across the first chunk boundary
+    logits[3] = 0.0  # all tied: the lowest ids win
+    logits[4, [100, 3000]] = 60.0  # greedy: the same best in two chunks, the lower id wins
+    logits[4, rng.random(V) < 0.2] = np.nan
+    logits[5, : V - 7] = -np.inf  # only the short chunk is finite
+    params = [(1.0, 100, 0.0), (0.8, 100, 0.9), (1.0, 30, 0.0), (1.0, 128, 0.5), (0.0, 0, 0.0), (1.0, 50, 0.0),
+              (0.7, 127, 0.0), (0.0, 40, 0.9)]
+    _check_draws(cuda_module, logits, params, rng)
 
 
 def test_sampler_frequencies_follow_the_distribution(cuda_module):

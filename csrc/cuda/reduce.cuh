@@ -9,39 +9,41 @@ namespace gpt2s::cuda {
 
 constexpr unsigned kFullWarp = 0xffffffffu;
 
+template <typename T, typename Op>
+__device__ __forceinline__ T warp_reduce(T v, const Op& op) {
+  for (int offset = 16; offset > 0; offset >>= 1) v = op(v, __shfl_xor_sync(kFullWarp, v, offset));
+  return v;
+}
+
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(kFullWarp, v, offset);
-  return v;
+  return warp_reduce(v, [](T a, T b) { return a + b; });
 }
 
 __device__ __forceinline__ float warp_max(float v) {
-  for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullWarp, v, offset));
-  return v;
+  return warp_reduce(v, [](float a, float b) { return fmaxf(a, b); });
 }
 
 // scratch: 32 values of shared memory, reused across calls.
-template <typename T>
-__device__ T block_sum(T v, T* scratch) {
+template <typename T, typename Op>
+__device__ T block_reduce(T v, T* scratch, const Op& op) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
-  v = warp_sum(v);
+  v = warp_reduce(v, op);
   __syncthreads();  // a previous call may still be reading scratch
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
   T total = scratch[0];
-  for (int w = 1; w < n_warps; ++w) total += scratch[w];
+  for (int w = 1; w < n_warps; ++w) total = op(total, scratch[w]);
   return total;
 }
 
+template <typename T>
+__device__ T block_sum(T v, T* scratch) {
+  return block_reduce(v, scratch, [](T a, T b) { return a + b; });
+}
+
 __device__ inline float block_max(float v, float* scratch) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
-  v = warp_max(v);
-  __syncthreads();
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  float m = scratch[0];
-  for (int w = 1; w < n_warps; ++w) m = fmaxf(m, scratch[w]);
-  return m;
+  return block_reduce(v, scratch, [](float a, float b) { return fmaxf(a, b); });
 }
 
 }  // namespace gpt2s::cuda

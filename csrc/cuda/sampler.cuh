@@ -13,15 +13,20 @@
 // inputs. The rounding this adds (below 2^-46 of the largest weight per token) moves a top-p or
 // draw boundary by less than the exp differences the spec already allows between backends.
 //
-// Top-k rows (k <= kCandidates, the usual case) take a shorter road: the argmax pass also counts
-// the logits per coarse bin (the top 12 bits of their order bits), which bounds the k-th best
-// from below; a second pass gathers every token of the bins at or above that one into shared
-// memory when they fit, and top-k, top-p and the draw then run on that short list alone (each
-// thread ranks its token by counting, with no further pass over the vocabulary). Rows whose best
-// bins hold too many tokens (ties, flat rows) and rows without top-k take the radix select.
+// Greedy rows and top-k rows with k <= kChunkK (the usual case) split the row (the split road):
+// a first kernel gives each chunk of kChunkTokens logits a block of its own, which keeps the
+// chunk's k best keys (a radix select in shared memory); the row's k best are among those
+// chunks x k keys, so the row's block selects them from that short list and runs top-p and the
+// draw on the k alone. A row is read once, by many multiprocessors instead of one: at batch 1 a
+// single block's passes over 50,257 logits were most of the sampler's time.
+//
+// Top-k rows with a larger k (<= kCandidates) take a shorter road than the radix select: the
+// argmax pass also counts the logits per coarse bin (the top 12 bits of their order bits), which
+// bounds the k-th best from below; a second pass gathers every token of the bins at or above that
+// one into shared memory when they fit, and each thread ranks its token by counting. Rows whose
+// best bins hold too many tokens (ties, flat rows) and rows without top-k take the radix select.
 #pragma once
 
-#include <climits>
 #include <cstdint>
 
 #include "../engine/philox.h"
@@ -35,6 +40,9 @@ constexpr int kCandidates = kSampleThreads;  // a top-k row's gathered best toke
 constexpr int kCoarseShift = 20;             // coarse bin of a logit: the top 12 of its 32 order bits
 constexpr int kCoarseBins = 1 << (32 - kCoarseShift);
 constexpr int kHistogramGroups = 4;          // bins per warp counted with one atomic each (warp_count)
+constexpr int kChunkThreads = 256;           // split road: one block per chunk of a row
+constexpr int kChunkTokens = 2048;           // logits per chunk (25 chunks for GPT-2's vocabulary)
+constexpr int kChunkK = 128;                 // the largest top-k on the split road
 
 // One row's sampling parameters as the host uploads them (already validated and clamped).
 struct RowSampling {
@@ -53,15 +61,21 @@ inline int sampler_frac_bits(int V) {
   return 62 - bits;
 }
 
-struct SampleShared {
+// The split road's scratch: kChunkK keys for each chunk of each row.
+__host__ __device__ inline int sampler_chunks(int V) { return (V + kChunkTokens - 1) / kChunkTokens; }
+inline int64_t sampler_scratch_keys(int B, int V) { return int64_t(B) * sampler_chunks(V) * kChunkK; }
+
+struct SelectShared {  // block_select's
   unsigned int count[256];
   unsigned long long mass[256];
-  unsigned long long warp_total[kSampleThreads / 32];
-  float best_x[32];
-  int best_id[32];
   unsigned long long sel_above;
   unsigned int sel_count;
   int sel_digit;
+};
+
+struct SampleShared {
+  SelectShared select;
+  unsigned long long warp_total[kSampleThreads / 32];
   int result;
   unsigned int coarse[kCoarseBins];            // top-k rows: logits per coarse bin
   unsigned long long cand_key[kCandidates];    // the gathered tokens' rank keys
@@ -82,9 +96,11 @@ __device__ __forceinline__ uint32_t order_bits(float x) {  // monotone in x
   return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
 }
 
-__device__ __forceinline__ uint64_t rank_key(float x, int id) {
-  return (uint64_t(order_bits(x)) << 32) | uint64_t(0xFFFFFFFFu - uint32_t(id));
+__device__ __forceinline__ uint64_t rank_key_of_bits(uint32_t bits, int id) {
+  return (uint64_t(bits) << 32) | uint64_t(0xFFFFFFFFu - uint32_t(id));
 }
+
+__device__ __forceinline__ uint64_t rank_key(float x, int id) { return rank_key_of_bits(order_bits(x), id); }
 
 __device__ __forceinline__ int key_id(uint64_t key) { return int(0xFFFFFFFFu - uint32_t(key)); }
 
@@ -112,7 +128,7 @@ __device__ __forceinline__ void warp_count(unsigned int* count, bool in, int bin
 // that bin holds a single token, the bytes fixed so far (low bytes zero) select the same set of
 // included tokens (tokens left out by key_weight may also pass that lower bound).
 template <class KeyWeight>
-__device__ uint64_t block_select(int V, uint64_t need, const KeyWeight& key_weight, SampleShared& sh,
+__device__ uint64_t block_select(int V, uint64_t need, const KeyWeight& key_weight, SelectShared& sh,
                                  int* error_flag) {
   const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5;
   uint64_t prefix = 0;
@@ -191,11 +207,74 @@ __device__ uint64_t block_select(int V, uint64_t need, const KeyWeight& key_weig
   return prefix;
 }
 
+// The k of a row on the split road (greedy: the best 1), 0 for a row that takes another.
+__device__ __forceinline__ int split_road_k(const RowSampling& P, int V) {
+  if (P.temperature == 0.f) return 1;
+  return P.top_k > 0 && P.top_k < V && P.top_k <= kChunkK ? P.top_k : 0;
+}
+
+struct ChunkShared {
+  SelectShared select;
+  uint32_t bits[kChunkTokens];  // order bits of the chunk's logits
+  unsigned int n_kept;
+};
+
+// The split road's first half, block (c, b) for chunk c of row b: keys (B, chunks, kChunkK) gets
+// the chunk's k best rank keys in any order, then zeros (below every token's key) up to k when
+// the chunk is shorter than k.
+__global__ void __launch_bounds__(kChunkThreads)
+sample_chunks_kernel(uint64_t* __restrict__ keys, int* __restrict__ error_flag, const float* __restrict__ logits,
+                     const RowSampling* __restrict__ params, int V) {
+  __shared__ ChunkShared sh;
+  const int tid = threadIdx.x, nt = blockDim.x;
+  const int64_t b = blockIdx.y;
+  const int k = split_road_k(params[b], V);
+  if (k == 0) return;  // the whole block: the row takes another road
+  const int begin = int(blockIdx.x) * kChunkTokens, n = min(kChunkTokens, V - begin);
+  const float* chunk = logits + b * V + begin;
+  uint64_t* out = keys + (b * gridDim.x + blockIdx.x) * kChunkK;
+  if (n <= k) {
+    for (int j = tid; j < k; j += nt) out[j] = j < n ? rank_key(clean_logit(chunk[j]), begin + j) : 0;
+    return;
+  }
+  // All of a thread's loads are issued before the first is used: one wait on memory, not eight.
+  constexpr int kPerThread = kChunkTokens / kChunkThreads;
+  float xs[kPerThread];
+#pragma unroll
+  for (int u = 0; u < kPerThread; ++u) xs[u] = u * kChunkThreads + tid < n ? chunk[u * kChunkThreads + tid] : 0.f;
+#pragma unroll
+  for (int u = 0; u < kPerThread; ++u) {
+    if (u * kChunkThreads + tid < n) sh.bits[u * kChunkThreads + tid] = order_bits(clean_logit(xs[u]));
+  }
+  if (tid == 0) sh.n_kept = 0;
+  __syncthreads();
+  const uint64_t tau = block_select(
+      n, uint64_t(k),
+      [&](int j, uint64_t& key, uint64_t& weight) {
+        key = rank_key_of_bits(sh.bits[j], begin + j);
+        weight = 1;
+        return true;
+      },
+      sh.select, error_flag);
+  for (int j = tid; j < n; j += nt) {
+    const uint64_t key = rank_key_of_bits(sh.bits[j], begin + j);
+    if (key < tau) continue;
+    const unsigned slot = atomicAdd(&sh.n_kept, 1u);
+    if (slot < unsigned(k)) {
+      out[slot] = key;
+    } else {
+      atomicExch(error_flag, 1);  // keys are distinct: exactly k pass tau
+    }
+  }
+}
+
 // out (B) int32 ids; support (B, V) uint8 or null: the kept set (spec's support()), for tests.
-// logits (B, V) fp32; params (B). error_flag is set (never cleared) if an invariant breaks.
+// logits (B, V) fp32; params (B); keys: what sample_chunks_kernel left for the split road's rows.
+// error_flag is set (never cleared) if an invariant breaks.
 __global__ void __launch_bounds__(kSampleThreads)
 sample_kernel(int32_t* __restrict__ out, uint8_t* __restrict__ support, int* __restrict__ error_flag,
-              const float* __restrict__ logits, const RowSampling* __restrict__ params, int V, int frac_bits) {
+              const uint64_t* __restrict__ keys, const float* __restrict__ logits,
+              const RowSampling* __restrict__ params, int V, int frac_bits) {
   __shared__ SampleShared sh;
   const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5, n_warps = nt >> 5;
   const int64_t b = blockIdx.x;
@@ -203,16 +282,22 @@ sample_kernel(int32_t* __restrict__ out, uint8_t* __restrict__ support, int* __r
   const RowSampling P = params[b];
 
   const float T = P.temperature;
-  // The short road (see the top of this file) needs top-k with k small enough to gather.
-  const bool short_road = T > 0.f && P.top_k > 0 && P.top_k < V && P.top_k <= kCandidates;
+  // The roads (see the top of this file): the split road's candidates are the chunks' k best,
+  // slot s of the row's chunks x k; the short road needs top-k with k small enough to gather.
+  const int split_k = split_road_k(P, V);
+  const int split_slots = split_k > 0 ? sampler_chunks(V) * split_k : 0;
+  const uint64_t* row_keys = keys + b * sampler_chunks(V) * kChunkK;
+  auto split_key = [&](int s) -> uint64_t { return row_keys[(s / split_k) * kChunkK + s % split_k]; };
+  const bool short_road = split_k == 0 && T > 0.f && P.top_k > 0 && P.top_k < V && P.top_k <= kCandidates;
+  if (tid == 0) sh.n_cand = sh.n_kept = 0;
   if (short_road) {
     for (int d = tid; d < kCoarseBins; d += nt) sh.coarse[d] = 0;
-    if (tid == 0) sh.n_cand = sh.n_kept = 0;
     __syncthreads();
   }
 
-  // Step 1: the argmax, lowest id among equal logits (also the fallback of step 4); the short
-  // road counts the coarse bins in the same pass. i0 is block-uniform: warp_count sees every lane.
+  // Step 1: the argmax, lowest id among equal logits (also the fallback of step 4): the best rank
+  // key. The split road finds it among its candidates; the short road counts the coarse bins in
+  // the same pass over the row. i0 is block-uniform: warp_count sees every lane.
   // At batch 1 this block is alone with the row: kUnroll loads per thread are issued together, so
   // the pass waits on memory V / (kUnroll * nt) times instead of V / nt.
   // visit(i, x) for every i of the row (x = -inf past V), block-uniformly.
@@ -227,36 +312,19 @@ sample_kernel(int32_t* __restrict__ out, uint8_t* __restrict__ support, int* __r
       for (int u = 0; u < kUnroll; ++u) visit(i0 + u * nt + tid, xs[u]);
     }
   };
-  float best_x = -INFINITY;
-  int best_id = INT_MAX;
-  each_logit([&](int i, float x) {
-    if (i < V && (x > best_x || (x == best_x && i < best_id))) {
-      best_x = x;
-      best_id = i;
-    }
-    if (short_road) warp_count(sh.coarse, i < V, int(order_bits(x) >> kCoarseShift));
-  });
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    const float ox = __shfl_xor_sync(kFullWarp, best_x, offset);
-    const int oi = __shfl_xor_sync(kFullWarp, best_id, offset);
-    if (ox > best_x || (ox == best_x && oi < best_id)) {
-      best_x = ox;
-      best_id = oi;
-    }
+  unsigned long long top = 0;  // below every token's key
+  auto better = [](unsigned long long a, unsigned long long c) { return a > c ? a : c; };
+  if (split_k > 0) {
+    for (int s = tid; s < split_slots; s += nt) top = better(top, split_key(s));
+  } else {
+    each_logit([&](int i, float x) {
+      if (i < V) top = better(top, rank_key(x, i));
+      if (short_road) warp_count(sh.coarse, i < V, int(order_bits(x) >> kCoarseShift));
+    });
   }
-  if (lane == 0) {
-    sh.best_x[warp] = best_x;
-    sh.best_id[warp] = best_id;
-  }
-  __syncthreads();
-  best_x = sh.best_x[0];
-  best_id = sh.best_id[0];
-  for (int w = 1; w < n_warps; ++w) {
-    if (sh.best_x[w] > best_x || (sh.best_x[w] == best_x && sh.best_id[w] < best_id)) {
-      best_x = sh.best_x[w];
-      best_id = sh.best_id[w];
-    }
-  }
+  top = block_reduce(top, sh.warp_total, better);
+  const int best_id = key_id(top);
+  const float best_x = clean_logit(row[best_id]);
 
   const float m = T > 0.f ? __fdiv_rn(best_x, T) : 0.f;  // max of x / T over any kept set
   if (T == 0.f || !isfinite(m)) {
@@ -279,6 +347,35 @@ sample_kernel(int32_t* __restrict__ out, uint8_t* __restrict__ support, int* __r
     return (hi << 11) | (lo >> 53);
   };
 
+  // Step 3 on a short list: the split road's candidates, or the short road's gathered best bins.
+  // Both leave exactly the k best tokens in kept_key / kept_weight (any order), or no list.
+  bool listed = false;
+  auto keep = [&](uint64_t key) {
+    const unsigned slot = atomicAdd(&sh.n_kept, 1u);
+    if (slot >= unsigned(kCandidates)) {  // more than k passed: a broken invariant (keys are distinct)
+      atomicExch(error_flag, 1);
+      return;
+    }
+    sh.kept_key[slot] = key;
+    sh.kept_weight[slot] = weight_of(clean_logit(row[key_id(key)]));
+  };
+  if (split_k > 0) {
+    // The row's k best among the chunks' (padding zeros are no token).
+    const uint64_t tau = block_select(
+        split_slots, uint64_t(split_k),
+        [&](int s, uint64_t& key, uint64_t& weight) {
+          key = split_key(s);
+          weight = 1;
+          return key != 0;
+        },
+        sh.select, error_flag);
+    for (int s = tid; s < split_slots; s += nt) {
+      const uint64_t key = split_key(s);
+      if (key != 0 && key >= tau) keep(key);
+    }
+    __syncthreads();
+    listed = true;
+  }
   if (short_road) {
     // The lowest coarse bin whose count, with all bins above it, reaches k: warp 0, lane L holding
     // the L-th run of kCoarseBins / 32 bins from the top (best first), scanned like block_select's digits.
@@ -305,8 +402,8 @@ sample_kernel(int32_t* __restrict__ out, uint8_t* __restrict__ support, int* __r
       }
     }
     __syncthreads();
-    const int lowest = sh.coarse_bin;
-    if (lowest >= 0) {
+    if (sh.coarse_bin >= 0) {
+      const int lowest = sh.coarse_bin;
       // Gather: exactly the tokens counted up to `lowest` (<= kCandidates), in any order.
       each_logit([&](int i, float x) {
         if (i < V && int(order_bits(x) >> kCoarseShift) >= lowest) sh.cand_key[atomicAdd(&sh.n_cand, 1u)] = rank_key(x, i);
@@ -320,50 +417,50 @@ sample_kernel(int32_t* __restrict__ out, uint8_t* __restrict__ support, int* __r
         const uint64_t key = sh.cand_key[tid];
         int above = 0;
         for (int j = 0; j < n; ++j) above += sh.cand_key[j] > key;
-        if (above < P.top_k) {
-          const unsigned slot = atomicAdd(&sh.n_kept, 1u);
-          sh.kept_key[slot] = key;
-          sh.kept_weight[slot] = weight_of(clean_logit(row[key_id(key)]));
-        }
+        if (above < P.top_k) keep(key);
       }
       __syncthreads();
-      const int k = int(sh.n_kept);  // = top_k: n >= top_k and keys are distinct
-      bool kept = tid < k;           // thread t owns kept token t
-      const uint64_t key = kept ? sh.kept_key[tid] : 0;
-      const int id = key_id(key);
-      uint64_t weight = kept ? sh.kept_weight[tid] : 0;
-      // Step 5: kept if the kept mass ranked above it is still short of p * W (the shortest
-      // best-first prefix reaching it).
-      if (P.top_p > 0.0 && P.top_p < 1.0) {
-        const unsigned long long total = block_sum((unsigned long long)weight, sh.warp_total);
-        unsigned long long need = (unsigned long long)ceil(P.top_p * double(total));
-        need = need < 1 ? 1 : (need > total ? total : need);
-        unsigned long long mass_above = 0;
-        for (int j = 0; j < k; ++j) mass_above += sh.kept_key[j] > key ? sh.kept_weight[j] : 0;
-        kept = kept && mass_above < need;
-        weight = kept ? weight : 0;
-        __syncthreads();  // every thread has read the top-k weights
-        if (tid < k) sh.kept_weight[tid] = weight;
-      }
-      if (support) {
-        for (int i = tid; i < V; i += nt) support[b * V + i] = 0;
-        __syncthreads();  // the zeros land before the kept ones
-        if (kept) support[b * V + id] = 1;
-      }
-      // Step 6 on the list: the running sum of the kept weights in ascending id order, and the
-      // one token where it first exceeds the target (weight > 0, running sum before it <= target).
-      if (tid == 0) sh.result = -1;
-      const unsigned long long target = draw_target(block_sum((unsigned long long)weight, sh.warp_total));
-      unsigned long long running = 0;
-      for (int j = 0; j < k; ++j) running += key_id(sh.kept_key[j]) <= id ? sh.kept_weight[j] : 0;
-      if (weight > 0 && running > target && running - weight <= target) sh.result = id;
-      __syncthreads();
-      if (tid == 0) {
-        if (sh.result < 0) atomicExch(error_flag, 1);  // a broken invariant: S > target always crosses
-        out[b] = sh.result < 0 ? best_id : sh.result;
-      }
-      return;
+      listed = true;
     }
+  }
+
+  if (listed) {
+    const int k = min(int(sh.n_kept), kCandidates);  // = top_k: keys are distinct
+    bool kept = tid < k;           // thread t owns kept token t
+    const uint64_t key = kept ? sh.kept_key[tid] : 0;
+    const int id = key_id(key);
+    uint64_t weight = kept ? sh.kept_weight[tid] : 0;
+    // Step 5: kept if the kept mass ranked above it is still short of p * W (the shortest
+    // best-first prefix reaching it).
+    if (P.top_p > 0.0 && P.top_p < 1.0) {
+      const unsigned long long total = block_sum((unsigned long long)weight, sh.warp_total);
+      unsigned long long need = (unsigned long long)ceil(P.top_p * double(total));
+      need = need < 1 ? 1 : (need > total ? total : need);
+      unsigned long long mass_above = 0;
+      for (int j = 0; j < k; ++j) mass_above += sh.kept_key[j] > key ? sh.kept_weight[j] : 0;
+      kept = kept && mass_above < need;
+      weight = kept ? weight : 0;
+      __syncthreads();  // every thread has read the top-k weights
+      if (tid < k) sh.kept_weight[tid] = weight;
+    }
+    if (support) {
+      for (int i = tid; i < V; i += nt) support[b * V + i] = 0;
+      __syncthreads();  // the zeros land before the kept ones
+      if (kept) support[b * V + id] = 1;
+    }
+    // Step 6 on the list: the running sum of the kept weights in ascending id order, and the
+    // one token where it first exceeds the target (weight > 0, running sum before it <= target).
+    if (tid == 0) sh.result = -1;
+    const unsigned long long target = draw_target(block_sum((unsigned long long)weight, sh.warp_total));
+    unsigned long long running = 0;
+    for (int j = 0; j < k; ++j) running += key_id(sh.kept_key[j]) <= id ? sh.kept_weight[j] : 0;
+    if (weight > 0 && running > target && running - weight <= target) sh.result = id;
+    __syncthreads();
+    if (tid == 0) {
+      if (sh.result < 0) atomicExch(error_flag, 1);  // a broken invariant: S > target always crosses
+      out[b] = sh.result < 0 ? best_id : sh.result;
+    }
+    return;
   }
 
   // Step 3, top-k: the k best keys.
@@ -376,7 +473,7 @@ sample_kernel(int32_t* __restrict__ out, uint8_t* __restrict__ support, int* __r
           weight = 1;
           return true;
         },
-        sh, error_flag);
+        sh.select, error_flag);
   }
 
   // Step 5, top-p: the shortest best-first prefix of the kept tokens whose mass reaches p * W.
@@ -399,7 +496,7 @@ sample_kernel(int32_t* __restrict__ out, uint8_t* __restrict__ support, int* __r
           weight = weight_of(x);
           return true;
         },
-        sh, error_flag);
+        sh.select, error_flag);
     // tau_p is exact only among the top-k survivors (block_select's early stop may leave lower
     // bytes zero, and a token top-k dropped can share the fixed bytes): keep both bounds.
     tau = tau_p > tau_k ? tau_p : tau_k;
@@ -458,10 +555,13 @@ sample_kernel(int32_t* __restrict__ out, uint8_t* __restrict__ support, int* __r
 }
 
 // Draws one token for each of the B rows. error_flag: one device int, set to 1 on an internal error.
-inline void sample(int32_t* out, uint8_t* support, int* error_flag, const float* logits, const RowSampling* params,
-                   int B, int V, cudaStream_t stream) {
+// keys: sampler_scratch_keys(B, V) of device scratch.
+inline void sample(int32_t* out, uint8_t* support, int* error_flag, uint64_t* keys, const float* logits,
+                   const RowSampling* params, int B, int V, cudaStream_t stream) {
   if (B == 0) return;
-  launch("sample", sample_kernel, B, kSampleThreads, stream, out, support, error_flag, logits, params, V,
+  launch("sample_chunks", sample_chunks_kernel, dim3(sampler_chunks(V), B), kChunkThreads, stream, keys, error_flag,
+         logits, params, V);
+  launch("sample", sample_kernel, B, kSampleThreads, stream, out, support, error_flag, keys, logits, params, V,
          sampler_frac_bits(V));
 }
 
