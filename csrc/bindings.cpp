@@ -16,6 +16,8 @@
 #include "engine/cpu_features.h"
 #include "engine/engine.h"
 #include "engine/format.h"
+#include "engine/philox.h"
+#include "engine/sampler.h"
 
 // The same file builds both modules: _engine (CPU) and, with GPT2S_CUDA_MODULE, _engine_cuda,
 // whose Engine runs the CUDA backend (csrc/cuda) and which adds the device queries and sampler hooks.
@@ -283,24 +285,30 @@ void bind_engine(py::module_& m) {
            "Where the time of the last completed generate call went (prefill/decode/sampling seconds and counts).");
 }
 
-#ifdef GPT2S_CUDA_MODULE
-// Per-row sampling parameters (one value or one per row) as the engine's SamplingParams.
+// Value b of a per-row argument given as one value or one per row (B).
+template <class T>
+T row_value(const std::vector<T>& v, size_t B, size_t b, const char* name) {
+  if (v.size() != 1 && v.size() != B) {
+    throw py::value_error(std::string(name) + " must hold 1 or B = " + std::to_string(B) + " values, got " + std::to_string(v.size()));
+  }
+  return v[v.size() == 1 ? 0 : b];
+}
+
+// Per-row sampling parameters as the engine's SamplingParams, checked as the engine checks requests.
 std::vector<gpt2s::SamplingParams> row_params(size_t B, const std::vector<float>& temperature,
                                               const std::vector<int64_t>& top_k, const std::vector<float>& top_p,
                                               const std::vector<uint64_t>& seed, const std::vector<uint64_t>& sample_index) {
-  auto pick = [B](const auto& v, size_t b, const char* name) {
-    if (v.size() != 1 && v.size() != B) {
-      throw py::value_error(std::string(name) + " must hold 1 or B = " + std::to_string(B) + " values, got " + std::to_string(v.size()));
-    }
-    return v[v.size() == 1 ? 0 : b];
-  };
   std::vector<gpt2s::SamplingParams> params(B);
   for (size_t b = 0; b < B; ++b) {
-    params[b].temperature = pick(temperature, b, "temperature");
-    params[b].top_k = int32_t(std::clamp<int64_t>(pick(top_k, b, "top_k"), -1, INT32_MAX));
-    params[b].top_p = pick(top_p, b, "top_p");
-    params[b].seed = pick(seed, b, "seed");
-    params[b].sample_index = pick(sample_index, b, "sample_index");
+    gpt2s::SamplingParams& p = params[b];
+    p.temperature = row_value(temperature, B, b, "temperature");
+    p.top_k = int32_t(std::clamp<int64_t>(row_value(top_k, B, b, "top_k"), -1, INT32_MAX));
+    p.top_p = row_value(top_p, B, b, "top_p");
+    p.seed = row_value(seed, B, b, "seed");
+    p.sample_index = row_value(sample_index, B, b, "sample_index");
+    if (!(p.temperature >= 0.0f) || !std::isfinite(p.temperature) || p.top_k < 0 || !(p.top_p >= 0.0f && p.top_p <= 1.0f)) {
+      throw py::value_error("row " + std::to_string(b) + ": temperature must be a finite number >= 0, top_k >= 0 and top_p in [0, 1]");
+    }
   }
   return params;
 }
@@ -312,6 +320,40 @@ std::vector<float> logits_rows(const LogitsArray& logits) {
   return std::vector<float>(logits.data(), logits.data() + logits.size());
 }
 
+std::vector<uint64_t> row_positions(size_t B, const std::vector<uint64_t>& position) {
+  std::vector<uint64_t> positions(B);
+  for (size_t b = 0; b < B; ++b) positions[b] = row_value(position, B, b, "position");
+  return positions;
+}
+
+#ifndef GPT2S_CUDA_MODULE
+void bind_cpu_sampler(py::module_& m) {
+  m.def(
+      "sample",
+      [](const LogitsArray& logits, const std::vector<float>& temperature, const std::vector<int64_t>& top_k,
+         const std::vector<float>& top_p, const std::vector<uint64_t>& seed, const std::vector<uint64_t>& sample_index,
+         const std::vector<uint64_t>& position) {
+        const std::vector<float> host = logits_rows(logits);
+        const size_t B = size_t(logits.shape(0)), V = size_t(logits.shape(1));
+        const auto params = row_params(B, temperature, top_k, top_p, seed, sample_index);
+        const auto positions = row_positions(B, position);
+        std::vector<int32_t> drawn(B);
+        {
+          py::gil_scoped_release release;
+          gpt2s::SamplerScratch scratch;
+          for (size_t b = 0; b < B; ++b) {
+            const double u = gpt2s::draw_uniform(params[b].seed, params[b].sample_index, positions[b]);
+            drawn[b] = gpt2s::sample_token(host.data() + b * V, int64_t(V), params[b], u, gpt2s::best_kernels(), scratch);
+          }
+        }
+        return py::array_t<int32_t>(py::ssize_t(B), drawn.data());
+      },
+      py::arg("logits"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("seed"),
+      py::arg("sample_index"), py::arg("position"),
+      "The engine's sampler on host logits (B, V), for tests: one draw per row (parameters: one value or one per row), "
+      "with the kernels of this process's ISA (GPT2S_ISA).");
+}
+#else
 void bind_cuda(py::module_& m) {
   m.def(
       "cuda_status",
@@ -342,8 +384,7 @@ void bind_cuda(py::module_& m) {
         const std::vector<float> host = logits_rows(logits);
         const size_t B = size_t(logits.shape(0)), V = size_t(logits.shape(1));
         const auto params = row_params(B, temperature, top_k, top_p, seed, sample_index);
-        std::vector<uint64_t> positions(B);
-        for (size_t b = 0; b < B; ++b) positions[b] = position.size() == 1 ? position[0] : position.at(b);
+        const auto positions = row_positions(B, position);
         gpt2s::cuda::SamplerRun run;
         {
           py::gil_scoped_release release;
@@ -386,6 +427,7 @@ PYBIND11_MODULE(GPT2S_MODULE_NAME, m) {
   bind_cuda(m);
 #else
   m.doc() = "gpt_2_simple C++ generation engine (CPU)";
+  bind_cpu_sampler(m);
 #endif
   m.attr("__version__") = GPT2S_VERSION;
 
@@ -437,6 +479,7 @@ PYBIND11_MODULE(GPT2S_MODULE_NAME, m) {
         d["avx512vl"] = f.avx512vl;
         d["avx512bf16"] = f.avx512bf16;
         d["isa"] = gpt2s::best_isa();
+        d["kernels"] = gpt2s::best_kernels().isa;
         return d;
       },
       "SIMD features of this CPU as the engine sees them (after the GPT2S_ISA cap), and the kernel family it uses.");

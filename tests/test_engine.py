@@ -83,6 +83,40 @@ def _prompts(lengths, seed=0, vocab=TINY.n_vocab):
     return [rng.integers(0, vocab, n).tolist() for n in lengths]
 
 
+def _sampler_cases(rng, V: int, B: int):
+    """Logits with the cases that break samplers: ties, -inf, NaN, +-0, one finite logit, huge
+    spreads; and parameters covering greedy, tiny and large temperatures, top-k 1, V-1, V, beyond V,
+    top-p near 0 and 1, and both filters together."""
+    logits = rng.standard_normal((B, V)) * 3
+    logits[1] = rng.integers(-2, 2, V)  # many exact ties
+    logits[2, rng.random(V) < 0.4] = -np.inf
+    logits[2, rng.random(V) < 0.05] = np.nan
+    logits[3, rng.random(V) < 0.3] = 0.0
+    logits[3, rng.random(V) < 0.3] = -0.0
+    logits[4] = -np.inf
+    logits[4, V // 2] = 1.0
+    logits[5] = 2.5  # all equal
+    logits[6] *= 40
+    params = [
+        (float(t), int(k), float(p))
+        for t, k, p in zip(
+            rng.choice([0.0, 1.0, 0.7, 1e-3, 3.0, 1e-30], B), rng.choice([0, 1, 2, 40, V - 1, V, V + 5], B),
+            rng.choice([0.0, 1.0, 0.5, 0.9, 0.999, 1e-6], B),
+        )
+    ]
+    return logits.astype(np.float32), params
+
+
+def _isa_env(isa: str) -> dict:
+    """The environment of a subprocess whose engine uses `isa` (the cap is read once per process)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    if isa != "native":
+        env["GPT2S_ISA"] = isa
+    else:
+        env.pop("GPT2S_ISA", None)
+    return env
+
+
 def _run_in_subprocess(path, isa: str, requests: list[dict], batch_size: int) -> dict:
     """Engine.generate in a fresh process with GPT2S_ISA=isa (the cap is read once per process);
     returns its results and every step's logits."""
@@ -97,13 +131,9 @@ res = e.generate([Request(**r) for r in json.loads(sys.stdin.read())], batch_siz
 np.savez(sys.argv[1], **logits)
 print(json.dumps({{"tokens": [r.tokens for r in res], "isa": e.device}}))
 """
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    if isa != "native":
-        env["GPT2S_ISA"] = isa
-    else:
-        env.pop("GPT2S_ISA", None)
     out_npz = os.path.join(os.path.dirname(path), f"logits_{isa}.npz")
-    proc = subprocess.run([sys.executable, "-c", code, out_npz], input=json.dumps(requests), capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run([sys.executable, "-c", code, out_npz], input=json.dumps(requests), capture_output=True, text=True, timeout=300,
+                          env=_isa_env(isa))
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     with np.load(out_npz) as z:
@@ -217,6 +247,37 @@ def test_sampler_draws_equal_the_reference_draw_for_draw(files):
     probs = sampling.probabilities(logits[0], 1.0, 0, 0.0)
     assert np.all(counts[probs == 0] == 0)
     assert abs(counts @ np.log(probs + 1e-30) / 150 - probs @ np.log(probs + 1e-30)) < 0.5  # mean log-prob ~ -entropy
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_sampler_equals_sampling_py_on_hard_rows(tmp_path, isa):
+    # The sampler alone (_engine.sample, with this ISA's kernels) on rows built to break samplers
+    # (ties, NaN, -inf, +-0, flat and huge rows; greedy, top-k 1 .. V + 5, top-p near 0 and 1):
+    # every draw equals sampling.py's for the same uniform number.
+    rng = np.random.default_rng(3)
+    cases = {}
+    for V in (1, 33, 1000, 50257):
+        logits, params = _sampler_cases(rng, V, 12)
+        t, k, p = (np.array(x) for x in zip(*params))
+        p = p.astype(np.float32).astype(np.float64)  # the engine carries top_p as float32
+        cases[V] = dict(logits=logits, t=t, k=k, p=p, seed=rng.integers(0, 2**63, 12, dtype=np.uint64),
+                        index=rng.integers(0, 2**40, 12, dtype=np.uint64), position=rng.integers(0, 2**33, 12, dtype=np.uint64))
+    for V, c in cases.items():
+        np.savez(tmp_path / f"case_{V}.npz", **c)
+    code = """
+import sys, numpy as np
+from gpt_2_simple import _engine
+for path in sys.argv[1:]:
+    with np.load(path) as c:
+        args = [c[n].tolist() for n in ("t", "k", "p", "seed", "index", "position")]
+        np.save(path + ".drawn.npy", _engine.sample(c["logits"], *args))
+"""
+    paths = [str(tmp_path / f"case_{V}.npz") for V in cases]
+    proc = subprocess.run([sys.executable, "-c", code, *paths], capture_output=True, text=True, timeout=300, env=_isa_env(isa))
+    assert proc.returncode == 0, proc.stderr
+    for path, c in zip(paths, cases.values()):
+        expected = sampling.sample(c["logits"], c["t"], c["k"], c["p"], c["seed"], c["index"], c["position"])
+        assert np.load(path + ".drawn.npy").tolist() == expected.tolist(), path
 
 
 def test_stop_ids_and_stop_sequences_match_pytorch(small, engine):

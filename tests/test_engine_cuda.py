@@ -28,8 +28,8 @@ from gpt_2_simple.export import export
 from gpt_2_simple.torch_generate import generate_tokens
 from reference import random_gpt2
 
-# The CPU engine's test helpers: the byte-level vocabulary (fast), prompts, request mixes.
-from test_engine import BYTES, TOKEN_BYTES, _byte_tokenizer, _mixed_requests, _prompts
+# The CPU engine's test helpers: the byte-level vocabulary (fast), prompts, request mixes, sampler rows.
+from test_engine import BYTES, TOKEN_BYTES, _byte_tokenizer, _mixed_requests, _prompts, _sampler_cases
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # fp32 on the GPU uses fp32 cuBLAS (no TF32) and fp32 attention: as tight as the CPU engine.
@@ -240,30 +240,6 @@ def test_stops_callbacks_and_timings(cuda_backend, small):
     # bf16 cache: (K, V) x layers x (2 slots + 1 scratch slot) x (3 + 8 - 1 positions) x C x 2 bytes
     assert t["kv_cache_bytes"] == 2 * BYTES.n_layer * (2 + 1) * (3 + 8 - 1) * BYTES.n_embd * 2
     assert "cuda:" in engine.device and "ms/token" in engine.timing_summary()
-
-
-def _sampler_cases(rng, V: int, B: int):
-    """Logits with the cases that break samplers: ties, -inf, NaN, +-0, one finite logit, huge
-    spreads; and parameters covering greedy, tiny and large temperatures, top-k 1, V-1, V, beyond V,
-    top-p near 0 and 1, and both filters together."""
-    logits = rng.standard_normal((B, V)) * 3
-    logits[1] = rng.integers(-2, 2, V)  # many exact ties
-    logits[2, rng.random(V) < 0.4] = -np.inf
-    logits[2, rng.random(V) < 0.05] = np.nan
-    logits[3, rng.random(V) < 0.3] = 0.0
-    logits[3, rng.random(V) < 0.3] = -0.0
-    logits[4] = -np.inf
-    logits[4, V // 2] = 1.0
-    logits[5] = 2.5  # all equal
-    logits[6] *= 40
-    params = [
-        (float(t), int(k), float(p))
-        for t, k, p in zip(
-            rng.choice([0.0, 1.0, 0.7, 1e-3, 3.0, 1e-30], B), rng.choice([0, 1, 2, 40, V - 1, V, V + 5], B),
-            rng.choice([0.0, 1.0, 0.5, 0.9, 0.999, 1e-6], B),
-        )
-    ]
-    return logits.astype(np.float32), params
 
 
 def _check_draws(cuda_module, logits, params, rng):

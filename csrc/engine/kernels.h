@@ -67,6 +67,8 @@ struct Kernels {
   // w[i] = exp(x[i] / temperature - m) in float32 (a true division, as docs/sampling.md says);
   // NaN x gives 0. Returns the float64 sum of the w.
   double (*exp_weights)(const float* x, int64_t n, float temperature, float m, float* w);
+  // The first i with x[i] > t (never a NaN), or n.
+  int64_t (*first_above)(const float* x, int64_t n, float t);
 };
 
 // The table for the best ISA this CPU allows, after the GPT2S_ISA cap (cpu_features.h): AVX-512

@@ -550,6 +550,21 @@ void embed(ThreadPool& pool, const PackedMatrix& wte, const TensorView& wpe, con
 // ---------------------------------------------------------------------------------------------
 // Sampler helpers.
 
+int64_t first_above(const float* x, int64_t n, float t) {
+  const Vf vt = vset1(t);
+  int64_t i = 0;
+  for (; i + 4 * kLanes <= n; i += 4 * kLanes) {  // one branch per four vectors
+    const uint64_t bits = uint64_t(vmask_above(vload(x + i), vt)) | uint64_t(vmask_above(vload(x + i + kLanes), vt)) << kLanes |
+                          uint64_t(vmask_above(vload(x + i + 2 * kLanes), vt)) << (2 * kLanes) |
+                          uint64_t(vmask_above(vload(x + i + 3 * kLanes), vt)) << (3 * kLanes);
+    if (bits) return i + __builtin_ctzll(bits);
+  }
+  for (; i < n; ++i) {
+    if (x[i] > t) return i;
+  }
+  return n;
+}
+
 float max_value(const float* x, int64_t n) {
   Vf acc = vset1(-__builtin_inff());
   int64_t i = 0;
@@ -564,4 +579,5 @@ double exp_weights(const float* x, int64_t n, float temperature, float m, float*
 }
 
 extern const Kernels table;
-const Kernels table = {GPT2S_ISA_NAME, kPanel, packed_bytes, pack, matmul, layernorm, attention, embed, max_value, exp_weights};
+const Kernels table = {GPT2S_ISA_NAME, kPanel, packed_bytes, pack, matmul, layernorm, attention, embed, max_value, exp_weights,
+                       first_above};

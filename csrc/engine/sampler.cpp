@@ -29,7 +29,8 @@ inline bool ranks_below(float xa, int32_t a, float xb, int32_t b) { return xa < 
 
 // The k best-ranked ids of x (V), ascending, by one pass with a k-entry heap whose root is the
 // worst kept token (ids arrive in increasing order, so a newcomer enters only with a larger logit).
-void top_k_ids(const float* x, int64_t V, int32_t k, SamplerScratch& s) {
+// The pass skips with vector compares to the next logit above the root: few enter the heap.
+void top_k_ids(const float* x, int64_t V, int32_t k, const Kernels& kernels, SamplerScratch& s) {
   float* hx = s.x.data();
   int32_t* hid = s.ids.data();
   auto sift_down = [&](int32_t i) {
@@ -49,12 +50,10 @@ void top_k_ids(const float* x, int64_t V, int32_t k, SamplerScratch& s) {
     hid[i] = i;
   }
   for (int32_t i = k / 2 - 1; i >= 0; --i) sift_down(i);
-  for (int64_t i = k; i < V; ++i) {
-    if (x[i] > hx[0]) {  // false for NaN
-      hx[0] = x[i];
-      hid[0] = int32_t(i);
-      sift_down(0);
-    }
+  for (int64_t i = k; (i += kernels.first_above(x + i, V - i, hx[0])) < V; ++i) {  // x[i] > root (NaN never is)
+    hx[0] = x[i];
+    hid[0] = int32_t(i);
+    sift_down(0);
   }
   std::sort(hid, hid + k);
   for (int32_t i = 0; i < k; ++i) hx[i] = clean(x[hid[i]]);
@@ -153,7 +152,7 @@ int32_t sample_token(const float* logits, int64_t V, const SamplingParams& p, do
   // The kept set: all V tokens (ids implicit), or the top-k gathered with ascending ids.
   const bool all = p.top_k <= 0 || p.top_k >= V;
   const int64_t n = all ? V : p.top_k;
-  if (!all) top_k_ids(logits, V, p.top_k, s);
+  if (!all) top_k_ids(logits, V, p.top_k, kernels, s);
   const float* x = all ? logits : s.x.data();
   const int32_t* ids = all ? nullptr : s.ids.data();
 

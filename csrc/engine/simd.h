@@ -33,6 +33,8 @@ inline Vf vscale2(Vf a, Vf n) { return {_mm512_scalef_ps(a.v, n.v)}; }
 inline Vf vround(Vf a) { return {_mm512_roundscale_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
 // Lanes where a < b set to 0.
 inline Vf vzero_below(Vf a, Vf x, Vf limit) { return {_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x.v, limit.v, _CMP_GE_OQ), a.v)}; }
+// Bit i set where lane i of a is > t (a NaN lane is not).
+inline uint32_t vmask_above(Vf a, Vf t) { return _mm512_cmp_ps_mask(a.v, t.v, _CMP_GT_OQ); }
 
 inline Vb vload_bf16(const uint16_t* p) { return {_mm512_loadu_si512(p)}; }
 // The bf16 pair p[0], p[1] in every 32-bit lane.
@@ -100,6 +102,7 @@ inline Vf vscale2(Vf a, Vf n) {
 }
 inline Vf vround(Vf a) { return {_mm256_round_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
 inline Vf vzero_below(Vf a, Vf x, Vf limit) { return {_mm256_and_ps(a.v, _mm256_cmp_ps(x.v, limit.v, _CMP_GE_OQ))}; }
+inline uint32_t vmask_above(Vf a, Vf t) { return uint32_t(_mm256_movemask_ps(_mm256_cmp_ps(a.v, t.v, _CMP_GT_OQ))); }
 
 inline Vb vload_bf16(const uint16_t* p) { return {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))}; }
 inline Vb vbcast_pair(const uint16_t* p) {
@@ -155,6 +158,11 @@ inline float vhmax(Vf a) {
 inline Vf vscale2(Vf a, Vf n) { GPT2S_LANES(__builtin_ldexpf(a.v[i], int(n.v[i]))); }
 inline Vf vround(Vf a) { GPT2S_LANES(__builtin_nearbyintf(a.v[i])); }
 inline Vf vzero_below(Vf a, Vf x, Vf limit) { GPT2S_LANES(x.v[i] >= limit.v[i] ? a.v[i] : 0.0f); }
+inline uint32_t vmask_above(Vf a, Vf t) {
+  uint32_t bits = 0;
+  for (int i = 0; i < kLanes; ++i) bits |= uint32_t(a.v[i] > t.v[i]) << i;
+  return bits;
+}
 
 inline float bf16_bits_to_f32(uint32_t bits) {
   bits <<= 16;

@@ -131,7 +131,7 @@ def context(threads: int) -> dict:
     try:
         from .. import _engine
 
-        isa = _engine.cpu_features()["isa"]
+        isa = _engine.cpu_features()["kernels"]
     except ImportError:
         isa = None
     try:
