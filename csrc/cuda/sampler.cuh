@@ -35,7 +35,7 @@
 
 namespace gpt2s::cuda {
 
-constexpr int kSampleThreads = 1024;  // one block per row: at batch 1 the whole draw runs on one multiprocessor
+constexpr int kSampleThreads = 1024;  // sample_kernel: one block per row
 constexpr int kCandidates = kSampleThreads;  // a top-k row's gathered best tokens: one per thread
 constexpr int kCoarseShift = 20;             // coarse bin of a logit: the top 12 of its 32 order bits
 constexpr int kCoarseBins = 1 << (32 - kCoarseShift);
