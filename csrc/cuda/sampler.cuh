@@ -1,5 +1,5 @@
-// Drawing the next token on the GPU (docs/sampling.md), one block per row, no vocabulary sort and
-// no logits leaving the device: only the drawn ids come back.
+// Drawing the next token on the GPU (docs/sampling.md), no vocabulary sort and no logits leaving
+// the device: only the drawn ids come back. The draw itself is one block per row (sample_kernel).
 //
 // Every step of the specification is a selection over a 64-bit rank key,
 //   key(i) = (order-preserving bits of logit i) << 32 | (2^32 - 1 - i),
