@@ -107,6 +107,15 @@ def _sampler_cases(rng, V: int, B: int):
     return logits.astype(np.float32), params
 
 
+def _draw_args(params, rng):
+    """(temperature, top_k, top_p, seed, sample_index, position) arrays for rows of (t, k, p):
+    top_p rounded to float32 as the engine carries it, random draw counters."""
+    B = len(params)
+    t, k, p = (np.array(x) for x in zip(*params))
+    p = p.astype(np.float32).astype(np.float64)
+    return t, k, p, rng.integers(0, 2**63, B), rng.integers(0, 2**40, B), rng.integers(0, 2**33, B)
+
+
 def _isa_env(isa: str) -> dict:
     """The environment of a subprocess whose engine uses `isa` (the cap is read once per process)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -258,10 +267,7 @@ def test_sampler_equals_sampling_py_on_hard_rows(tmp_path, isa):
     cases = {}
     for V in (1, 33, 1000, 50257):
         logits, params = _sampler_cases(rng, V, 12)
-        t, k, p = (np.array(x) for x in zip(*params))
-        p = p.astype(np.float32).astype(np.float64)  # the engine carries top_p as float32
-        cases[V] = dict(logits=logits, t=t, k=k, p=p, seed=rng.integers(0, 2**63, 12, dtype=np.uint64),
-                        index=rng.integers(0, 2**40, 12, dtype=np.uint64), position=rng.integers(0, 2**33, 12, dtype=np.uint64))
+        cases[V] = dict(zip(("logits", "t", "k", "p", "seed", "index", "position"), (logits, *_draw_args(params, rng))))
     for V, c in cases.items():
         np.savez(tmp_path / f"case_{V}.npz", **c)
     code = """

@@ -29,7 +29,7 @@ from gpt_2_simple.torch_generate import generate_tokens
 from reference import random_gpt2
 
 # The CPU engine's test helpers: the byte-level vocabulary (fast), prompts, request mixes, sampler rows.
-from test_engine import BYTES, TOKEN_BYTES, _byte_tokenizer, _mixed_requests, _prompts, _sampler_cases
+from test_engine import BYTES, TOKEN_BYTES, _byte_tokenizer, _draw_args, _mixed_requests, _prompts, _sampler_cases
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # fp32 on the GPU uses fp32 cuBLAS (no TF32) and fp32 attention: as tight as the CPU engine.
@@ -244,13 +244,10 @@ def test_stops_callbacks_and_timings(cuda_backend, small):
 
 def _check_draws(cuda_module, logits, params, rng):
     # Every draw and every support mask of the GPU sampler equal sampling.py's.
-    B = len(params)
-    t, k, p = (np.array(x) for x in zip(*params))
-    p = p.astype(np.float32).astype(np.float64)  # the engine carries top_p as float32
-    seed, index, position = rng.integers(0, 2**63, B), rng.integers(0, 2**40, B), rng.integers(0, 2**33, B)
+    t, k, p, seed, index, position = _draw_args(params, rng)
     drawn, mask = cuda_module.sample(logits, t, k, p, seed, index, position, support=True)
     assert drawn.tolist() == sampling.sample(logits, t, k, p, seed, index, position).tolist()
-    for b in range(B):
+    for b in range(len(params)):
         ids, _ = sampling.support(logits[b], t[b], int(k[b]), p[b])
         assert np.flatnonzero(mask[b]).tolist() == ids.tolist(), (b, params[b])
 

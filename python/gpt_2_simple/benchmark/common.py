@@ -353,14 +353,18 @@ def run_case(calls: dict[str, Callable[[], dict]], workers: list[Worker], reps: 
         w.reset_peak()
     before = load_average()
     replies = interleave(calls, reps, label=label, rate=rate)
-    peaks = {name: max(r["peak_rss"] for r in rs) for name, rs in replies.items()}
+    peaks = {name: max(r["peak_rss"] for r in rs) for name, rs in replies.items() if "peak_rss" in rs[0]}
     return replies, peaks, [before, load_average()]
 
 
 def run_peers(workers: dict[str, Worker], reps: int, *, label: str, rate: Callable[[dict], str],
+              probes: dict[str, Callable[[], dict]] | None = None,
               **job: Any) -> tuple[dict[str, list[dict]], dict[str, int], list[float]]:
-    """``run_case`` for the usual configuration: every peer's worker called with the same ``job``."""
+    """``run_case`` for the usual configuration: every peer's worker called with the same ``job``.
+    Each of ``probes`` (a measurement of the machine, in this process) runs once per round too,
+    between the peers; its replies come back with theirs (without a peak RSS)."""
     calls = {name: (lambda w=w: w(**job)) for name, w in workers.items()}
+    calls.update(probes or {})
     return run_case(calls, list(workers.values()), reps, label=label, rate=rate)
 
 

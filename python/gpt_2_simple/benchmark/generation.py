@@ -6,8 +6,9 @@ interleaved, median of ``reps`` runs after one warm-up each. Timed: one whole ge
 user waits for it (prefill, decode, top-k sampling, stop checks), tokens/s = batch x new tokens /
 seconds. Also recorded: the engine's decode ms per step, prefill ms and sampling share; beside
 them the physical limit, measured in the same run: at batch 1 the weight bytes a decode step reads
-against the machine's memory bandwidth (probed once per round, between the peers), at larger batches the FLOPs per token against a measured
-GEMM rate; peak RSS of every peer during the configuration.
+against the machine's memory bandwidth (probed once per round, between the peers), at larger
+batches the FLOPs per token against a measured GEMM rate; peak RSS of every peer during the
+configuration.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import importlib.util
 import statistics
 import time
 
-from .common import Options, Worker, case_records, gemm_gflops, log, memory_bandwidth, run_case, set_torch_threads
+from .common import Options, Worker, case_records, gemm_gflops, log, memory_bandwidth, run_peers, set_torch_threads
 
 SUITE = "generation"
 PEERS = ("engine-fp32", "engine-bf16", "torch", "transformers")
@@ -144,13 +145,11 @@ def measure(opts: Options, *, new_tokens: int | None = None, top_k: int = 40, pe
                 job = {"batch": batch, "prompt": prompt, "new_tokens": new_tokens, "top_k": top_k}
                 # The memory bandwidth is probed in every round too: on a shared VM it moves by half
                 # within minutes, and a batch-1 step is compared with it.
-                calls = {name: (lambda w=w: w(**job)) for name, w in workers.items()}
-                calls["bandwidth"] = lambda: {"gb_per_s": memory_bandwidth(opts.threads, reps=1), "peak_rss": 0}
-                replies, peaks, load = run_case(
-                    calls, list(workers.values()), opts.reps, label=f"{SUITE} {case}",
-                    rate=lambda r, b=batch: f"{r['gb_per_s']:.1f} GB/s" if "gb_per_s" in r else f"{b * new_tokens / r['seconds']:.1f} tok/s")
+                replies, peaks, load = run_peers(
+                    workers, opts.reps, label=f"{SUITE} {case}",
+                    rate=lambda r, b=batch: f"{r['gb_per_s']:.1f} GB/s" if "gb_per_s" in r else f"{b * new_tokens / r['seconds']:.1f} tok/s",
+                    probes={"bandwidth": lambda: {"gb_per_s": memory_bandwidth(opts.threads, reps=1)}}, **job)
                 bandwidth = statistics.median(r["gb_per_s"] for r in replies.pop("bandwidth"))
-                peaks.pop("bandwidth")
                 samples = {p: [batch * new_tokens / r["seconds"] for r in rs] for p, rs in replies.items()}
                 details = {p: _engine_details(replies[p], files[p[7:]], config, batch, prompt, new_tokens, bandwidth, gemm[p[7:]])
                            for p in replies if p.startswith("engine-")}
