@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from . import config as configs
 from .dataset import Windows, WindowSampler, load_dataset, split_chunks
 from .fileio import atomic_write
+from .malloc import reuse_freed_memory
 from .model import GPT2
 from .plot import loss_png
 from .tokenizer import BUNDLED_DIR, get_encoder
@@ -351,7 +352,10 @@ def finetune(
         torch.set_num_threads(threads)
     say = print if dist.main else (lambda *a, **k: None)
     try:
-        _Trainer(**{k: v for k, v in locals().items() if k in _TRAINER_ARGS}).run(sess)
+        # On the CPU every step would otherwise map, fault in and unmap its large tensors anew.
+        # The trainer (its optimizer state, gradients) is gone before the block gives memory back.
+        with reuse_freed_memory() if device.type == "cpu" else contextlib.nullcontext():
+            _Trainer(**{k: v for k, v in locals().items() if k in _TRAINER_ARGS}).run(sess)
     finally:
         if dist.owns_group:
             torch.distributed.destroy_process_group()
