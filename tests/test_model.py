@@ -47,6 +47,41 @@ def test_activation_checkpointing_gives_same_gradients():
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("freeze_wte", [False, True])
+def test_chunked_head_loss_equals_cross_entropy_of_the_logits(freeze_wte, monkeypatch):
+    """model(idx, targets=...) (head_loss.py: logits a chunk of CHUNK_ROWS tokens at a time)
+    against PyTorch's own F.cross_entropy on the whole logits: the loss and every gradient, over
+    several chunks and a partial one, with ignored targets in the first, a middle and the last."""
+    from gpt_2_simple import head_loss
+    from gpt_2_simple.head_loss import IGNORE
+
+    monkeypatch.setattr(head_loss, "CHUNK_ROWS", 50)  # 192 tokens: 3 chunks and 42 tokens
+    g = torch.Generator().manual_seed(4)
+    B, T = 3, TINY.n_ctx
+    idx = torch.randint(0, TINY.n_vocab, (B, T), generator=g)
+    targets = torch.randint(0, TINY.n_vocab, (B, T), generator=g)
+    targets[0, :5] = IGNORE
+    targets[1, T // 2 :] = IGNORE
+    targets[2, -1] = IGNORE
+    losses, grads = [], []
+    for chunked in (False, True):
+        model = random_gpt2().train()
+        model.wte.weight.requires_grad_(not freeze_wte)
+        if chunked:
+            loss = model(idx, targets=targets)
+        else:
+            loss = torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+        (loss * 0.37).backward()  # a scale, as the trainer's 1 / n_targets
+        losses.append(loss.detach())
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=0)
+    assert grads[1].keys() == grads[0].keys() and ("wte.weight" in grads[0]) == (not freeze_wte)
+    for name, ref in grads[0].items():  # sums in another order: float32 rounding of the tensor's scale
+        torch.testing.assert_close(grads[1][name], ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()), msg=name)
+    with torch.no_grad():  # validation's use: the loss alone
+        torch.testing.assert_close(model(idx, targets=targets), losses[1], rtol=0, atol=0)
+
+
 def test_context_overflow_is_a_clear_error():
     model = random_gpt2()
     with pytest.raises(ValueError, match="exceeds the model's context of 64"):

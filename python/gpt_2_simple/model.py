@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import GPT2Config
+from .head_loss import head_loss
 
 __all__ = ["GPT2", "Conv1D", "KVCache"]
 
@@ -113,11 +114,12 @@ class GPT2(nn.Module):
             else:
                 nn.init.normal_(p, std=std)
 
-    def forward(self, idx: torch.Tensor, past: KVCache | None = None, use_cache: bool = False):
+    def forward(self, idx: torch.Tensor, past: KVCache | None = None, use_cache: bool = False, targets: torch.Tensor | None = None):
         """Logits (B, T, V) for token ids ``idx`` (B, T) that follow ``past`` (None: a fresh start).
 
         Returns ``logits`` alone, or ``(logits, present)`` when ``use_cache``: the KV cache to pass
-        as ``past`` for the next tokens.
+        as ``past`` for the next tokens. With ``targets`` (B, T) (next-token ids, -100 where none),
+        returns instead the summed cross-entropy, without ever holding all the logits (head_loss.py).
         """
         B, T = idx.shape
         T_past = past[0][0].shape[2] if past else 0
@@ -135,5 +137,7 @@ class GPT2(nn.Module):
             if use_cache:
                 present.append(kv)
         x = self.ln_f(x)
+        if targets is not None:
+            return head_loss(x, self.wte.weight, targets)
         logits = F.linear(x, self.wte.weight)  # (B, T, V): the head is tied to wte
         return (logits, present) if use_cache else logits

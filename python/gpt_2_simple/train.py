@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import config as configs
@@ -512,8 +511,7 @@ class _Trainer:
             for i in range(0, len(tiles), self.batch_size * 4):
                 x, lengths = self.val_windows.stack([self.val_windows.window(c, s) for c, s in tiles[i : i + self.batch_size * 4]])
                 x, target = _inputs_and_targets(torch.from_numpy(x), torch.from_numpy(lengths))
-                logits = self.model(x.to(self.device))
-                total += F.cross_entropy(logits.float().flatten(0, 1), target.to(self.device).flatten(), ignore_index=-100, reduction="sum").item()
+                total += self.model(x.to(self.device), targets=target.to(self.device)).item()
                 count += int((target != -100).sum())
         self.model.train()
         loss = total / count
@@ -543,8 +541,7 @@ class _Trainer:
             # DDP all-reduces gradients in the last micro-batch's backward only.
             sync = self.ddp is None or m == accum - 1
             with (contextlib.nullcontext() if sync else self.ddp.no_sync()), self.autocast():
-                logits = self.train_model(xi)  # (b, T, V)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), ti.flatten(), ignore_index=-100, reduction="sum")
+                loss = self.train_model(xi, targets=ti)  # summed over the targets
             # DDP averages gradients over processes: scale so the result is the global token mean.
             (loss * (world / n_targets)).backward()
             loss_sum += loss.detach().double()
