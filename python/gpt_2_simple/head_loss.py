@@ -6,8 +6,8 @@ log-softmax and then their gradient: three B x T x 50257 float tensors (412 MB e
 2 x 1024), most of a small model's peak memory, which activation checkpointing does not touch.
 Here each chunk of CHUNK_ROWS tokens computes its logits, its loss and, while they are at hand,
 its share of both gradients (softmax - one-hot, times wte and times x); the gradients wait for the
-backward pass, which only scales them. Peak RSS of a 'small' step at batch 2 x 1024 on the CPU:
-3.9 -> 2.1 GB, at the same tokens/s (docs/finetune.md).
+backward pass, which only scales them. The arithmetic is the plain form's. Peak RSS of one
+'small' step at batch 2 x 1024 on the CPU: 2.71 -> 1.60 GB (docs/finetune.md).
 
 Under autocast (bf16 on CUDA) the plain form is kept: there the GEMMs and the fused cross-entropy
 are what the GPU measurements were made with, and this module is checked on the CPU only.

@@ -3,11 +3,10 @@
 PyTorch's CPU tensors come from malloc. glibc serves blocks above its mmap threshold (at most
 32 MiB) with mmaps of their own, unmapped again on free, and gives the kernel back the top of its
 heap once more than the trim threshold is free there. A training step frees and reallocates the
-same large blocks every time (logits, their gradient, weight gradients: about 1.3 GB for 124M at
-batch 2 x 256), so every step faults all their pages in again, each zeroed by the kernel. With
-mmap off for large blocks and the heap never trimmed, the next steps reuse those pages as they
-are: 15% more tokens/s on 2 cores, for a 16% higher peak RSS (docs/finetune.md, "Memory and
-speed").
+same large blocks every time (activations, gradients, the loss's chunks), so every step would
+fault all their pages in again, each zeroed by the kernel. With mmap off for large blocks and the
+heap never trimmed, the next steps reuse those pages as they are (docs/finetune.md, "Memory and
+speed", has the figures).
 
 The settings are process-wide, so the block ends by putting them where glibc's own dynamic rule
 takes them (mmap above 32 MiB, trim above 64 MiB) and returning the heap's free pages to the
