@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from . import config as configs
 from .dataset import Windows, WindowSampler, load_dataset, split_chunks
 from .fileio import atomic_write
+from .head_loss import IGNORE
 from .malloc import reuse_freed_memory
 from .model import GPT2
 from .plot import loss_png
@@ -382,9 +383,9 @@ def _attach(sess, run_dir: Path, model=None) -> None:
 
 def _inputs_and_targets(x, lengths):
     """Windows (N, L) with their lengths -> model inputs (N, L-1) and next-token targets (N, L-1),
-    -100 (ignored by the loss) past each window's end."""
+    IGNORE (-100, left out of the loss) past each window's end."""
     target = x[:, 1:].clone()
-    target[torch.arange(target.shape[1])[None, :] >= (lengths - 1)[:, None]] = -100
+    target[torch.arange(target.shape[1])[None, :] >= (lengths - 1)[:, None]] = IGNORE
     return x[:, :-1], target
 
 
@@ -512,7 +513,7 @@ class _Trainer:
                 x, lengths = self.val_windows.stack([self.val_windows.window(c, s) for c, s in tiles[i : i + self.batch_size * 4]])
                 x, target = _inputs_and_targets(torch.from_numpy(x), torch.from_numpy(lengths))
                 total += self.model(x.to(self.device), targets=target.to(self.device)).item()
-                count += int((target != -100).sum())
+                count += int((target != IGNORE).sum())
         self.model.train()
         loss = total / count
         return loss, math.exp(min(loss, 700.0))
