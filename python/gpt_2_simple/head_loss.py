@@ -33,32 +33,39 @@ def head_loss(x: torch.Tensor, wte: torch.Tensor, targets: torch.Tensor) -> torc
     x, targets = x.reshape(-1, x.shape[-1]), targets.reshape(-1)  # (N, C), (N,)
     if torch.is_autocast_enabled(x.device.type):
         return F.cross_entropy(F.linear(x, wte).float(), targets, ignore_index=IGNORE, reduction="sum")
+    if not torch.is_grad_enabled():  # validation: the loss alone (a Function would still be asked for gradients)
+        return _chunks(x, wte, targets, need_x=False, need_w=False)[0]
     return _ChunkedHeadLoss.apply(x, wte, targets)
+
+
+def _chunks(x, wte, targets, need_x: bool, need_w: bool):
+    """The summed loss, and the gradients asked for (else None) of x (N, C) and wte (V, C)."""
+    loss = torch.zeros((), dtype=torch.float32, device=x.device)
+    grad_x = torch.empty_like(x) if need_x else None  # (N, C)
+    grad_w = torch.zeros_like(wte) if need_w else None  # (V, C)
+    for s in range(0, x.shape[0], CHUNK_ROWS):
+        xs, ts = x[s : s + CHUNK_ROWS], targets[s : s + CHUNK_ROWS]  # (n, C), (n,)
+        valid = ts != IGNORE
+        picked = ts.clamp(min=0)[:, None]  # (n, 1): any id for the ignored rows, zeroed below
+        logp = torch.log_softmax((xs @ wte.T).float(), dim=1)  # (n, V)
+        loss -= torch.where(valid, logp.gather(1, picked).squeeze(1), 0.0).sum()
+        if need_x or need_w:
+            # d(loss)/d(logits) = softmax - one-hot on the counted rows, 0 on the ignored ones.
+            probs = logp.exp_()  # (n, V), in place of the log-probabilities
+            probs.scatter_add_(1, picked, -torch.ones_like(probs[:, :1]))
+            probs[~valid] = 0
+            d_logits = probs.to(wte.dtype)
+            if need_x:
+                grad_x[s : s + CHUNK_ROWS] = d_logits @ wte
+            if need_w:
+                grad_w.addmm_(d_logits.T, xs)
+    return loss, grad_x, grad_w
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, wte, targets):  # x (N, C), wte (V, C), targets (N,)
-        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        loss = torch.zeros((), dtype=torch.float32, device=x.device)
-        grad_x = torch.empty_like(x) if need_x else None  # (N, C)
-        grad_w = torch.zeros_like(wte) if need_w else None  # (V, C)
-        for s in range(0, x.shape[0], CHUNK_ROWS):
-            xs, ts = x[s : s + CHUNK_ROWS], targets[s : s + CHUNK_ROWS]  # (n, C), (n,)
-            valid = ts != IGNORE
-            picked = ts.clamp(min=0)[:, None]  # (n, 1): any id for the ignored rows, zeroed below
-            logp = torch.log_softmax((xs @ wte.T).float(), dim=1)  # (n, V)
-            loss -= torch.where(valid, logp.gather(1, picked).squeeze(1), 0.0).sum()
-            if need_x or need_w:
-                # d(loss)/d(logits) = softmax - one-hot on the counted rows, 0 on the ignored ones.
-                probs = logp.exp_()  # (n, V), in place of the log-probabilities
-                probs.scatter_add_(1, picked, -torch.ones_like(probs[:, :1]))
-                probs[~valid] = 0
-                d_logits = probs.to(wte.dtype)
-                if need_x:
-                    grad_x[s : s + CHUNK_ROWS] = d_logits @ wte
-                if need_w:
-                    grad_w.addmm_(d_logits.T, xs)
+        loss, grad_x, grad_w = _chunks(x, wte, targets, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         ctx.save_for_backward(grad_x, grad_w)
         return loss
 
