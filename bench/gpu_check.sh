@@ -36,7 +36,7 @@ if want build; then
   tail -1 "$OUT/build.log"
 fi
 if want tests; then
-  step tests 150 $PY -m pytest -q -p no:cacheprovider tests/test_engine_cuda.py tests/test_generate_engine.py tests/test_generate_batch.py
+  step tests 150 $PY -m pytest -q -p no:cacheprovider tests/test_engine_cuda.py tests/test_generate_engine.py tests/test_generate_batch.py tests/test_model.py
   tail -3 "$OUT/tests.log"
 fi
 if want cli; then  # the README's quick start (fine-tune tiny, generate) with the GPU

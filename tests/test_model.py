@@ -47,11 +47,13 @@ def test_activation_checkpointing_gives_same_gradients():
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("freeze_wte", [False, True])
-def test_chunked_head_loss_equals_cross_entropy_of_the_logits(freeze_wte, monkeypatch):
+def test_chunked_head_loss_equals_cross_entropy_of_the_logits(freeze_wte, device, monkeypatch):
     """model(idx, targets=...) (head_loss.py: logits a chunk of CHUNK_ROWS tokens at a time)
     against PyTorch's own F.cross_entropy on the whole logits: the loss and every gradient, over
-    several chunks and a partial one, with ignored targets in the first, a middle and the last."""
+    several chunks and a partial one, with ignored targets in the first, a middle and the last.
+    On CUDA this is finetune's path with mixed_precision=False (autocast keeps the plain form)."""
     from gpt_2_simple import head_loss
     from gpt_2_simple.head_loss import IGNORE
 
@@ -63,9 +65,10 @@ def test_chunked_head_loss_equals_cross_entropy_of_the_logits(freeze_wte, monkey
     targets[0, :5] = IGNORE
     targets[1, T // 2 :] = IGNORE
     targets[2, -1] = IGNORE
+    idx, targets = idx.to(device), targets.to(device)
     losses, grads = [], []
     for chunked in (False, True):
-        model = random_gpt2().train()
+        model = random_gpt2().to(device).train()
         model.wte.weight.requires_grad_(not freeze_wte)
         if chunked:
             loss = model(idx, targets=targets)
