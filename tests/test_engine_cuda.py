@@ -263,10 +263,9 @@ def test_sampler_equals_sampling_py_draw_for_draw(cuda_module, V):
 
 
 def test_top_k_rows_take_every_road_and_draw_as_sampling_py(cuda_module):
-    # sampler.cuh has three roads for top-k rows: the split road (k <= 128: each chunk of 2048
-    # logits keeps its k best), the short road (k <= 1024, when the best coarse bins hold at most
-    # 1024 tokens) and the radix select over the whole row. Rows built to take each, on GPT-2's
-    # vocabulary size, with ties across the k-th best.
+    # sampler.cuh has two roads for top-k rows: the short road (k <= 1024, when the k-th best of
+    # the threads' own bests gathers at most 1024 tokens) and the radix select over the whole row.
+    # Rows built to take each, on GPT-2's vocabulary size, with ties across the k-th best.
     V = 50257
     rng = np.random.default_rng(11)
     logits = (rng.standard_normal((12, V)) * 2).astype(np.float32)
@@ -274,32 +273,36 @@ def test_top_k_rows_take_every_road_and_draw_as_sampling_py(cuda_module):
     logits[3, : V // 2] = 7.0  # 25,000 tied best tokens
     logits[5] = rng.integers(-3, 3, V)  # ties across the k-th best
     logits[6, rng.choice(V, 30, replace=False)] = 12.0  # 30 clear winners, then the crowd
-    logits[9] = np.sort(logits[9])  # the best tokens all in the last chunks
+    logits[9] = np.sort(logits[9])  # the best tokens all at the end of the row
     params = [
-        (1.0, 40, 0.0), (0.7, 40, 0.9), (1.0, 40, 0.0), (1.0, 40, 0.5), (1.0, 128, 0.0), (1.2, 1, 1e-6),  # split
-        (0.8, 40, 0.999), (1.0, 129, 0.0), (0.9, 500, 0.95), (1.0, 100, 0.0),  # split, short, short, split
-        (1.0, 1024, 0.0), (1.0, 2000, 0.95),  # short road, radix select
+        (1.0, 40, 0.0), (0.7, 40, 0.9), (1.0, 40, 0.0), (1.0, 40, 0.5), (1.0, 128, 0.0), (1.2, 1, 1e-6),  # short
+        (0.8, 40, 0.999), (1.0, 129, 0.0), (0.9, 500, 0.95), (1.0, 100, 0.0),  # short
+        (1.0, 1000, 0.0), (1.0, 2000, 0.95),  # the bound gathers too many; k > 1024: radix select
     ]
     _check_draws(cuda_module, logits, params, rng)
-    flat = np.full((2, V), 1.5, np.float32)  # one coarse bin holds the whole row: the radix select
-    _check_draws(cuda_module, flat, [(1.0, 500, 0.0), (0.5, 1000, 0.9)], rng)
+    flat = np.full((2, V), 1.5, np.float32)  # all tied: the bound falls among ids, the lowest win
+    _check_draws(cuda_module, flat, [(1.0, 500, 0.0), (0.5, 1024, 0.9)], rng)
 
 
-def test_split_road_chunk_edges(cuda_module):
-    # The split road on a vocabulary of two full chunks and a short one (7 tokens, fewer than k):
-    # the short chunk pads its list, and the row's best may all sit in one chunk or straddle two.
-    V = 2 * 2048 + 7
+def test_short_road_bound_edges(cuda_module):
+    # The bound is the k-th best of the 1024 threads' own bests (thread t reads ids t, t + 1024, ...).
+    # Rows where the best tokens crowd into few threads, so the bound lies far below the k-th best
+    # and many more than k are gathered; rows where few tokens are finite; and a vocabulary
+    # shorter than the block, where some threads hold no token.
     rng = np.random.default_rng(5)
-    logits = (rng.standard_normal((8, V)) * 3).astype(np.float32)
-    logits[1, -7:] = 50.0  # the short chunk holds the 7 best, tied
-    logits[2, 2040:2060] = 9.0  # 20 tied best across the first chunk boundary
-    logits[3] = 0.0  # all tied: the lowest ids win
-    logits[4, [100, 3000]] = 60.0  # greedy: the same best in two chunks, the lower id wins
-    logits[4, rng.random(V) < 0.2] = np.nan
-    logits[5, : V - 7] = -np.inf  # only the short chunk is finite
-    params = [(1.0, 100, 0.0), (0.8, 100, 0.9), (1.0, 30, 0.0), (1.0, 128, 0.5), (0.0, 0, 0.0), (1.0, 50, 0.0),
-              (0.7, 127, 0.0), (0.0, 40, 0.9)]
+    V = 8 * 1024 + 7
+    logits = (rng.standard_normal((7, V)) * 3).astype(np.float32)
+    logits[0, 5::1024] = 40.0 + np.arange(9)  # the 9 best all in thread 5
+    logits[1, np.add.outer(np.arange(0, 8 * 1024, 1024), np.arange(64)).ravel()] = 20.0  # 64 threads, 8 tied in each
+    logits[2, : V - 7] = -np.inf  # only the last 7 are finite
+    logits[3, rng.random(V) < 0.3] = np.nan
+    logits[4] = np.round(logits[4])  # ties across thread bests
+    logits[5, 1000:1100] = 9.0  # tied best across threads 1000-1023 and 0-75
+    params = [(1.0, 8, 0.0), (1.0, 100, 0.0), (0.8, 40, 0.9), (1.0, 30, 0.0), (1.0, 1000, 0.0), (0.7, 99, 0.5),
+              (1.0, 1024, 0.0)]
     _check_draws(cuda_module, logits, params, rng)
+    short = (rng.standard_normal((4, 700)) * 2).astype(np.float32)  # 700 tokens: threads 700-1023 hold none
+    _check_draws(cuda_module, short, [(1.0, 699, 0.0), (1.0, 500, 0.9), (0.9, 1, 0.0), (1.0, 40, 0.0)], rng)
 
 
 def test_sampler_frequencies_follow_the_distribution(cuda_module):

@@ -109,7 +109,6 @@ struct Workspace {
   float* part_ml = nullptr;
   W* lnf = nullptr;          // (R, C) final LayerNorm of the sampling rows
   float* logits = nullptr;   // (R, V)
-  uint64_t* sample_keys = nullptr;  // the sampler's scratch
   // io offsets: inputs [0, inputs_bytes), outputs [outputs_at, outputs_at + outputs_bytes)
   size_t tokens_at = 0, slots_at = 0, positions_at = 0, sample_at_at = 0, params_at = 0, inputs_bytes = 0;
   size_t drawn_at = 0, error_at = 0, outputs_at = 0, outputs_bytes = 0;
@@ -183,8 +182,7 @@ class CudaBackend final : public Backend {
                  fc = act.add<float>(int64_t(cap) * 4 * C_), gelu = act.add<W>(int64_t(cap) * 4 * C_),
                  part_o = act.add<float>(attention_part_o_floats(cap, NH_, HS_, ctx)),
                  part_ml = act.add<float>(attention_part_ml_floats(cap, NH_, ctx)),
-                 lnf = act.add<W>(int64_t(ws.sample_cap) * C_), logits = act.add<float>(int64_t(ws.sample_cap) * V_),
-                 sample_keys = act.add<uint64_t>(sampler_scratch_keys(ws.sample_cap, V_));
+                 lnf = act.add<W>(int64_t(ws.sample_cap) * C_), logits = act.add<float>(int64_t(ws.sample_cap) * V_);
 
     Layout io;
     ws.tokens_at = io.add<int32_t>(cap);
@@ -223,7 +221,6 @@ class CudaBackend final : public Backend {
     ws.part_ml = ws.act.template at<float>(part_ml);
     ws.lnf = ws.act.template at<W>(lnf);
     ws.logits = ws.act.template at<float>(logits);
-    ws.sample_keys = ws.act.template at<uint64_t>(sample_keys);
     ws.io = DeviceMemory(io.total);
     ws.host_io = PinnedMemory(io.total);
     CUDA_CHECK(cudaMemsetAsync(ws.io.template at<int>(ws.error_at), 0, sizeof(int), stream_.get()));
@@ -292,8 +289,8 @@ class CudaBackend final : public Backend {
       }
     }
     CUDA_CHECK(cudaEventRecord(sample_start_.get(), stream));
-    sample(ws.io.template at<int32_t>(ws.drawn_at), nullptr, ws.io.template at<int>(ws.error_at), ws.sample_keys,
-           ws.logits, ws.io.template at<RowSampling>(ws.params_at), R, V_, stream);
+    sample(ws.io.template at<int32_t>(ws.drawn_at), nullptr, ws.io.template at<int>(ws.error_at), ws.logits,
+           ws.io.template at<RowSampling>(ws.params_at), R, V_, stream);
     CUDA_CHECK(cudaEventRecord(sample_end_.get(), stream));
     CUDA_CHECK(cudaMemcpyAsync(ws.host_io.template at<void>(ws.outputs_at), ws.io.template at<void>(ws.outputs_at),
                                ws.outputs_bytes, cudaMemcpyDeviceToHost, stream));
@@ -465,7 +462,7 @@ class CudaBackend final : public Backend {
 // Runs the sampler over host logits: shared by the test hook and the timing hook.
 struct SamplerSetup {
   Stream stream = make_stream();
-  DeviceMemory logits, params, drawn, support, error, keys;
+  DeviceMemory logits, params, drawn, support, error;
   int B, V;
 
   SamplerSetup(const std::vector<float>& host_logits, int B_, int V_, const std::vector<SamplingParams>& p,
@@ -480,7 +477,6 @@ struct SamplerSetup {
     params = DeviceMemory(rows.size() * sizeof(RowSampling));
     drawn = DeviceMemory(size_t(B) * sizeof(int32_t));
     error = DeviceMemory(sizeof(int));
-    keys = DeviceMemory(size_t(sampler_scratch_keys(B, V)) * sizeof(uint64_t));
     if (want_support) support = DeviceMemory(size_t(B) * V);
     CUDA_CHECK(cudaMemcpyAsync(logits.at<void>(), host_logits.data(), host_logits.size() * sizeof(float),
                                cudaMemcpyHostToDevice, stream.get()));
@@ -490,7 +486,7 @@ struct SamplerSetup {
   }
 
   void launch(bool with_support) {
-    sample(drawn.at<int32_t>(), with_support ? support.at<uint8_t>() : nullptr, error.at<int>(), keys.at<uint64_t>(),
+    sample(drawn.at<int32_t>(), with_support ? support.at<uint8_t>() : nullptr, error.at<int>(),
            logits.at<float>(), params.at<RowSampling>(), B, V, stream.get());
   }
 

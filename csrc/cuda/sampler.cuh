@@ -13,18 +13,13 @@
 // inputs. The rounding this adds (below 2^-46 of the largest weight per token) moves a top-p or
 // draw boundary by less than the exp differences the spec already allows between backends.
 //
-// Greedy rows and top-k rows with k <= kChunkK (the usual case) split the row (the split road):
-// a first kernel gives each chunk of kChunkTokens logits a block of its own, which keeps the
-// chunk's k best keys (a radix select in shared memory); the row's k best are among those
-// chunks x k keys, so the row's block selects them from that short list and runs top-p and the
-// draw on the k alone. A row is read once, by many multiprocessors instead of one: at batch 1 a
-// single block's passes over 50,257 logits were most of the sampler's time.
-//
-// Top-k rows with a larger k (<= kCandidates) take a shorter road than the radix select: the
-// argmax pass also counts the logits per coarse bin (the top 12 bits of their order bits), which
-// bounds the k-th best from below; a second pass gathers every token of the bins at or above that
-// one into shared memory when they fit, and each thread ranks its token by counting. Rows whose
-// best bins hold too many tokens (ties, flat rows) and rows without top-k take the radix select.
+// Top-k rows with k <= kCandidates (the usual case) take a short road. The argmax pass leaves
+// each thread's own best key; the k-th best of those bounds the row's k-th best from below (k
+// distinct tokens are at or above it), so a second pass gathers every token at or above it into
+// shared memory (typically little more than k: the best tokens rarely share a thread) and each
+// thread ranks one gathered token by counting. Only the k best go on to top-p and the draw, and
+// neither pass over the row histograms anything. Rows whose bound gathers too many tokens (a
+// large k) and rows without top-k take the radix select over the row.
 #pragma once
 
 #include <cstdint>
@@ -37,12 +32,7 @@ namespace gpt2s::cuda {
 
 constexpr int kSampleThreads = 1024;  // sample_kernel: one block per row
 constexpr int kCandidates = kSampleThreads;  // a top-k row's gathered best tokens: one per thread
-constexpr int kCoarseShift = 20;             // coarse bin of a logit: the top 12 of its 32 order bits
-constexpr int kCoarseBins = 1 << (32 - kCoarseShift);
-constexpr int kHistogramGroups = 4;          // bins per warp counted with one atomic each (warp_count)
-constexpr int kChunkThreads = 256;           // split road: one block per chunk of a row
-constexpr int kChunkTokens = 2048;           // logits per chunk (25 chunks for GPT-2's vocabulary)
-constexpr int kChunkK = 128;                 // the largest top-k on the split road
+constexpr int kHistogramGroups = 4;          // block_select: bins per warp added with one atomic each
 
 // One row's sampling parameters as the host uploads them (already validated and clamped).
 struct RowSampling {
@@ -61,10 +51,6 @@ inline int sampler_frac_bits(int V) {
   return 62 - bits;
 }
 
-// The split road's scratch: kChunkK keys for each chunk of each row.
-__host__ __device__ inline int sampler_chunks(int V) { return (V + kChunkTokens - 1) / kChunkTokens; }
-inline int64_t sampler_scratch_keys(int B, int V) { return int64_t(B) * sampler_chunks(V) * kChunkK; }
-
 struct SelectShared {  // block_select's
   unsigned int count[256];
   unsigned long long mass[256];
@@ -77,12 +63,11 @@ struct SampleShared {
   SelectShared select;
   unsigned long long warp_total[kSampleThreads / 32];
   int result;
-  unsigned int coarse[kCoarseBins];            // top-k rows: logits per coarse bin
+  unsigned long long thread_best[kSampleThreads];  // short road: each thread's best rank key
   unsigned long long cand_key[kCandidates];    // the gathered tokens' rank keys
   unsigned long long kept_key[kCandidates];    // the top-k among them
   unsigned long long kept_weight[kCandidates]; // and their weights (0 once top-p drops them)
   unsigned int n_cand, n_kept;
-  int coarse_bin;                              // lowest gathered bin, -1: too many to gather
 };
 
 // Step 0 of the spec (NaN counts as -inf), and -0 made +0 so equal logits get equal keys.
@@ -104,23 +89,6 @@ __device__ __forceinline__ uint64_t rank_key(float x, int id) { return rank_key_
 
 __device__ __forceinline__ int key_id(uint64_t key) { return int(0xFFFFFFFFu - uint32_t(key)); }
 
-// count[bin] += 1 for every lane with `in`. 32 lanes adding to one shared counter are serialised,
-// and most of a row's logits share a few bins: the lanes of the warp's (at most kHistogramGroups)
-// most common bins add with one atomic per bin, only the stragglers one by one. Every lane of the
-// warp must call it.
-__device__ __forceinline__ void warp_count(unsigned int* count, bool in, int bin) {
-  const int lane = threadIdx.x & 31;
-  unsigned pending = __ballot_sync(kFullWarp, in);
-  for (int g = 0; pending && g < kHistogramGroups; ++g) {
-    const int leader = __ffs(pending) - 1;
-    const int shared_bin = __shfl_sync(kFullWarp, bin, leader);
-    const unsigned group = __ballot_sync(kFullWarp, in && bin == shared_bin);
-    if (lane == leader) atomicAdd(&count[shared_bin], unsigned(__popc(group)));
-    pending &= ~group;
-  }
-  if (pending & (1u << lane)) atomicAdd(&count[bin], 1u);
-}
-
 // The largest tau with  sum of weight(i) over {i included, key(i) >= tau}  >= need, for
 // 1 <= need <= the included total. key_weight(i, key, weight) returns whether i is included.
 // Radix select from the top byte: histogram the next byte of the included keys that share the
@@ -141,8 +109,9 @@ __device__ uint64_t block_select(int V, uint64_t need, const KeyWeight& key_weig
     const uint64_t fixed_mask = shift == 56 ? 0 : (~0ull << (shift + 8));
     // Every warp runs the same iterations (i0 is block-uniform), so the warp-wide votes below see
     // all 32 lanes. The first bytes of the keys are shared by most of the vocabulary (they hold the
-    // logits' sign and exponent): as in warp_count, the lanes of a warp's most common bins add
-    // their counts and masses with one atomic per bin.
+    // logits' sign and exponent): 32 lanes adding to one shared counter are serialised, so the
+    // lanes of a warp's (at most kHistogramGroups) most common bins add their counts and masses
+    // with one atomic per bin, only the stragglers one by one.
     for (int i0 = 0; i0 < V; i0 += nt) {
       const int i = i0 + tid;
       uint64_t key = 0, weight = 0;
@@ -207,74 +176,11 @@ __device__ uint64_t block_select(int V, uint64_t need, const KeyWeight& key_weig
   return prefix;
 }
 
-// The k of a row on the split road (greedy: the best 1), 0 for a row that takes another.
-__device__ __forceinline__ int split_road_k(const RowSampling& P, int V) {
-  if (P.temperature == 0.f) return 1;
-  return P.top_k > 0 && P.top_k < V && P.top_k <= kChunkK ? P.top_k : 0;
-}
-
-struct ChunkShared {
-  SelectShared select;
-  uint32_t bits[kChunkTokens];  // order bits of the chunk's logits
-  unsigned int n_kept;
-};
-
-// The split road's first half, block (c, b) for chunk c of row b: keys (B, chunks, kChunkK) gets
-// the chunk's k best rank keys in any order, then zeros (below every token's key) up to k when
-// the chunk is shorter than k.
-__global__ void __launch_bounds__(kChunkThreads)
-sample_chunks_kernel(uint64_t* __restrict__ keys, int* __restrict__ error_flag, const float* __restrict__ logits,
-                     const RowSampling* __restrict__ params, int V) {
-  __shared__ ChunkShared sh;
-  const int tid = threadIdx.x, nt = blockDim.x;
-  const int64_t b = blockIdx.y;
-  const int k = split_road_k(params[b], V);
-  if (k == 0) return;  // the whole block: the row takes another road
-  const int begin = int(blockIdx.x) * kChunkTokens, n = min(kChunkTokens, V - begin);
-  const float* chunk = logits + b * V + begin;
-  uint64_t* out = keys + (b * gridDim.x + blockIdx.x) * kChunkK;
-  if (n <= k) {
-    for (int j = tid; j < k; j += nt) out[j] = j < n ? rank_key(clean_logit(chunk[j]), begin + j) : 0;
-    return;
-  }
-  // All of a thread's loads are issued before the first is used: one wait on memory, not eight.
-  constexpr int kPerThread = kChunkTokens / kChunkThreads;
-  float xs[kPerThread];
-#pragma unroll
-  for (int u = 0; u < kPerThread; ++u) xs[u] = u * kChunkThreads + tid < n ? chunk[u * kChunkThreads + tid] : 0.f;
-#pragma unroll
-  for (int u = 0; u < kPerThread; ++u) {
-    if (u * kChunkThreads + tid < n) sh.bits[u * kChunkThreads + tid] = order_bits(clean_logit(xs[u]));
-  }
-  if (tid == 0) sh.n_kept = 0;
-  __syncthreads();
-  const uint64_t tau = block_select(
-      n, uint64_t(k),
-      [&](int j, uint64_t& key, uint64_t& weight) {
-        key = rank_key_of_bits(sh.bits[j], begin + j);
-        weight = 1;
-        return true;
-      },
-      sh.select, error_flag);
-  for (int j = tid; j < n; j += nt) {
-    const uint64_t key = rank_key_of_bits(sh.bits[j], begin + j);
-    if (key < tau) continue;
-    const unsigned slot = atomicAdd(&sh.n_kept, 1u);
-    if (slot < unsigned(k)) {
-      out[slot] = key;
-    } else {
-      atomicExch(error_flag, 1);  // keys are distinct: exactly k pass tau
-    }
-  }
-}
-
 // out (B) int32 ids; support (B, V) uint8 or null: the kept set (spec's support()), for tests.
-// logits (B, V) fp32; params (B); keys: what sample_chunks_kernel left for the split road's rows.
-// error_flag is set (never cleared) if an invariant breaks.
+// logits (B, V) fp32; params (B). error_flag is set (never cleared) if an invariant breaks.
 __global__ void __launch_bounds__(kSampleThreads)
 sample_kernel(int32_t* __restrict__ out, uint8_t* __restrict__ support, int* __restrict__ error_flag,
-              const uint64_t* __restrict__ keys, const float* __restrict__ logits,
-              const RowSampling* __restrict__ params, int V, int frac_bits) {
+              const float* __restrict__ logits, const RowSampling* __restrict__ params, int V, int frac_bits) {
   __shared__ SampleShared sh;
   const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5, n_warps = nt >> 5;
   const int64_t b = blockIdx.x;
@@ -282,27 +188,15 @@ sample_kernel(int32_t* __restrict__ out, uint8_t* __restrict__ support, int* __r
   const RowSampling P = params[b];
 
   const float T = P.temperature;
-  // The roads (see the top of this file): the split road's candidates are the chunks' k best,
-  // slot s of the row's chunks x k; the short road needs top-k with k small enough to gather.
-  const int split_k = split_road_k(P, V);
-  const int split_slots = split_k > 0 ? sampler_chunks(V) * split_k : 0;
-  const uint64_t* row_keys = keys + b * sampler_chunks(V) * kChunkK;
-  auto split_key = [&](int s) -> uint64_t { return row_keys[(s / split_k) * kChunkK + s % split_k]; };
-  const bool short_road = split_k == 0 && T > 0.f && P.top_k > 0 && P.top_k < V && P.top_k <= kCandidates;
+  // The short road (see the top of this file) needs top-k with k small enough to gather.
+  const bool short_road = T > 0.f && P.top_k > 0 && P.top_k < V && P.top_k <= kCandidates;
   if (tid == 0) sh.n_cand = sh.n_kept = 0;
-  if (short_road) {
-    for (int d = tid; d < kCoarseBins; d += nt) sh.coarse[d] = 0;
-    __syncthreads();
-  }
 
-  // Step 1: the argmax, lowest id among equal logits (also the fallback of step 4): the best rank
-  // key. The split road finds it among its candidates; the short road counts the coarse bins in
-  // the same pass over the row. i0 is block-uniform: warp_count sees every lane.
-  // At batch 1 this block is alone with the row: kUnroll loads per thread are issued together, so
-  // the pass waits on memory V / (kUnroll * nt) times instead of V / nt.
-  // visit(i, x) for every i of the row (x = -inf past V), block-uniformly.
+  // visit(i, x) for every i of the row (x = -inf past V), block-uniformly. At batch 1 this block
+  // is alone with the row: kUnroll loads per thread are issued together, so a pass waits on
+  // memory V / (kUnroll * nt) times instead of V / nt.
   auto each_logit = [&](const auto& visit) {
-    constexpr int kUnroll = 4;
+    constexpr int kUnroll = 8;
     for (int i0 = 0; i0 < V; i0 += kUnroll * nt) {
       float xs[kUnroll];
       for (int u = 0; u < kUnroll; ++u) {
@@ -312,16 +206,14 @@ sample_kernel(int32_t* __restrict__ out, uint8_t* __restrict__ support, int* __r
       for (int u = 0; u < kUnroll; ++u) visit(i0 + u * nt + tid, xs[u]);
     }
   };
+  // Step 1: the argmax, lowest id among equal logits (also the fallback of step 4): the best rank
+  // key. The short road keeps each thread's own best too.
   unsigned long long top = 0;  // below every token's key
   auto better = [](unsigned long long a, unsigned long long c) { return a > c ? a : c; };
-  if (split_k > 0) {
-    for (int s = tid; s < split_slots; s += nt) top = better(top, split_key(s));
-  } else {
-    each_logit([&](int i, float x) {
-      if (i < V) top = better(top, rank_key(x, i));
-      if (short_road) warp_count(sh.coarse, i < V, int(order_bits(x) >> kCoarseShift));
-    });
-  }
+  each_logit([&](int i, float x) {
+    if (i < V) top = better(top, rank_key(x, i));
+  });
+  if (short_road) sh.thread_best[tid] = top;  // read after block_reduce's barriers
   top = block_reduce(top, sh.warp_total, better);
   const int best_id = key_id(top);
   const float best_x = clean_logit(row[best_id]);
@@ -347,77 +239,46 @@ sample_kernel(int32_t* __restrict__ out, uint8_t* __restrict__ support, int* __r
     return (hi << 11) | (lo >> 53);
   };
 
-  // Step 3 on a short list: the split road's candidates, or the short road's gathered best bins.
-  // Both leave exactly the k best tokens in kept_key / kept_weight (any order), or no list.
+  // Step 3 on the short road: leaves exactly the k best tokens in kept_key / kept_weight (any
+  // order), or no list when the bound gathers more than kCandidates tokens.
   bool listed = false;
-  auto keep = [&](uint64_t key) {
-    const unsigned slot = atomicAdd(&sh.n_kept, 1u);
-    if (slot >= unsigned(kCandidates)) {  // more than k passed: a broken invariant (keys are distinct)
-      atomicExch(error_flag, 1);
-      return;
-    }
-    sh.kept_key[slot] = key;
-    sh.kept_weight[slot] = weight_of(clean_logit(row[key_id(key)]));
-  };
-  if (split_k > 0) {
-    // The row's k best among the chunks' (padding zeros are no token).
-    const uint64_t tau = block_select(
-        split_slots, uint64_t(split_k),
-        [&](int s, uint64_t& key, uint64_t& weight) {
-          key = split_key(s);
+  if (short_road) {
+    // The bound: the k-th best of the threads' own bests (threads past V hold none). block_select
+    // may leave its low bytes zero, which only lowers it.
+    const uint64_t bound = block_select(
+        nt, uint64_t(P.top_k),
+        [&](int t, uint64_t& key, uint64_t& weight) {
+          key = sh.thread_best[t];
           weight = 1;
           return key != 0;
         },
         sh.select, error_flag);
-    for (int s = tid; s < split_slots; s += nt) {
-      const uint64_t key = split_key(s);
-      if (key != 0 && key >= tau) keep(key);
-    }
-    __syncthreads();
-    listed = true;
-  }
-  if (short_road) {
-    // The lowest coarse bin whose count, with all bins above it, reaches k: warp 0, lane L holding
-    // the L-th run of kCoarseBins / 32 bins from the top (best first), scanned like block_select's digits.
-    if (warp == 0) {
-      constexpr int kPerLane = kCoarseBins / 32;
-      unsigned lane_count = 0;
-      for (int j = 0; j < kPerLane; ++j) lane_count += sh.coarse[kCoarseBins - 1 - kPerLane * lane - j];
-      unsigned incl = lane_count;
-      for (int offset = 1; offset < 32; offset <<= 1) {
-        const unsigned t = __shfl_up_sync(kFullWarp, incl, offset);
-        if (lane >= offset) incl += t;
+    // Gather every token at or above it; only the count goes on past kCandidates.
+    each_logit([&](int i, float x) {
+      if (i < V && rank_key(x, i) >= bound) {
+        const unsigned slot = atomicAdd(&sh.n_cand, 1u);
+        if (slot < unsigned(kCandidates)) sh.cand_key[slot] = rank_key(x, i);
       }
-      const unsigned hit = __ballot_sync(kFullWarp, incl >= unsigned(P.top_k));  // never 0: V >= k
-      if (lane == __ffs(hit) - 1) {
-        unsigned acc = incl - lane_count;
-        for (int j = 0; j < kPerLane; ++j) {
-          const int bin = kCoarseBins - 1 - kPerLane * lane - j;
-          acc += sh.coarse[bin];
-          if (acc >= unsigned(P.top_k)) {
-            sh.coarse_bin = acc <= unsigned(kCandidates) ? bin : -1;
-            break;
-          }
-        }
-      }
-    }
+    });
     __syncthreads();
-    if (sh.coarse_bin >= 0) {
-      const int lowest = sh.coarse_bin;
-      // Gather: exactly the tokens counted up to `lowest` (<= kCandidates), in any order.
-      each_logit([&](int i, float x) {
-        if (i < V && int(order_bits(x) >> kCoarseShift) >= lowest) sh.cand_key[atomicAdd(&sh.n_cand, 1u)] = rank_key(x, i);
-      });
-      __syncthreads();
-      // Step 3: candidate t (thread t) is kept if fewer than k candidates rank above it (every
-      // token not gathered ranks below them all). The k kept move to a list of their own, so the
-      // later steps loop over k tokens, not over every candidate.
-      const int n = int(sh.n_cand);
+    const int n = int(sh.n_cand);
+    if (n <= kCandidates) {
+      // Candidate t (thread t) is kept if fewer than k candidates rank above it (every token not
+      // gathered ranks below them all); the k kept move to a list of their own, so the later
+      // steps loop over k tokens, not over every candidate.
       if (tid < n) {
         const uint64_t key = sh.cand_key[tid];
         int above = 0;
         for (int j = 0; j < n; ++j) above += sh.cand_key[j] > key;
-        if (above < P.top_k) keep(key);
+        if (above < P.top_k) {
+          const unsigned slot = atomicAdd(&sh.n_kept, 1u);
+          if (slot < unsigned(kCandidates)) {
+            sh.kept_key[slot] = key;
+            sh.kept_weight[slot] = weight_of(clean_logit(row[key_id(key)]));
+          } else {
+            atomicExch(error_flag, 1);  // more than k kept: a broken invariant (keys are distinct)
+          }
+        }
       }
       __syncthreads();
       listed = true;
@@ -555,13 +416,10 @@ sample_kernel(int32_t* __restrict__ out, uint8_t* __restrict__ support, int* __r
 }
 
 // Draws one token for each of the B rows. error_flag: one device int, set to 1 on an internal error.
-// keys: sampler_scratch_keys(B, V) of device scratch.
-inline void sample(int32_t* out, uint8_t* support, int* error_flag, uint64_t* keys, const float* logits,
-                   const RowSampling* params, int B, int V, cudaStream_t stream) {
+inline void sample(int32_t* out, uint8_t* support, int* error_flag, const float* logits, const RowSampling* params,
+                   int B, int V, cudaStream_t stream) {
   if (B == 0) return;
-  launch("sample_chunks", sample_chunks_kernel, dim3(sampler_chunks(V), B), kChunkThreads, stream, keys, error_flag,
-         logits, params, V);
-  launch("sample", sample_kernel, B, kSampleThreads, stream, out, support, error_flag, keys, logits, params, V,
+  launch("sample", sample_kernel, B, kSampleThreads, stream, out, support, error_flag, logits, params, V,
          sampler_frac_bits(V));
 }
 
