@@ -6,7 +6,7 @@
 # results. Logs and JSON go to $OUT (default bench/results/gpu).
 #
 #     bash bench/gpu_check.sh                      # all steps
-#     bash bench/gpu_check.sh build tests generate # some of: build tests cli generate finetune profile
+#     bash bench/gpu_check.sh build tests generate # some of: build tests cli generate finetune profile sampler
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -52,6 +52,14 @@ fi
 if want profile; then  # GPU time per kernel of decode steps (Nsight Compute), for the next optimisation
   step profile 150 $PY bench/profile_cuda.py --batch 1 64
   cat "$OUT/profile.log"
+fi
+if want sampler; then  # the sampler's time phase by phase (bench/sampler_phases.cu; needs no build step)
+  CUBLAS_INCLUDE=$(dirname "$( (ls /usr/local/cuda*/include/cublas_v2.h
+    $PY -c 'import glob, nvidia; [print(p) for d in nvidia.__path__ for p in glob.glob(d + "/*/include/cublas_v2.h")]') 2>/dev/null | head -1)")
+  mkdir -p build
+  step sampler 120 bash -c "$NVCC -std=c++17 -O3 -arch=sm_$ARCH -DGPT2S_SAMPLER_TRACE -Icsrc/cuda -I$CUBLAS_INCLUDE \
+    bench/sampler_phases.cu -o build/sampler_phases && build/sampler_phases"
+  cat "$OUT/sampler.log"
 fi
 if want finetune; then
   step bench_finetune 180 $PY bench/finetune_gpu.py --reps 1 --steps 20 --warmup-steps 8 --out "$OUT/finetune_gpu.json"

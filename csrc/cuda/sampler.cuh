@@ -33,6 +33,22 @@ namespace gpt2s::cuda {
 constexpr int kSampleThreads = 1024;  // sample_kernel: one block per row
 constexpr int kCandidates = kSampleThreads;  // a top-k row's gathered best tokens: one per thread
 constexpr int kHistogramGroups = 4;          // block_select: bins per warp added with one atomic each
+constexpr int kRound = 8;                    // logits a thread loads at once in a pass over the row
+
+// Where a block's time goes (bench/sampler_phases.cu builds with GPT2S_SAMPLER_TRACE): thread 0
+// of block 0 notes its SM clock and the global nanosecond timer at each mark.
+#ifdef GPT2S_SAMPLER_TRACE
+__device__ unsigned long long sampler_trace[2][16];
+__device__ __forceinline__ void sampler_mark(int n) {
+  if (blockIdx.x != 0 || threadIdx.x != 0) return;
+  unsigned long long ns;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns));
+  sampler_trace[0][n] = clock64();
+  sampler_trace[1][n] = ns;
+}
+#else
+__device__ __forceinline__ void sampler_mark(int) {}
+#endif
 
 // One row's sampling parameters as the host uploads them (already validated and clamped).
 struct RowSampling {
@@ -68,17 +84,16 @@ struct SampleShared {
   unsigned long long kept_key[kCandidates];    // the top-k among them
   unsigned long long kept_weight[kCandidates]; // and their weights (0 once top-p drops them)
   unsigned int n_cand, n_kept;
+  int rescan;                                  // short road: gather from the row, not the threads' best three
 };
 
-// Step 0 of the spec (NaN counts as -inf), and -0 made +0 so equal logits get equal keys.
-__device__ __forceinline__ float clean_logit(float x) {
-  if (isnan(x)) return -INFINITY;
-  return x == 0.f ? 0.f : x;
-}
+// Step 0 of the spec (NaN counts as -inf), and -0 made +0 so equal logits get equal keys (adding
+// +0 changes nothing else).
+__device__ __forceinline__ float clean_logit(float x) { return isnan(x) ? -INFINITY : x + 0.f; }
 
-__device__ __forceinline__ uint32_t order_bits(float x) {  // monotone in x
+__device__ __forceinline__ uint32_t order_bits(float x) {  // monotone in x: negatives flipped whole
   const uint32_t bits = __float_as_uint(x);
-  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+  return bits ^ (uint32_t(int32_t(bits) >> 31) | 0x80000000u);
 }
 
 __device__ __forceinline__ uint64_t rank_key_of_bits(uint32_t bits, int id) {
@@ -95,7 +110,9 @@ __device__ __forceinline__ int key_id(uint64_t key) { return int(0xFFFFFFFFu - u
 // bytes fixed so far, take the first bin (best first) where the running mass reaches need. Once
 // that bin holds a single token, the bytes fixed so far (low bytes zero) select the same set of
 // included tokens (tokens left out by key_weight may also pass that lower bound).
-template <class KeyWeight>
+// kCount: every included token weighs 1 (the k best), so the counts are the masses and the 64-bit
+// sums are skipped.
+template <bool kCount, class KeyWeight>
 __device__ uint64_t block_select(int V, uint64_t need, const KeyWeight& key_weight, SelectShared& sh,
                                  int* error_flag) {
   const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5;
@@ -103,7 +120,7 @@ __device__ uint64_t block_select(int V, uint64_t need, const KeyWeight& key_weig
   for (int shift = 56; shift >= 0; shift -= 8) {
     for (int d = tid; d < 256; d += nt) {
       sh.count[d] = 0;
-      sh.mass[d] = 0;
+      if (!kCount) sh.mass[d] = 0;
     }
     __syncthreads();
     const uint64_t fixed_mask = shift == 56 ? 0 : (~0ull << (shift + 8));
@@ -122,24 +139,25 @@ __device__ uint64_t block_select(int V, uint64_t need, const KeyWeight& key_weig
         const int leader = __ffs(pending) - 1;
         const int bin = __shfl_sync(kFullWarp, d, leader);
         const unsigned group = __ballot_sync(kFullWarp, in && d == bin);
-        const unsigned long long mass = warp_sum<unsigned long long>(in && d == bin ? weight : 0);
-        if (lane == leader) {
-          atomicAdd(&sh.count[bin], unsigned(__popc(group)));
-          if (mass) atomicAdd(&sh.mass[bin], mass);
+        if (lane == leader) atomicAdd(&sh.count[bin], unsigned(__popc(group)));
+        if (!kCount) {  // every lane takes part in the sum
+          const unsigned long long mass = warp_sum<unsigned long long>(in && d == bin ? weight : 0);
+          if (lane == leader && mass) atomicAdd(&sh.mass[bin], mass);
         }
         pending &= ~group;
       }
       if (pending & (1u << lane)) {
         atomicAdd(&sh.count[d], 1u);
-        if (weight) atomicAdd(&sh.mass[d], (unsigned long long)weight);
+        if (!kCount && weight) atomicAdd(&sh.mass[d], (unsigned long long)weight);
       }
     }
     __syncthreads();
     if (warp == 0) {
       // Lane L holds bins 255 - 8L down to 248 - 8L; an inclusive scan over lanes then orders all
       // 256 bins best first.
+      auto bin_mass = [&](int bin) -> unsigned long long { return kCount ? sh.count[bin] : sh.mass[bin]; };
       unsigned long long lane_mass = 0;
-      for (int j = 0; j < 8; ++j) lane_mass += sh.mass[255 - 8 * lane - j];
+      for (int j = 0; j < 8; ++j) lane_mass += bin_mass(255 - 8 * lane - j);
       unsigned long long incl = lane_mass;
       for (int offset = 1; offset < 32; offset <<= 1) {
         const unsigned long long t = __shfl_up_sync(kFullWarp, incl, offset);
@@ -152,13 +170,13 @@ __device__ uint64_t block_select(int V, uint64_t need, const KeyWeight& key_weig
         unsigned long long acc = incl - lane_mass;
         for (int j = 0; j < 8; ++j) {
           const int bin = 255 - 8 * lane - j;
-          if (acc + sh.mass[bin] >= need) {
+          if (acc + bin_mass(bin) >= need) {
             sh.sel_digit = bin;
             sh.sel_above = acc;
             sh.sel_count = sh.count[bin];
             break;
           }
-          acc += sh.mass[bin];
+          acc += bin_mass(bin);
         }
       }
     }
@@ -182,39 +200,66 @@ __global__ void __launch_bounds__(kSampleThreads)
 sample_kernel(int32_t* __restrict__ out, uint8_t* __restrict__ support, int* __restrict__ error_flag,
               const float* __restrict__ logits, const RowSampling* __restrict__ params, int V, int frac_bits) {
   __shared__ SampleShared sh;
-  const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5, n_warps = nt >> 5;
+  constexpr int nt = kSampleThreads, n_warps = nt / 32;  // as launched: constant offsets in the loads
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t b = blockIdx.x;
   const float* row = logits + b * V;
   const RowSampling P = params[b];
+  sampler_mark(0);
 
   const float T = P.temperature;
   // The short road (see the top of this file) needs top-k with k small enough to gather.
   const bool short_road = T > 0.f && P.top_k > 0 && P.top_k < V && P.top_k <= kCandidates;
-  if (tid == 0) sh.n_cand = sh.n_kept = 0;
+  if (tid == 0) sh.n_cand = sh.n_kept = sh.rescan = 0;
 
-  // visit(i, x) for every i of the row (x = -inf past V), block-uniformly. At batch 1 this block
-  // is alone with the row: kUnroll loads per thread are issued together, so a pass waits on
-  // memory V / (kUnroll * nt) times instead of V / nt.
-  auto each_logit = [&](const auto& visit) {
-    constexpr int kUnroll = 8;
-    for (int i0 = 0; i0 < V; i0 += kUnroll * nt) {
-      float xs[kUnroll];
-      for (int u = 0; u < kUnroll; ++u) {
-        const int i = i0 + u * nt + tid;
-        xs[u] = i < V ? clean_logit(row[i]) : -INFINITY;
-      }
-      for (int u = 0; u < kUnroll; ++u) visit(i0 + u * nt + tid, xs[u]);
+  // The row in rounds of kRound logits per thread (ids i0 + u * nt + tid), block-uniformly: a
+  // round's loads are issued together, so a pass waits on memory once per round, not once per
+  // logit. round(i0, bits) gets their order bits after step 0's cleaning, 0 past V (below every
+  // token's: -inf's are 0x007FFFFF).
+  auto each_round = [&](const auto& round) {
+    for (int i0 = 0; i0 < V; i0 += kRound * nt) {
+      const float* p = row + i0 + tid;
+      const int left = V - i0 - tid;  // logit u is in the row if u * nt < left
+      float xs[kRound];
+#pragma unroll
+      for (int u = 0; u < kRound; ++u) xs[u] = u * nt < left ? p[u * nt] : 0.f;
+      uint32_t bits[kRound];
+#pragma unroll
+      for (int u = 0; u < kRound; ++u) bits[u] = u * nt < left ? order_bits(clean_logit(xs[u])) : 0;
+      round(i0, bits);
     }
   };
   // Step 1: the argmax, lowest id among equal logits (also the fallback of step 4): the best rank
-  // key. The short road keeps each thread's own best too.
-  unsigned long long top = 0;  // below every token's key
-  auto better = [](unsigned long long a, unsigned long long c) { return a > c ? a : c; };
-  each_logit([&](int i, float x) {
-    if (i < V) top = better(top, rank_key(x, i));
+  // key. Each thread keeps its own three best tokens (for the short road): order bits and ids, 0
+  // bits for none. A thread visits its ids in ascending order, so strict comparisons keep the
+  // lower id among equal logits, as the rank keys do. Most rounds hold nothing better than the
+  // thread's third best: one comparison of the round's best settles them.
+  uint32_t bits0 = 0, bits1 = 0, bits2 = 0;
+  int id0 = 0, id1 = 0, id2 = 0;
+  each_round([&](int i0, const uint32_t (&bits)[kRound]) {
+    uint32_t most = bits[0];
+#pragma unroll
+    for (int u = 1; u < kRound; ++u) most = max(most, bits[u]);
+    if (most <= bits2) return;
+#pragma unroll
+    for (int u = 0; u < kRound; ++u) {
+      const uint32_t o = bits[u];
+      const int i = i0 + u * nt + tid;
+      if (o > bits0) {
+        bits2 = bits1, id2 = id1, bits1 = bits0, id1 = id0, bits0 = o, id0 = i;
+      } else if (o > bits1) {
+        bits2 = bits1, id2 = id1, bits1 = o, id1 = i;
+      } else if (o > bits2) {
+        bits2 = o, id2 = i;
+      }
+    }
   });
+  auto key_of = [](uint32_t bits, int id) -> unsigned long long { return bits ? rank_key_of_bits(bits, id) : 0; };
+  auto better = [](unsigned long long a, unsigned long long c) { return a > c ? a : c; };
+  unsigned long long top = key_of(bits0, id0);  // 0: below every token's key
   if (short_road) sh.thread_best[tid] = top;  // read after block_reduce's barriers
   top = block_reduce(top, sh.warp_total, better);
+  sampler_mark(1);
   const int best_id = key_id(top);
   const float best_x = clean_logit(row[best_id]);
 
@@ -227,9 +272,11 @@ sample_kernel(int32_t* __restrict__ out, uint8_t* __restrict__ support, int* __r
     return;
   }
 
-  // Step 4's weights exp(x / T - m) in float32, as fixed point (2^frac_bits = weight 1).
-  const double one = ldexp(1.0, frac_bits);
-  auto weight_of = [&](float x) -> uint64_t { return __double2ull_rn(double(expf(__fdiv_rn(x, T) - m)) * one); };
+  // Step 4's weights exp(x / T - m) in float32, as fixed point (2^frac_bits = weight 1). Scaling
+  // by a power of two is exact in float32, so one conversion rounds the exact product (three
+  // through double did the same, at a quarter of the rate).
+  const float one = ldexpf(1.f, frac_bits);
+  auto weight_of = [&](float x) -> uint64_t { return __float2ull_rn(expf(__fdiv_rn(x, T) - m) * one); };
   // Step 6's target floor(u * S) for the kept total S, with u = U / 2^53 exactly: the first token
   // (ascending ids) whose running sum exceeds u * S is the first whose integer running sum exceeds it.
   auto draw_target = [&](unsigned long long S) -> unsigned long long {
@@ -245,7 +292,7 @@ sample_kernel(int32_t* __restrict__ out, uint8_t* __restrict__ support, int* __r
   if (short_road) {
     // The bound: the k-th best of the threads' own bests (threads past V hold none). block_select
     // may leave its low bytes zero, which only lowers it.
-    const uint64_t bound = block_select(
+    const uint64_t bound = block_select<true>(
         nt, uint64_t(P.top_k),
         [&](int t, uint64_t& key, uint64_t& weight) {
           key = sh.thread_best[t];
@@ -253,14 +300,31 @@ sample_kernel(int32_t* __restrict__ out, uint8_t* __restrict__ support, int* __r
           return key != 0;
         },
         sh.select, error_flag);
-    // Gather every token at or above it; only the count goes on past kCandidates.
-    each_logit([&](int i, float x) {
-      if (i < V && rank_key(x, i) >= bound) {
-        const unsigned slot = atomicAdd(&sh.n_cand, 1u);
-        if (slot < unsigned(kCandidates)) sh.cand_key[slot] = rank_key(x, i);
-      }
-    });
+    sampler_mark(2);
+    // Gather every token at or above it; only the count goes on past kCandidates. A thread's
+    // tokens at or above it are its best two or fewer unless its third best is too: then (rarely,
+    // with the best tokens crowded into a few threads) the block reads the row again.
+    auto gather = [&](uint64_t key) {
+      if (key == 0 || key < bound) return;
+      const unsigned slot = atomicAdd(&sh.n_cand, 1u);
+      if (slot < unsigned(kCandidates)) sh.cand_key[slot] = key;
+    };
+    const uint64_t third = key_of(bits2, id2);
+    if (third != 0 && third >= bound) sh.rescan = 1;
     __syncthreads();
+    if (sh.rescan) {
+      each_round([&](int i0, const uint32_t (&bits)[kRound]) {
+#pragma unroll
+        for (int u = 0; u < kRound; ++u) {
+          if (bits[u]) gather(rank_key_of_bits(bits[u], i0 + u * nt + tid));
+        }
+      });
+    } else {
+      gather(sh.thread_best[tid]);
+      gather(key_of(bits1, id1));
+    }
+    __syncthreads();
+    sampler_mark(3);
     const int n = int(sh.n_cand);
     if (n <= kCandidates) {
       // Candidate t (thread t) is kept if fewer than k candidates rank above it (every token not
@@ -269,6 +333,7 @@ sample_kernel(int32_t* __restrict__ out, uint8_t* __restrict__ support, int* __r
       if (tid < n) {
         const uint64_t key = sh.cand_key[tid];
         int above = 0;
+#pragma unroll 4  // loads in flight together: this loop is the latency of a step
         for (int j = 0; j < n; ++j) above += sh.cand_key[j] > key;
         if (above < P.top_k) {
           const unsigned slot = atomicAdd(&sh.n_kept, 1u);
@@ -281,6 +346,7 @@ sample_kernel(int32_t* __restrict__ out, uint8_t* __restrict__ support, int* __r
         }
       }
       __syncthreads();
+      sampler_mark(4);
       listed = true;
     }
   }
@@ -298,6 +364,7 @@ sample_kernel(int32_t* __restrict__ out, uint8_t* __restrict__ support, int* __r
       unsigned long long need = (unsigned long long)ceil(P.top_p * double(total));
       need = need < 1 ? 1 : (need > total ? total : need);
       unsigned long long mass_above = 0;
+#pragma unroll 4
       for (int j = 0; j < k; ++j) mass_above += sh.kept_key[j] > key ? sh.kept_weight[j] : 0;
       kept = kept && mass_above < need;
       weight = kept ? weight : 0;
@@ -312,11 +379,14 @@ sample_kernel(int32_t* __restrict__ out, uint8_t* __restrict__ support, int* __r
     // Step 6 on the list: the running sum of the kept weights in ascending id order, and the
     // one token where it first exceeds the target (weight > 0, running sum before it <= target).
     if (tid == 0) sh.result = -1;
+    sampler_mark(5);
     const unsigned long long target = draw_target(block_sum((unsigned long long)weight, sh.warp_total));
     unsigned long long running = 0;
+#pragma unroll 4
     for (int j = 0; j < k; ++j) running += key_id(sh.kept_key[j]) <= id ? sh.kept_weight[j] : 0;
     if (weight > 0 && running > target && running - weight <= target) sh.result = id;
     __syncthreads();
+    sampler_mark(6);
     if (tid == 0) {
       if (sh.result < 0) atomicExch(error_flag, 1);  // a broken invariant: S > target always crosses
       out[b] = sh.result < 0 ? best_id : sh.result;
@@ -327,7 +397,7 @@ sample_kernel(int32_t* __restrict__ out, uint8_t* __restrict__ support, int* __r
   // Step 3, top-k: the k best keys.
   uint64_t tau = 0;  // kept: key >= tau (every key is >= 0)
   if (P.top_k > 0 && P.top_k < V) {
-    tau = block_select(
+    tau = block_select<true>(
         V, uint64_t(P.top_k),
         [&](int i, uint64_t& key, uint64_t& weight) {
           key = rank_key(clean_logit(row[i]), i);
@@ -337,6 +407,7 @@ sample_kernel(int32_t* __restrict__ out, uint8_t* __restrict__ support, int* __r
         sh.select, error_flag);
   }
 
+  sampler_mark(7);
   // Step 5, top-p: the shortest best-first prefix of the kept tokens whose mass reaches p * W.
   if (P.top_p > 0.0 && P.top_p < 1.0) {
     const uint64_t tau_k = tau;
@@ -348,7 +419,7 @@ sample_kernel(int32_t* __restrict__ out, uint8_t* __restrict__ support, int* __r
     const unsigned long long total = block_sum(local, sh.warp_total);
     unsigned long long need = (unsigned long long)ceil(P.top_p * double(total));
     need = need < 1 ? 1 : (need > total ? total : need);
-    const uint64_t tau_p = block_select(
+    const uint64_t tau_p = block_select<false>(
         V, need,
         [&](int i, uint64_t& key, uint64_t& weight) {
           const float x = clean_logit(row[i]);
@@ -367,22 +438,33 @@ sample_kernel(int32_t* __restrict__ out, uint8_t* __restrict__ support, int* __r
     for (int i = tid; i < V; i += nt) support[b * V + i] = rank_key(clean_logit(row[i]), i) >= tau;
   }
 
+  sampler_mark(8);
   // Step 6: inverse CDF in ascending id order. Warp w sums the weights of its tile of ids; the
   // tile holding the crossing is then walked 32 ids at a time with a warp scan.
-  auto kept_weight = [&](int i) -> uint64_t {
-    const float x = clean_logit(row[i]);
+  auto kept_weight = [&](float x, int i) -> uint64_t {
+    x = clean_logit(x);
     return rank_key(x, i) >= tau ? weight_of(x) : 0;
   };
   const int tile = ((V + n_warps - 1) / n_warps + 31) / 32 * 32;
   const int begin = min(warp * tile, V), end = min(begin + tile, V);
   unsigned long long local = 0;
-  for (int i = begin + lane; i < end; i += 32) local += kept_weight(i);
+  for (int i0 = begin + lane; i0 < end; i0 += 32 * kRound) {  // a round's loads issued together
+    const float* p = row + i0;
+    const int left = end - i0;
+    float xs[kRound];
+#pragma unroll
+    for (int u = 0; u < kRound; ++u) xs[u] = 32 * u < left ? p[32 * u] : 0.f;
+#pragma unroll
+    for (int u = 0; u < kRound; ++u) local += 32 * u < left ? kept_weight(xs[u], i0 + 32 * u) : 0;
+  }
   local = warp_sum(local);
   __syncthreads();  // warp_total may still be read by the top-p block_sum
   if (lane == 0) sh.warp_total[warp] = local;
   if (tid == 0) sh.result = -1;
   __syncthreads();
+  sampler_mark(9);
   unsigned long long S = 0;
+#pragma unroll 1  // rolled: 32 register pairs live at once would spill
   for (int w = 0; w < n_warps; ++w) S += sh.warp_total[w];
   const unsigned long long target = draw_target(S);
   int crossing = 0;
@@ -391,7 +473,7 @@ sample_kernel(int32_t* __restrict__ out, uint8_t* __restrict__ support, int* __r
   if (warp == crossing) {
     for (int c0 = begin; c0 < end; c0 += 32) {
       const int i = c0 + lane;
-      unsigned long long incl = i < end ? kept_weight(i) : 0;
+      unsigned long long incl = i < end ? kept_weight(row[i], i) : 0;
       for (int offset = 1; offset < 32; offset <<= 1) {
         const unsigned long long t = __shfl_up_sync(kFullWarp, incl, offset);
         if (lane >= offset) incl += t;
@@ -405,6 +487,7 @@ sample_kernel(int32_t* __restrict__ out, uint8_t* __restrict__ support, int* __r
     }
   }
   __syncthreads();
+  sampler_mark(10);
   if (tid == 0) {
     int id = sh.result;
     if (id < 0) {  // the running sums never passed target < S: a broken invariant

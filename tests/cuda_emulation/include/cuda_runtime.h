@@ -179,6 +179,7 @@ inline unsigned __float_as_uint(float x) {
   return u;
 }
 inline unsigned long long __double2ull_rn(double x) { return (unsigned long long)std::nearbyint(x); }
+inline unsigned long long __float2ull_rn(float x) { return (unsigned long long)std::nearbyint(x); }
 inline unsigned long long __umul64hi(unsigned long long a, unsigned long long b) {
   return (unsigned long long)(((unsigned __int128)a * b) >> 64);
 }
