@@ -19,7 +19,7 @@ from gpt_2_simple import cli
 from gpt_2_simple.benchmark import gpu, harness, report
 
 ROOT = Path(__file__).resolve().parents[1]
-H200_GENERATE = ROOT / "bench" / "results" / "generate_cuda-20261126-h200.json"
+H200_GENERATE = ROOT / "bench" / "results" / "generate_cuda-20261126-h200-sampler.json"
 H200_FINETUNE = ROOT / "bench" / "results" / "finetune_gpu-20261126-h200.json"
 
 
@@ -195,7 +195,10 @@ def test_gpu_records_carry_the_files_figures():
                 mine = {r["peer"]: r for r in records if r["case"] == f"generate, batch {g['batch']}"}
                 assert {p: r["median"] for p, r in mine.items()} == {p: s["median"] for p, s in g["tokens_per_s"].items()}
                 assert mine["engine"]["speedup"]["transformers"]["median"] == g["ratio_to_transformers_median_of_pairs"]
-            assert len([r for r in records if r["metric"] == "microseconds"]) == len(result["sampling"])
+                inside = [r for r in records if r["case"] == f"sampler in generate, batch {g['batch']}, top_k_{g['top_k']}"]
+                share, step_ms = g["engine_sample_share_of_decode"], g["engine_decode_ms_per_step"]["median"]
+                assert [r["median"] for r in inside] == [pytest.approx(share * step_ms * 1e3)]
+            assert len([r for r in records if r["metric"] == "microseconds"]) == len(result["sampling"]) + len(result["generation"])
         else:
             for m in result["models"]:
                 mine = {r["peer"]: r for r in records if r["config"]["model"] == m["model"]}
