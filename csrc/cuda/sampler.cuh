@@ -105,15 +105,19 @@ __device__ __forceinline__ uint64_t rank_key(float x, int id) { return rank_key_
 __device__ __forceinline__ int key_id(uint64_t key) { return int(0xFFFFFFFFu - uint32_t(key)); }
 
 // The largest tau with  sum of weight(i) over {i included, key(i) >= tau}  >= need, for
-// 1 <= need <= the included total. key_weight(i, key, weight) returns whether i is included.
+// 1 <= need <= the included total. key_of(i, key) returns whether i is included; weight_of(i) is
+// asked only for included tokens that share the bytes fixed so far (after the first pass, few).
 // Radix select from the top byte: histogram the next byte of the included keys that share the
 // bytes fixed so far, take the first bin (best first) where the running mass reaches need. Once
 // that bin holds a single token, the bytes fixed so far (low bytes zero) select the same set of
-// included tokens (tokens left out by key_weight may also pass that lower bound).
-// kCount: every included token weighs 1 (the k best), so the counts are the masses and the 64-bit
-// sums are skipped.
-template <bool kCount, class KeyWeight>
-__device__ uint64_t block_select(int V, uint64_t need, const KeyWeight& key_weight, SelectShared& sh,
+// included tokens (tokens left out by key_of may also pass that lower bound).
+// kCount: every included token weighs 1 (the k best: weight_of is UnitWeight), so the counts are
+// the masses and the 64-bit sums are skipped.
+struct UnitWeight {
+  __device__ uint64_t operator()(int) const { return 1; }
+};
+template <bool kCount, class Key, class Weight>
+__device__ uint64_t block_select(int V, uint64_t need, const Key& key_of, const Weight& weight_of, SelectShared& sh,
                                  int* error_flag) {
   const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5;
   uint64_t prefix = 0;
@@ -131,8 +135,9 @@ __device__ uint64_t block_select(int V, uint64_t need, const KeyWeight& key_weig
     // with one atomic per bin, only the stragglers one by one.
     for (int i0 = 0; i0 < V; i0 += nt) {
       const int i = i0 + tid;
-      uint64_t key = 0, weight = 0;
-      const bool in = i < V && key_weight(i, key, weight) && (key & fixed_mask) == prefix;
+      uint64_t key = 0;
+      const bool in = i < V && key_of(i, key) && (key & fixed_mask) == prefix;
+      const uint64_t weight = !kCount && in ? weight_of(i) : 0;
       const int d = int((key >> shift) & 255);
       unsigned pending = __ballot_sync(kFullWarp, in);
       for (int g = 0; pending && g < kHistogramGroups; ++g) {
@@ -294,12 +299,11 @@ sample_kernel(int32_t* __restrict__ out, uint8_t* __restrict__ support, int* __r
     // may leave its low bytes zero, which only lowers it.
     const uint64_t bound = block_select<true>(
         nt, uint64_t(P.top_k),
-        [&](int t, uint64_t& key, uint64_t& weight) {
+        [&](int t, uint64_t& key) {
           key = sh.thread_best[t];
-          weight = 1;
           return key != 0;
         },
-        sh.select, error_flag);
+        UnitWeight{}, sh.select, error_flag);
     sampler_mark(2);
     // Gather every token at or above it; only the count goes on past kCandidates. A thread's
     // tokens at or above it are its best two or fewer unless its third best is too: then (rarely,
@@ -399,12 +403,11 @@ sample_kernel(int32_t* __restrict__ out, uint8_t* __restrict__ support, int* __r
   if (P.top_k > 0 && P.top_k < V) {
     tau = block_select<true>(
         V, uint64_t(P.top_k),
-        [&](int i, uint64_t& key, uint64_t& weight) {
+        [&](int i, uint64_t& key) {
           key = rank_key(clean_logit(row[i]), i);
-          weight = 1;
           return true;
         },
-        sh.select, error_flag);
+        UnitWeight{}, sh.select, error_flag);
   }
 
   sampler_mark(7);
@@ -412,6 +415,7 @@ sample_kernel(int32_t* __restrict__ out, uint8_t* __restrict__ support, int* __r
   if (P.top_p > 0.0 && P.top_p < 1.0) {
     const uint64_t tau_k = tau;
     unsigned long long local = 0;
+#pragma unroll 8  // the loads of 8 iterations in flight together
     for (int i = tid; i < V; i += nt) {
       const float x = clean_logit(row[i]);
       if (rank_key(x, i) >= tau_k) local += weight_of(x);
@@ -421,14 +425,11 @@ sample_kernel(int32_t* __restrict__ out, uint8_t* __restrict__ support, int* __r
     need = need < 1 ? 1 : (need > total ? total : need);
     const uint64_t tau_p = block_select<false>(
         V, need,
-        [&](int i, uint64_t& key, uint64_t& weight) {
-          const float x = clean_logit(row[i]);
-          key = rank_key(x, i);
-          if (key < tau_k) return false;
-          weight = weight_of(x);
-          return true;
+        [&](int i, uint64_t& key) {
+          key = rank_key(clean_logit(row[i]), i);
+          return key >= tau_k;
         },
-        sh.select, error_flag);
+        [&](int i) { return weight_of(clean_logit(row[i])); }, sh.select, error_flag);
     // tau_p is exact only among the top-k survivors (block_select's early stop may leave lower
     // bytes zero, and a token top-k dropped can share the fixed bytes): keep both bounds.
     tau = tau_p > tau_k ? tau_p : tau_k;
