@@ -14,12 +14,13 @@
 // draw boundary by less than the exp differences the spec already allows between backends.
 //
 // Top-k rows with k <= kCandidates (the usual case) take a short road. The argmax pass leaves
-// each thread's own best key; the k-th best of those bounds the row's k-th best from below (k
-// distinct tokens are at or above it), so a second pass gathers every token at or above it into
-// shared memory (typically little more than k: the best tokens rarely share a thread) and each
-// thread ranks one gathered token by counting. Only the k best go on to top-p and the draw, and
-// neither pass over the row histograms anything. Rows whose bound gathers too many tokens (a
-// large k) and rows without top-k take the radix select over the row.
+// each thread's own three best tokens; the k-th best of the threads' bests bounds the row's k-th
+// best from below (k distinct tokens are at or above it). The tokens at or above the bound are
+// gathered into shared memory from the threads' best two (typically little more than k: the best
+// tokens rarely share a thread; only if some thread's third best passes too is the row read
+// again), and each thread ranks one gathered token by counting. Only the k best go on to top-p
+// and the draw. Rows whose bound gathers too many tokens (a large k) and rows without top-k take
+// the radix select over the row.
 #pragma once
 
 #include <cstdint>
@@ -84,7 +85,7 @@ struct SampleShared {
   unsigned long long kept_key[kCandidates];    // the top-k among them
   unsigned long long kept_weight[kCandidates]; // and their weights (0 once top-p drops them)
   unsigned int n_cand, n_kept;
-  int rescan;                                  // short road: gather from the row, not the threads' best three
+  int rescan;                                  // short road: gather from the row, not the threads' best two
 };
 
 // Step 0 of the spec (NaN counts as -inf), and -0 made +0 so equal logits get equal keys (adding
@@ -259,9 +260,9 @@ sample_kernel(int32_t* __restrict__ out, uint8_t* __restrict__ support, int* __r
       }
     }
   });
-  auto key_of = [](uint32_t bits, int id) -> unsigned long long { return bits ? rank_key_of_bits(bits, id) : 0; };
+  auto key_or_zero = [](uint32_t bits, int id) -> unsigned long long { return bits ? rank_key_of_bits(bits, id) : 0; };
   auto better = [](unsigned long long a, unsigned long long c) { return a > c ? a : c; };
-  unsigned long long top = key_of(bits0, id0);  // 0: below every token's key
+  unsigned long long top = key_or_zero(bits0, id0);  // 0: below every token's key
   if (short_road) sh.thread_best[tid] = top;  // read after block_reduce's barriers
   top = block_reduce(top, sh.warp_total, better);
   sampler_mark(1);
@@ -313,7 +314,7 @@ sample_kernel(int32_t* __restrict__ out, uint8_t* __restrict__ support, int* __r
       const unsigned slot = atomicAdd(&sh.n_cand, 1u);
       if (slot < unsigned(kCandidates)) sh.cand_key[slot] = key;
     };
-    const uint64_t third = key_of(bits2, id2);
+    const uint64_t third = key_or_zero(bits2, id2);
     if (third != 0 && third >= bound) sh.rescan = 1;
     __syncthreads();
     if (sh.rescan) {
@@ -325,7 +326,7 @@ sample_kernel(int32_t* __restrict__ out, uint8_t* __restrict__ support, int* __r
       });
     } else {
       gather(sh.thread_best[tid]);
-      gather(key_of(bits1, id1));
+      gather(key_or_zero(bits1, id1));
     }
     __syncthreads();
     sampler_mark(3);
