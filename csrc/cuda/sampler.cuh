@@ -325,7 +325,7 @@ sample_kernel(int32_t* __restrict__ out, uint8_t* __restrict__ support, int* __r
         }
       });
     } else {
-      gather(sh.thread_best[tid]);
+      gather(key_or_zero(bits0, id0));
       gather(key_or_zero(bits1, id1));
     }
     __syncthreads();

@@ -10,7 +10,8 @@ backward pass, which only scales them. The arithmetic is the plain form's. Peak 
 'small' step at batch 2 x 1024 on the CPU: 2.71 -> 1.60 GB (docs/finetune.md).
 
 Under autocast (bf16 on CUDA) the plain form is kept: there the GEMMs and the fused cross-entropy
-are what the GPU measurements were made with, and this module is checked on the CPU only.
+are what the GPU measurements were made with. Without autocast this module runs on CUDA too
+(tests/test_model.py checks it there against F.cross_entropy).
 """
 
 from __future__ import annotations
