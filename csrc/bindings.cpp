@@ -181,6 +181,7 @@ py::dict timings_dict(const gpt2s::Timings& t) {
   d["decode_steps"] = t.decode_steps;
   d["decode_seconds"] = t.decode_seconds;
   d["decode_sample_seconds"] = t.decode_sample_seconds;
+  d["screened_rows"] = t.screened_rows;
   d["total_seconds"] = t.total_seconds;
   d["slots"] = t.slots;
   d["ctx"] = t.ctx;
@@ -352,6 +353,54 @@ void bind_cpu_sampler(py::module_& m) {
       py::arg("sample_index"), py::arg("position"),
       "The engine's sampler on host logits (B, V), for tests: one draw per row (parameters: one value or one per row), "
       "with the kernels of this process's ISA (GPT2S_ISA).");
+  m.def(
+      "screen_probe",
+      [](const py::array& w, const py::array_t<float, py::array::c_style | py::array::forcecast>& x) {
+        // The screened head's parts on a matrix of one's own (docs/engine.md), for tests.
+        const gpt2s::Kernels& k = gpt2s::best_kernels();
+        if (k.screen == nullptr) throw py::value_error("this CPU's kernels have no screen (AVX512-VNNI and -BF16)");
+        const bool bf16 = py::dtype::of<uint16_t>().is(w.dtype());
+        if ((!bf16 && !py::dtype::of<float>().is(w.dtype())) || w.ndim() != 2 || !(w.flags() & py::array::c_style) ||
+            x.ndim() != 2 || x.shape(1) != w.shape(1)) {
+          throw py::value_error("screen_probe(w, x): w a C-contiguous (V, K) float32 or bf16-bits uint16 array, x (M, K)");
+        }
+        const int64_t V = w.shape(0), K = w.shape(1), M = x.shape(0), P = (V + k.panel - 1) / k.panel;
+        gpt2s::TensorView view{w.data(), bf16 ? gpt2s::DType::BF16 : gpt2s::DType::F32, V, K};
+        gpt2s::ThreadPool pool(1);
+        std::vector<uint8_t> packed(static_cast<size_t>(k.packed_bytes(V, K, view.dtype) + 64));
+        std::vector<uint8_t> panels(static_cast<size_t>(k.screen_bytes(V, K) + 64));
+        std::vector<float> arrays(static_cast<size_t>(4 * P * k.panel));
+        const float* a = arrays.data();
+        auto aligned = [](std::vector<uint8_t>& b) { return b.data() + (64 - reinterpret_cast<uintptr_t>(b.data()) % 64) % 64; };
+        gpt2s::ScreenMatrix s{aligned(panels), a, reinterpret_cast<const int32_t*>(a + P * k.panel), a + 2 * P * k.panel,
+                              a + 3 * P * k.panel, 0, V, K};
+        py::dict out;
+        out["ok"] = k.pack_screen(pool, view, s);
+        s.max_norm = *std::max_element(s.norm, s.norm + V);
+        k.pack(pool, view, aligned(packed));
+        const gpt2s::PackedMatrix head{aligned(packed), view.dtype, V, K};
+        py::array_t<float> full({M, V}), upper({M, V}), lower({M, P}), exact({M, V});
+        std::vector<uint8_t> xq(static_cast<size_t>(M * (K + 3))), row_ok(static_cast<size_t>(M));
+        std::vector<float> terms(static_cast<size_t>(M * 5));
+        std::vector<uint16_t> xb(static_cast<size_t>(2 * M * (K + 2)));
+        std::vector<int32_t> ids(static_cast<size_t>(V));
+        for (int64_t i = 0; i < V; ++i) ids[size_t(i)] = int32_t(i);
+        k.matmul(pool, x.data(), M, K, head, nullptr, full.mutable_data(), gpt2s::Epilogue::kStore, xb.data());
+        k.screen(pool, x.data(), M, K, bf16, s, xq.data(), terms.data(), upper.mutable_data(), lower.mutable_data(),
+                 reinterpret_cast<bool*>(row_ok.data()));
+        for (int64_t m = 0; m < M; ++m) k.exact_logits(x.data() + m * K, view, ids.data(), V, exact.mutable_data() + m * V, xb.data());
+        out["full"] = full;
+        out["upper"] = upper;
+        out["panel_lower"] = lower;
+        out["exact"] = exact;
+        out["row_ok"] = std::vector<bool>(row_ok.begin(), row_ok.end());
+        out["panel"] = k.panel;
+        return out;
+      },
+      py::arg("w"), py::arg("x"),
+      "For tests: the screened head on rows x (M, K) and a matrix w (V, K) (float32, or uint16 bf16 bits): 'full' (the "
+      "matmul's logits), 'exact' (exact_logits of every token), 'upper' (each logit's upper bound), 'panel_lower' (each "
+      "panel's best lower bound), 'row_ok', 'ok' (whether w can be screened) and 'panel' (outputs per panel).");
 }
 #else
 void bind_cuda(py::module_& m) {
@@ -478,6 +527,7 @@ PYBIND11_MODULE(GPT2S_MODULE_NAME, m) {
         d["avx512bw"] = f.avx512bw;
         d["avx512vl"] = f.avx512vl;
         d["avx512bf16"] = f.avx512bf16;
+        d["avx512vnni"] = f.avx512vnni;
         d["isa"] = gpt2s::best_isa();
         d["kernels"] = gpt2s::best_kernels().isa;
         return d;

@@ -39,6 +39,7 @@ struct StepOutput {
   std::vector<int32_t> drawn;  // (R) the drawn token of each sampling row
   std::vector<float> logits;   // (R, V) when want_logits
   double sample_seconds = 0;   // time spent drawing (for the timing summary)
+  int64_t screened_rows = 0;   // rows whose logits came through a screened head (cpu_backend.h)
 };
 
 class Backend {

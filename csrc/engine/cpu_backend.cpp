@@ -5,6 +5,9 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
+#include <functional>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <utility>
@@ -46,6 +49,26 @@ CpuBackend::CpuBackend(const ModelWeights& weights, int threads)
     total += (kernels_.packed_bytes(view->rows, view->cols, view->dtype) + 63) / 64 * 64;
   }
   packed_.resize(total);
+  // The screen first, while the file's wte is still in memory; its row-major pages then stay
+  // mapped (not released below) for the exact logits of the screened tokens.
+  const int64_t V = w_.wte.rows, C = w_.wte.cols, padded = (V + kernels_.panel - 1) / kernels_.panel * kernels_.panel;
+  // By default fp32 models only: there it saved 11-21% of a step, for bf16 models 4-6%, for
+  // 77 MB more of resident weights (docs/engine.md). GPT2S_SCREEN=1 asks for it, =0 turns it off.
+  const char* want = std::getenv("GPT2S_SCREEN");
+  const bool on = want != nullptr && want[0] != '\0' ? std::strcmp(want, "0") != 0 : w_.wte.dtype == DType::F32;
+  if (kernels_.screen != nullptr && on) {
+    screen_panels_.resize(kernels_.screen_bytes(V, C));
+    screen_arrays_.resize(4 * padded);
+    float* a = screen_arrays_.data();
+    ScreenMatrix s{screen_panels_.data(), a, reinterpret_cast<const int32_t*>(a + padded), a + 2 * padded, a + 3 * padded, 0, V, C};
+    if (kernels_.pack_screen(pool_, w_.wte, s)) {
+      s.max_norm = *std::max_element(s.norm, s.norm + V);
+      screen_ = s;
+    } else {
+      screen_panels_.resize(0);
+      screen_arrays_.resize(0);
+    }
+  }
   for (size_t i = 0; i < matrices.size(); ++i) {
     const TensorView& view = *matrices[i].first;
     uint8_t* out = packed_.data() + offsets[i];
@@ -58,7 +81,7 @@ CpuBackend::CpuBackend(const ModelWeights& weights, int threads)
       part.data = static_cast<const uint8_t*>(view.data) + r0 * row_bytes;
       part.rows = std::min(slice, view.rows - r0);
       kernels_.pack(pool_, part, out + kernels_.packed_bytes(r0, view.cols, view.dtype));
-      release_pages(part);
+      if (view.data != w_.wte.data || screen_.data == nullptr) release_pages(part);
     }
     *matrices[i].second = PackedMatrix{out, view.dtype, view.rows, view.cols};
   }
@@ -89,10 +112,21 @@ void CpuBackend::reserve(int32_t slots, int32_t ctx, int32_t max_step_tokens) {
   logits_.resize(int64_t(slots) * V);
   scores_.resize(int64_t(pool_.size()) * ctx);
   xb_.resize(w_.dtype == DType::BF16 ? 2 * N * (4 * C + 2) : 0);
+  if (screen_.data != nullptr) {
+    xq_.resize(int64_t(slots) * (C + 3));
+    screen_rows_.resize(int64_t(slots) * (5 + (V + kernels_.panel - 1) / kernels_.panel));
+    row_ok_.resize(size_t(slots));
+    screen_scratch_.resize(size_t(pool_.size()));
+    for (ScreenScratch& s : screen_scratch_) {
+      s.ids.resize(size_t(V));
+      s.values.resize(size_t(V));
+      s.xb.resize(size_t(C + 1));
+    }
+  }
   samplers_.resize(size_t(pool_.size()));
 }
 
-void CpuBackend::forward(const StepInput& in) {
+bool CpuBackend::forward(const StepInput& in) {
   const Config& c = w_.config;
   const int64_t C = c.n_embd, NH = c.n_head, HS = C / NH, N = int64_t(in.tokens.size());
   const int64_t R = int64_t(in.sample_at.size());
@@ -132,7 +166,65 @@ void CpuBackend::forward(const StepInput& in) {
   for (int64_t r = 0; r < R; ++r) std::memcpy(ln_.data() + r * C, x_.data() + in.sample_at[r] * C, size_t(C) * sizeof(float));
   k.layernorm(pool_, ln_.data(), R, C, static_cast<const float*>(w_.ln_f_w.data), static_cast<const float*>(w_.ln_f_b.data),
               xf_.data());
+  if (!in.want_logits && screened_head(in, R)) return true;
   k.matmul(pool_, xf_.data(), R, C, head_, nullptr, logits_.data(), Epilogue::kStore, xb());
+  return false;
+}
+
+namespace {
+
+// The tokens a row keeps, if the screen can find them: its top-k (temperature 0: the top one),
+// while k is small against the panels (each panel's best lower bound stands for one of the k). 0: no.
+int64_t screened_k(const SamplingParams& p, int64_t panels) {
+  if (p.temperature == 0.0f) return 1;
+  return p.top_k >= 1 && p.top_k <= 128 && 4 * int64_t(p.top_k) <= panels ? p.top_k : 0;
+}
+
+}  // namespace
+
+bool CpuBackend::screened_head(const StepInput& in, int64_t R) {
+  const int64_t V = w_.config.n_vocab, C = w_.config.n_embd, panels = (V + kernels_.panel - 1) / kernels_.panel;
+  if (screen_.data == nullptr) return false;
+  for (int64_t r = 0; r < R; ++r) {
+    if (screened_k(in.params[size_t(r)], panels) == 0) return false;
+  }
+  float* terms = screen_rows_.data();                   // (R, 5)
+  float* panel_lower = screen_rows_.data() + R * 5;     // (R, panels)
+  // The upper bounds go where the logits will: a row's candidates are read out before its logits are written.
+  kernels_.screen(pool_, xf_.data(), R, C, w_.dtype == DType::BF16, screen_, xq_.data(), terms, logits_.data(), panel_lower,
+                  reinterpret_cast<bool*>(row_ok_.data()));
+  struct ExactJob {
+    CpuBackend* self;
+    const StepInput* in;
+    const float* panel_lower;
+    int64_t panels;
+  } job{this, &in, panel_lower, panels};
+  pool_.run(R, [](void* p, int64_t r, int thread) {
+    ExactJob& j = *static_cast<ExactJob*>(p);
+    CpuBackend& b = *j.self;
+    const int64_t V = b.w_.config.n_vocab, C = b.w_.config.n_embd;
+    ScreenScratch& s = b.screen_scratch_[size_t(thread)];
+    float* row = b.logits_.data() + r * V;
+    int32_t* ids = s.ids.data();
+    int64_t n = 0;
+    if (b.row_ok_[size_t(r)]) {
+      // tau: the k-th best of the panels' best lower bounds. k distinct tokens have a logit at or
+      // above it, so the k-th best logit is too, and a token whose upper bound is below it is out.
+      float* best = s.values.data();
+      std::copy(j.panel_lower + r * j.panels, j.panel_lower + (r + 1) * j.panels, best);
+      const int64_t k = screened_k(j.in->params[size_t(r)], j.panels);
+      std::nth_element(best, best + (k - 1), best + j.panels, std::greater<float>());
+      const float below = std::nextafter(best[k - 1], -INFINITY);  // upper > below: upper >= tau
+      for (int64_t i = 0; (i += b.kernels_.first_above(row + i, V - i, below)) < V; ++i) ids[n++] = int32_t(i);
+    } else {
+      for (int64_t i = 0; i < V; ++i) ids[n++] = int32_t(i);  // an unbounded row: every logit, exactly
+    }
+    float* exact = s.values.data();
+    b.kernels_.exact_logits(b.xf_.data() + r * C, b.w_.wte, ids, n, exact, s.xb.data());
+    std::fill(row, row + V, -INFINITY);
+    for (int64_t i = 0; i < n; ++i) row[ids[i]] = exact[i];
+  }, &job);
+  return true;
 }
 
 void CpuBackend::step(const StepInput& in, StepOutput& out) {
@@ -151,7 +243,7 @@ void CpuBackend::step(const StepInput& in, StepOutput& out) {
   for (int64_t r = 0; r < R; ++r) {
     if (in.sample_at[r] < 0 || in.sample_at[r] >= N) throw std::logic_error("CpuBackend::step: bad sampling row");
   }
-  forward(in);
+  out.screened_rows = forward(in) ? R : 0;
 
   out.drawn.resize(size_t(R));
   if (in.want_logits) out.logits.assign(logits_.data(), logits_.data() + R * V);

@@ -62,7 +62,11 @@ class CpuBackend final : public Backend {
   int threads() const { return pool_.size(); }
 
  private:
-  void forward(const StepInput& in);  // leaves the logits of the sampling rows in logits_
+  // Leaves the logits of the sampling rows in logits_; true if they came through the screen.
+  bool forward(const StepInput& in);
+  // The head for the R rows of xf_ through the screen, if every row may take it: true when it
+  // did, leaving in logits_ the exact logits of each row's possible top-k and -inf elsewhere.
+  bool screened_head(const StepInput& in, int64_t R);
 
   const ModelWeights& w_;
   const Kernels& kernels_;
@@ -74,6 +78,12 @@ class CpuBackend final : public Backend {
   Buffer<uint8_t> packed_;
   std::vector<PackedLayer> layers_;
   PackedMatrix head_;  // wte, as the output head
+  // The screened head (kernels.h, ScreenMatrix; docs/engine.md): wte in int8 with its error
+  // terms, and the file's row-major wte kept mapped for the exact logits. Absent (screen_.data
+  // null) where the kernels lack it or wte has values it cannot bound.
+  Buffer<uint8_t> screen_panels_;
+  Buffer<float> screen_arrays_;  // scale, sum (as int32), err, norm: 4 x panel-padded V
+  ScreenMatrix screen_;
   int32_t slots_ = 0, ctx_ = 0, max_tokens_ = 0;
   // KV cache, per layer: (slots, NH, ctx, HS) keys and values, layers back to back, in the
   // weights' dtype (a bf16 model keeps bf16 keys and values: half the memory and reads).
@@ -89,6 +99,15 @@ class CpuBackend final : public Backend {
   Buffer<float> logits_;   // (R, V)
   Buffer<float> scores_;   // (threads, ctx) attention scratch
   Buffer<uint16_t> xb_;    // (2, N, 4C + 2) activations rounded to bf16 (bf16 weights only), two halves
+  Buffer<uint8_t> xq_;     // (R, C + 3) sampling rows quantized for the screen
+  Buffer<float> screen_rows_;  // (R, 5 + panels) per row: the screen's terms, each panel's best lower bound
+  std::vector<uint8_t> row_ok_;
+  struct ScreenScratch {  // one per thread: a row's candidate ids and exact logits (V each)
+    std::vector<int32_t> ids;
+    std::vector<float> values;
+    std::vector<uint16_t> xb;  // (C + 1) the row rounded to bf16
+  };
+  std::vector<ScreenScratch> screen_scratch_;
   std::vector<SamplerScratch> samplers_;  // one per thread
 };
 

@@ -18,12 +18,13 @@ CpuFeatures detect() {
   f.avx512bw = __builtin_cpu_supports("avx512bw");
   f.avx512vl = __builtin_cpu_supports("avx512vl");
   f.avx512bf16 = __builtin_cpu_supports("avx512bf16");
+  f.avx512vnni = __builtin_cpu_supports("avx512vnni");
 #endif
   // Lower the reported level on request (tests of the fallback paths, or a misbehaving CPU).
   const char* cap = std::getenv("GPT2S_ISA");
   if (cap != nullptr) {
     if (std::strcmp(cap, "avx512") == 0 || std::strcmp(cap, "avx2") == 0 || std::strcmp(cap, "scalar") == 0) {
-      f.avx512bf16 = false;  // "avx512": AVX-512 without BF16 (the emulated bf16 dot-product path)
+      f.avx512bf16 = f.avx512vnni = false;  // "avx512": AVX-512 without BF16 (the emulated bf16 dot-product path)
     }
     if (std::strcmp(cap, "avx2") == 0 || std::strcmp(cap, "scalar") == 0) {
       f.avx512f = f.avx512bw = f.avx512vl = false;

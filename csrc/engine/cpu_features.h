@@ -15,6 +15,7 @@ struct CpuFeatures {
   bool avx512bw = false;
   bool avx512vl = false;
   bool avx512bf16 = false;
+  bool avx512vnni = false;
 };
 
 // Detected once (thread-safe static); the environment variable GPT2S_ISA=scalar|avx2|avx512

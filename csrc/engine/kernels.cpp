@@ -17,7 +17,8 @@ namespace avx512bf16 { extern const Kernels table; }
 const Kernels& best_kernels() {
 #if defined(GPT2S_X86_KERNELS)
   const std::string isa = best_isa();
-  if (isa == "avx512") return cpu_features().avx512bf16 ? avx512bf16::table : avx512::table;
+  // Every CPU with AVX512-BF16 so far also has AVX512-VNNI (the screened head's int8 products).
+  if (isa == "avx512") return cpu_features().avx512bf16 && cpu_features().avx512vnni ? avx512bf16::table : avx512::table;
   if (isa == "avx2") return avx2::table;
 #endif
   return scalar::table;

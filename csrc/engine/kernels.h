@@ -29,6 +29,20 @@ struct PackedMatrix {
   int64_t cols = 0;  // K
 };
 
+// wte quantized to int8 for the screened head (kernels_impl.h): `data` holds screen_bytes(rows,
+// cols) bytes of packed panels; the per-output arrays hold panel-padded counts (a multiple of
+// Kernels::panel), zeros past `rows`.
+struct ScreenMatrix {
+  const void* data = nullptr;
+  const float* scale = nullptr;  // s_v: weight = s_v * q, q in [-127, 127]
+  const int32_t* sum = nullptr;  // sum of q over the inputs
+  const float* err = nullptr;    // || w_v - s_v q_v ||, rounded up
+  const float* norm = nullptr;   // || w_v ||, rounded up
+  float max_norm = 0;            // the largest norm
+  int64_t rows = 0;              // N
+  int64_t cols = 0;              // K
+};
+
 struct Kernels {
   const char* isa;  // "avx512bf16", "avx512", "avx2" or "scalar"
 
@@ -45,6 +59,21 @@ struct Kernels {
   // accumulation. Parallel over N.
   void (*matmul)(ThreadPool& pool, const float* x, int64_t M, int64_t K, const PackedMatrix& w, const float* bias,
                  float* y, Epilogue epilogue, uint16_t* xb);
+
+  // The screened head, or four nulls where the ISA lacks it (AVX512-VNNI and -BF16 only).
+  // screen_bytes: bytes of a ScreenMatrix's panels. pack_screen: fills s's panels and arrays from
+  // the stored (N, K) matrix w; false if w has a weight or a norm that is not finite (no screen).
+  int64_t (*screen_bytes)(int64_t N, int64_t K);
+  bool (*pack_screen)(ThreadPool& pool, const TensorView& w, const ScreenMatrix& s);
+  // For rows x (M, K), as matmul() would multiply them with weights of dtype bf16 (or fp32):
+  // upper (M, N) bounds every logit from above, panel_lower (M, panels) the best logit of each
+  // panel of `panel` outputs from below; row_ok[m] false where row m's bound is not finite (its
+  // other outputs are then meaningless). Scratch: xq (M * (K + 3)) bytes, terms (M * 5) floats.
+  void (*screen)(ThreadPool& pool, const float* x, int64_t M, int64_t K, bool bf16, const ScreenMatrix& s, uint8_t* xq,
+                 float* terms, float* upper, float* panel_lower, bool* row_ok);
+  // out[i] = the logit of token ids[i] for row x (K), bit for bit what matmul() computes with the
+  // packed w, from the stored row-major w. Scratch xb: K + 1.
+  void (*exact_logits)(const float* x, const TensorView& w, const int32_t* ids, int64_t n, float* out, uint16_t* xb);
 
   // y (M, C) = layernorm(x (M, C)) * g + b, eps 1e-5 (GPT-2's).
   void (*layernorm)(ThreadPool& pool, const float* x, int64_t M, int64_t C, const float* g, const float* b, float* y);

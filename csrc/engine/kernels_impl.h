@@ -228,13 +228,12 @@ struct MatmulJob {
   int64_t panels;    // per chunk
 };
 
-// Rows [m0, m1) of panel p, at most kGroupRows: slice after slice, row block after row block.
+// acc (m1 - m0, kPanel) = rows [m0, m1) (at most kGroupRows) of x (stride ldx, K inputs) times
+// panel p of the packed weights: slice after slice, row block after row block.
 template <class W>
-void group_of_panel(const MatmulJob& j, int64_t p, int64_t m0, int64_t m1) {
-  alignas(64) float acc[kGroupRows * kPanel];  // (rows, kPanel) partial sums between slices
-  const int64_t K = j.K;
-  const auto* x = static_cast<const typename W::T*>(j.x);
-  const auto* panel = static_cast<const typename W::T*>(j.w->data) + p * ((K + W::kStep - 1) / W::kStep * W::kStep) * kPanel;
+void panel_sums(const typename W::T* x, int64_t ldx, int64_t K, const void* packed, int64_t p, int64_t m0, int64_t m1,
+                float* acc) {
+  const auto* panel = static_cast<const typename W::T*>(packed) + p * ((K + W::kStep - 1) / W::kStep * W::kStep) * kPanel;
   for (int64_t k0 = 0; k0 < K; k0 += kSlice) {
     const int64_t n = min64(kSlice, K - k0);
     const typename W::T* ws = panel + k0 * kPanel;
@@ -247,18 +246,24 @@ void group_of_panel(const MatmulJob& j, int64_t p, int64_t m0, int64_t m1) {
     const int64_t lines = blocks > 1 ? kSlice / W::kStep * kStepBytes / 64 : 0;
     Prefetch pf{next, next + lines * 64, (lines + blocks * steps - 1) / (blocks * steps)};
     for (int64_t m = m0; m < m1; m += kRowBlock) {
-      const typename W::T* xs = x + m * j.ldx + k0;
+      const typename W::T* xs = x + m * ldx + k0;
       float* a = acc + (m - m0) * kPanel;
       const bool first = k0 == 0;
       switch (min64(kRowBlock, m1 - m)) {
-        case 1: slice_block<W, 1>(xs, j.ldx, n, ws, a, first, pf); break;
-        case 2: if constexpr (kRowBlock >= 2) slice_block<W, 2>(xs, j.ldx, n, ws, a, first, pf); break;
-        case 3: if constexpr (kRowBlock >= 3) slice_block<W, 3>(xs, j.ldx, n, ws, a, first, pf); break;
-        case 4: if constexpr (kRowBlock >= 4) slice_block<W, 4>(xs, j.ldx, n, ws, a, first, pf); break;
+        case 1: slice_block<W, 1>(xs, ldx, n, ws, a, first, pf); break;
+        case 2: if constexpr (kRowBlock >= 2) slice_block<W, 2>(xs, ldx, n, ws, a, first, pf); break;
+        case 3: if constexpr (kRowBlock >= 3) slice_block<W, 3>(xs, ldx, n, ws, a, first, pf); break;
+        case 4: if constexpr (kRowBlock >= 4) slice_block<W, 4>(xs, ldx, n, ws, a, first, pf); break;
         default: break;
       }
     }
   }
+}
+
+template <class W>
+void group_of_panel(const MatmulJob& j, int64_t p, int64_t m0, int64_t m1) {
+  alignas(64) float acc[kGroupRows * kPanel];  // (rows, kPanel) partial sums between slices
+  panel_sums<W>(static_cast<const typename W::T*>(j.x), j.ldx, j.K, j.w->data, p, m0, m1, acc);
   const int64_t N = j.w->rows, n0 = p * kPanel, valid = min64(kPanel, N - n0);
   for (int64_t m = m0; m < m1; ++m) {
     store_panel(acc + (m - m0) * kPanel, j.bias ? j.bias + n0 : nullptr, j.y + m * N + n0, valid, j.epilogue);
@@ -283,11 +288,15 @@ void matmul_chunk(void* job_ptr, int64_t c, int /*thread*/) {
 // machine) leaves little for the others to wait on, and at most kMaxChunkPanels.
 constexpr int64_t kMaxChunkPanels = 8;
 
+inline int64_t panels_per_chunk(int64_t n_panels, const ThreadPool& pool) {
+  const int64_t per = n_panels / (8 * pool.size());
+  return per < 1 ? 1 : per > kMaxChunkPanels ? kMaxChunkPanels : per;
+}
+
 void matmul(ThreadPool& pool, const float* x, int64_t M, int64_t K, const PackedMatrix& w, const float* bias, float* y,
             Epilogue epilogue, uint16_t* xb) {
   const int64_t N = w.rows, n_panels = (N + kPanel - 1) / kPanel;
-  const int64_t per = n_panels / (8 * pool.size());
-  MatmulJob job{x, M, K, K, &w, bias, y, epilogue, per < 1 ? 1 : per > kMaxChunkPanels ? kMaxChunkPanels : per};
+  MatmulJob job{x, M, K, K, &w, bias, y, epilogue, panels_per_chunk(n_panels, pool)};
   if (w.dtype == DType::BF16) {
     // Round the activations to bf16 once: rows of an even stride, a zero after an odd K. Every
     // product is then bf16 x bf16 (exact in fp32), accumulated in fp32.
@@ -301,6 +310,265 @@ void matmul(ThreadPool& pool, const float* x, int64_t M, int64_t K, const Packed
   }
   parallel_chunks(pool, (n_panels + job.panels - 1) / job.panels, M * N * K, matmul_chunk, &job);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The screened head (kernels.h, ScreenMatrix; docs/engine.md "Screened head"). A row that keeps
+// only its k best tokens needs only their exact logits: an int8 copy of wte gives every logit
+// within a proven error bound at a quarter of the fp32 bytes, and the logits whose upper bound
+// can reach the k-th best lower bound are then computed exactly, lane for lane as the matmul.
+// Only the AVX512-VNNI build has it (vpdpbusd: 64 int8 products per instruction).
+
+// The smallest float >= d.
+inline float round_up(double d) {
+  float f = float(d);
+  if (double(f) < d) f = __builtin_nextafterf(f, __builtin_inff());
+  return f;
+}
+
+inline int64_t quads(int64_t K) { return (K + 3) / 4; }
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BF16__)
+
+// x rows: u8 values q + 128 (stride a multiple of 4, 128 past K); panel: (quads(K), kPanel, 4)
+// s8 weights. Lane i gains four u8 x s8 products, exactly, in int32 (held in a float vector's bits).
+struct WeightsI8 {
+  using T = uint8_t;
+  using Vx = __m512i;
+  static constexpr int kStep = 4;
+  static __m512i broadcast(const uint8_t* x) {
+    int32_t v;
+    __builtin_memcpy(&v, x, 4);
+    return _mm512_set1_epi32(v);
+  }
+  static __m512i load(const uint8_t* w) { return _mm512_loadu_si512(w); }
+  static Vf madd(Vf acc, __m512i x, __m512i w) { return {_mm512_castsi512_ps(_mm512_dpbusd_epi32(_mm512_castps_si512(acc.v), x, w))}; }
+};
+
+int64_t screen_bytes(int64_t N, int64_t K) { return (N + kPanel - 1) / kPanel * quads(K) * kPanel * 4; }
+
+struct ScreenPackJob {
+  const TensorView* w;
+  const ScreenMatrix* s;
+  int bad;  // set when a weight or a norm is not finite
+};
+
+// Weight (n, k) of a stored fp32 or bf16 matrix, widened.
+inline float stored_at(const TensorView& w, int64_t n, int64_t k) {
+  return w.dtype == DType::F32 ? static_cast<const float*>(w.data)[n * w.cols + k]
+                               : bf16_to_f32(static_cast<const uint16_t*>(w.data)[n * w.cols + k]);
+}
+
+// Per output n: scale s = max |w| / 127, q = round(w / s), the error norm || w - s q || and || w ||
+// (computed in double, rounded up), and sum q (for the u8 activations' offset of 128).
+bool pack_screen(ThreadPool& pool, const TensorView& w, const ScreenMatrix& out) {
+  ScreenPackJob job{&w, &out, 0};
+  const int64_t panels = (w.rows + kPanel - 1) / kPanel;
+  parallel_chunks(pool, panels, w.rows * w.cols, +[](void* ptr, int64_t p, int) {
+    ScreenPackJob& j = *static_cast<ScreenPackJob*>(ptr);
+    const TensorView& w = *j.w;
+    const ScreenMatrix& s = *j.s;
+    const int64_t K = w.cols;
+    int8_t* panel = static_cast<int8_t*>(const_cast<void*>(s.data)) + p * quads(K) * kPanel * 4;
+    for (int64_t i = 0; i < kPanel; ++i) {
+      const int64_t n = p * kPanel + i;
+      double amax = 0.0;
+      for (int64_t k = 0; n < w.rows && k < K; ++k) {
+        const double a = __builtin_fabs(double(stored_at(w, n, k)));
+        if (!(a <= 3.0e38)) __atomic_store_n(&j.bad, 1, __ATOMIC_RELAXED);  // inf or NaN
+        amax = a > amax ? a : amax;
+      }
+      const float scale = amax > 0.0 ? float(amax / 127.0) : 1.0f;
+      double err = 0.0, norm = 0.0;
+      int32_t sum = 0;
+      for (int64_t k = 0; k < quads(K) * 4; ++k) {
+        const double v = n < w.rows && k < K ? double(stored_at(w, n, k)) : 0.0;
+        double q = __builtin_nearbyint(v / double(scale));
+        q = q > 127.0 ? 127.0 : q < -127.0 ? -127.0 : q;
+        err += (v - double(scale) * q) * (v - double(scale) * q);  // scale * q is exact in double
+        norm += v * v;
+        sum += int32_t(q);
+        panel[((k / 4) * kPanel + i) * 4 + k % 4] = int8_t(q);
+      }
+      const_cast<float*>(s.scale)[n] = n < w.rows ? scale : 0.0f;
+      const_cast<int32_t*>(s.sum)[n] = sum;
+      const_cast<float*>(s.err)[n] = round_up(__builtin_sqrt(err));
+      const_cast<float*>(s.norm)[n] = round_up(__builtin_sqrt(norm));
+      if (!(round_up(__builtin_sqrt(norm)) <= 1.0e30f)) __atomic_store_n(&j.bad, 1, __ATOMIC_RELAXED);
+    }
+  }, &job);
+  return job.bad == 0;
+}
+
+struct ScreenJob {
+  const uint8_t* xq;          // (M, ldq) quantized rows
+  int64_t M, K, ldq;
+  const ScreenMatrix* s;
+  const float* terms;         // (M, 5): s_h, A, B, G, T of each row (screen() below)
+  float* upper;               // (M, N)
+  float* panel_lower;         // (M, panels)
+  int64_t panels;             // per chunk
+};
+
+void screen_chunk(void* job_ptr, int64_t c, int /*thread*/) {
+  const ScreenJob& j = *static_cast<const ScreenJob*>(job_ptr);
+  const int64_t N = j.s->rows, n_panels = (N + kPanel - 1) / kPanel;
+  alignas(64) float acc[kGroupRows * kPanel];
+  for (int64_t p = c * j.panels; p < min64(n_panels, (c + 1) * j.panels); ++p) {
+    const int64_t n0 = p * kPanel, valid = min64(kPanel, N - n0);
+    for (int64_t m0 = 0; m0 < j.M; m0 += kGroupRows) {
+      const int64_t m1 = min64(j.M, m0 + kGroupRows);
+      panel_sums<WeightsI8>(j.xq, j.ldq, j.K, j.s->data, p, m0, m1, acc);
+      for (int64_t m = m0; m < m1; ++m) {
+        const float* t = j.terms + m * 5;
+        const Vf sh = vset1(t[0]), A = vset1(t[1]), B = vset1(t[2]), G = vset1(t[3]), T = vset1(t[4]);
+        float spare[kPanel];  // the last panel's upper bounds, of which `valid` are kept
+        float* upper = valid == kPanel ? j.upper + m * N + n0 : spare;
+        Vf lower_max = vset1(-__builtin_inff());
+#pragma GCC unroll 8
+        for (int v = 0; v < kPanelVecs; ++v) {
+          const int64_t n = n0 + v * kLanes;
+          // sum (q_x + 128) q_w - 128 sum q_w = sum q_x q_w, exact in int32 and in float (< 2^24).
+          const __m512i dot = _mm512_sub_epi32(_mm512_castps_si512(_mm512_load_ps(acc + (m - m0) * kPanel + v * kLanes)),
+                                               _mm512_slli_epi32(_mm512_loadu_si512(j.s->sum + n), 7));
+          const Vf a = vmul(Vf{_mm512_cvtepi32_ps(dot)}, vmul(sh, vload(j.s->scale + n)));
+          const Vf err = vload(j.s->err + n), norm = vload(j.s->norm + n);
+          const Vf e = vfma(A, err, vfma(B, vadd(norm, err), vfma(G, norm, T)));
+          vstore(upper + v * kLanes, vadd(a, e));
+          const __mmask16 real = n + kLanes <= N ? __mmask16(0xFFFF) : __mmask16((1u << (N > n ? N - n : 0)) - 1);
+          lower_max = Vf{_mm512_mask_max_ps(lower_max.v, real, lower_max.v, vsub(a, e).v)};
+        }
+        for (int64_t i = 0; upper == spare && i < valid; ++i) j.upper[m * N + n0 + i] = spare[i];
+        j.panel_lower[m * n_panels + p] = vhmax(lower_max);
+      }
+    }
+  }
+}
+
+// The error terms of one row h (K values as the matmul multiplies them: x, or x rounded to bf16).
+// a = s_h s_v sum q_h q_v; the computed logit l (fp32 sums, K roundings) obeys
+//   |l - a| <= ||h|| ||d_v|| + ||D|| (||w_v|| + ||d_v||) + gamma_K ||h|| ||w_v|| + tiny,
+// d_v = w_v - s_v q_v and D = h - s_h q_h the quantization errors (Cauchy-Schwarz on each of the
+// three cross terms). A, B, G carry a relative margin of 2^-10 and 16 extra units of roundoff for
+// the float arithmetic of a and of the bound itself; T covers denormals flushed by vdpbf16ps.
+// Returns false for a row whose bound is not finite (the caller computes that row in full).
+bool screen_terms(const float* x, int64_t K, bool bf16, float max_norm, uint8_t* xq, float* t) {
+  double amax = 0.0;
+  for (int64_t k = 0; k < K; ++k) {
+    const float h = bf16 ? bf16_to_f32(f32_to_bf16(x[k])) : x[k];
+    const double a = __builtin_fabs(double(h));
+    if (!(a <= 3.0e38)) return false;
+    amax = a > amax ? a : amax;
+  }
+  const float sh = amax > 0.0 ? float(amax / 127.0) : 1.0f;
+  double hn = 0.0, dn = 0.0;
+  for (int64_t k = 0; k < quads(K) * 4; ++k) {
+    const double h = k < K ? double(bf16 ? bf16_to_f32(f32_to_bf16(x[k])) : x[k]) : 0.0;
+    double q = __builtin_nearbyint(h / double(sh));
+    q = q > 127.0 ? 127.0 : q < -127.0 ? -127.0 : q;
+    xq[k] = uint8_t(int(q) + 128);
+    hn += h * h;
+    dn += (h - double(sh) * q) * (h - double(sh) * q);
+  }
+  hn = __builtin_sqrt(hn);
+  dn = __builtin_sqrt(dn);
+  const double u = 1.0 / 16777216.0, gamma = double(K) * u / (1.0 - double(K) * u), margin = 1.0 + 1.0 / 1024.0;
+  t[0] = sh;
+  t[1] = round_up(hn * margin);
+  t[2] = round_up(dn * margin);
+  t[3] = round_up((gamma + 16.0 * u) * hn * margin);
+  t[4] = round_up(double(K) * 0x1p-124 * (1.0 + hn + double(max_norm)));
+  for (int i = 1; i < 5; ++i) {
+    if (!(t[i] <= 1.0e30f)) return false;
+  }
+  return true;
+}
+
+void screen(ThreadPool& pool, const float* x, int64_t M, int64_t K, bool bf16, const ScreenMatrix& s, uint8_t* xq,
+            float* terms, float* upper, float* panel_lower, bool* row_ok) {
+  const int64_t ldq = quads(K) * 4, n_panels = (s.rows + kPanel - 1) / kPanel;
+  for (int64_t m = 0; m < M; ++m) row_ok[m] = screen_terms(x + m * K, K, bf16, s.max_norm, xq + m * ldq, terms + m * 5);
+  ScreenJob job{xq, M, K, ldq, &s, terms, upper, panel_lower, panels_per_chunk(n_panels, pool)};
+  parallel_chunks(pool, (n_panels + job.panels - 1) / job.panels, M * s.rows * K / 4, screen_chunk, &job);
+}
+
+// r[j] <- the j-th 32-bit lanes of r[0..16) (a 16 x 16 transpose).
+inline void transpose16(__m512i r[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(u[i], u[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(u[i], u[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_i32x4(u[i + 8], u[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(u[i + 8], u[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+  }
+}
+
+// The logits of tokens ids[0..n) for one row x, each computed as matmul() computes it: one lane
+// per token, the same multiply-adds in the same order. 16 tokens at a time, 16 words of their
+// stored rows at a time (masked past the row's end: an odd K's last bf16 pairs with a zero, as in
+// pack()), transposed so that vector j holds word j of every token, as a panel row does.
+template <class W>
+void exact_lanes(const typename W::T* xw, const TensorView& w, const int32_t* ids, int64_t n, float* out) {
+  using T = typename W::T;
+  const int64_t K = w.cols, words = (K + W::kStep - 1) / W::kStep;
+  const T* base = static_cast<const T*>(w.data);
+  for (int64_t i0 = 0; i0 < n; i0 += kLanes) {
+    const T* rows[kLanes];
+    for (int l = 0; l < kLanes; ++l) rows[l] = base + int64_t(ids[i0 + l < n ? i0 + l : i0]) * K;
+    Vf acc = vzero();
+    for (int64_t q0 = 0; q0 < words; q0 += 16) {
+      const int64_t left = K - q0 * W::kStep;  // inputs from here to the row's end
+      __m512i r[16];
+      for (int l = 0; l < kLanes; ++l) {
+        if constexpr (W::kStep == 1) {
+          r[l] = _mm512_maskz_loadu_epi32(left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1), rows[l] + q0);
+        } else {
+          r[l] = _mm512_maskz_loadu_epi16(left >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << left) - 1), rows[l] + 2 * q0);
+        }
+      }
+      transpose16(r);
+      const int64_t m = words - q0 < 16 ? words - q0 : 16;
+      for (int64_t j = 0; j < m; ++j) {
+        if constexpr (W::kStep == 1) {
+          acc = W::madd(acc, W::broadcast(xw + q0 + j), Vf{_mm512_castsi512_ps(r[j])});
+        } else {
+          acc = W::madd(acc, W::broadcast(xw + 2 * (q0 + j)), Vb{r[j]});
+        }
+      }
+    }
+    alignas(64) float lanes[kLanes];
+    vstore(lanes, acc);
+    for (int l = 0; l < kLanes && i0 + l < n; ++l) out[i0 + l] = lanes[l];
+  }
+}
+
+void exact_logits(const float* x, const TensorView& w, const int32_t* ids, int64_t n, float* out, uint16_t* xb) {
+  if (w.dtype == DType::F32) {
+    exact_lanes<WeightsF32>(x, w, ids, n, out);
+  } else {
+    round_bf16(x, w.cols, xb);  // as matmul() rounds its input, with a zero after an odd K
+    xb[w.cols] = 0;
+    exact_lanes<WeightsBF16>(xb, w, ids, n, out);
+  }
+}
+
+#define GPT2S_SCREEN_KERNELS screen_bytes, pack_screen, screen, exact_logits
+#else
+#define GPT2S_SCREEN_KERNELS nullptr, nullptr, nullptr, nullptr
+#endif
 
 // ---------------------------------------------------------------------------------------------
 
@@ -579,5 +847,5 @@ double exp_weights(const float* x, int64_t n, float temperature, float m, float*
 }
 
 extern const Kernels table;
-const Kernels table = {GPT2S_ISA_NAME, kPanel, packed_bytes, pack, matmul, layernorm, attention, embed, max_value, exp_weights,
-                       first_above};
+const Kernels table = {GPT2S_ISA_NAME, kPanel, packed_bytes, pack, matmul, GPT2S_SCREEN_KERNELS, layernorm, attention, embed,
+                       max_value, exp_weights, first_above};

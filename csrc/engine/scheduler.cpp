@@ -184,6 +184,7 @@ std::vector<GenResult> generate(Backend& backend, const ModelWeights& weights, c
     const auto t_step = std::chrono::steady_clock::now();
     backend.step(in, out);
     const double step_seconds = seconds_since(t_step);
+    timings.screened_rows += out.screened_rows;
     if (prefill_tokens > 0) {
       timings.prefill_steps += 1;
       timings.prefill_tokens += prefill_tokens;

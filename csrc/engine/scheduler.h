@@ -48,6 +48,7 @@ struct Timings {
   int64_t decode_tokens = 0, decode_steps = 0;
   double prefill_seconds = 0, decode_seconds = 0;
   double decode_sample_seconds = 0;  // part of decode_seconds spent drawing tokens
+  int64_t screened_rows = 0;         // tokens drawn from a screened head (cpu_backend.h)
   double total_seconds = 0;
   int32_t slots = 0, ctx = 0;        // KV cache geometry used
   int64_t kv_cache_bytes = 0;
