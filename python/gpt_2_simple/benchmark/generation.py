@@ -42,7 +42,7 @@ def engine_peer(path: str, threads: int | None):
         if any(len(r.tokens) != new_tokens for r in results):
             raise RuntimeError(f"the engine returned {[len(r.tokens) for r in results]} tokens, expected {new_tokens} each")
         t = engine.last_timings()
-        keys = ("prefill_seconds", "decode_seconds", "decode_steps", "decode_sample_seconds", "kv_cache_bytes")
+        keys = ("prefill_seconds", "decode_seconds", "decode_steps", "decode_sample_seconds", "kv_cache_bytes", "screened_rows")
         return {"seconds": seconds, "timings": {k: t[k] for k in keys}}
 
     return run
@@ -92,14 +92,18 @@ def transformers_peer(folder: str, threads: int | None):
     return run
 
 
-def weight_bytes_per_token(path) -> int:
+def weight_bytes_per_token(path, screened: bool = False) -> int:
     """Bytes a batch-1 decode step reads: every tensor once, except wpe, of which one row (the
-    head reads all of wte; the embedding one more row of it)."""
+    head reads all of wte; the embedding one more row of it). With the screened head (docs/engine.md)
+    the head reads wte's int8 copy and 16 bytes of terms per token instead (and the rows of the few
+    hundred tokens it computes exactly, left out here: under 1% of the step's bytes)."""
     from ..export import inspect
 
     info = inspect(path)
-    n_ctx, C = info["config"]["n_ctx"], info["config"]["n_embd"]
+    n_ctx, C, V = info["config"]["n_ctx"], info["config"]["n_embd"], info["config"]["n_vocab"]
     total = sum(t["nbytes"] if t["name"] != "wpe.weight" else t["nbytes"] // n_ctx for t in info["tensors"])
+    if screened:
+        total += V * (C + 16) - next(t["nbytes"] for t in info["tensors"] if t["name"] == "wte.weight")
     return total + C * (2 if info["dtype"] == "bf16" else 4)
 
 
@@ -174,8 +178,9 @@ def _engine_details(replies: list[dict], path, config, batch: int, prompt: int, 
         "file_bytes": path.stat().st_size,
         "bandwidth_gb_per_s": bandwidth,
     }
+    out["screened_head"] = all(t["screened_rows"] > 0 for t in timings)
     if batch == 1:  # memory-bound: every weight is read once per token
-        per_token = weight_bytes_per_token(path)
+        per_token = weight_bytes_per_token(path, screened=out["screened_head"])
         out.update(weight_bytes_per_token=per_token, weight_read_gb_per_s=per_token / step / 1e9,
                    share_of_bandwidth=per_token / step / 1e9 / bandwidth)
     else:  # compute-bound: FLOPs of the decode tokens against a GEMM's rate

@@ -110,6 +110,8 @@ def _notes(record: dict) -> str:
         parts.append(f"decode {_num(step['median'] if isinstance(step, dict) else step)} ms/step")
     if "sampling_share_of_decode" in d:
         parts.append(f"sampling {100 * d['sampling_share_of_decode']:.1f}%")
+    if d.get("screened_head"):  # the GEMM share below then counts the head's full FLOPs
+        parts.append("screened head")
     if "share_of_bandwidth" in d:
         parts.append(f"weights read at {_num(d['weight_read_gb_per_s'])} GB/s = {100 * d['share_of_bandwidth']:.0f}% of the measured "
                      f"{_num(d['bandwidth_gb_per_s'])} GB/s")
