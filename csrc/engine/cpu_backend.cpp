@@ -6,9 +6,9 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
-#include <functional>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <stdexcept>
 #include <utility>
 
@@ -49,11 +49,11 @@ CpuBackend::CpuBackend(const ModelWeights& weights, int threads)
     total += (kernels_.packed_bytes(view->rows, view->cols, view->dtype) + 63) / 64 * 64;
   }
   packed_.resize(total);
-  // The screen first, while the file's wte is still in memory; its row-major pages then stay
-  // mapped (not released below) for the exact logits of the screened tokens.
+  // The screened head (docs/engine.md) first, while the file's wte is in memory; its row-major
+  // pages then stay (not released below) for the exact logits of the screened tokens. By default
+  // for fp32 models only: there it saved 11-21% of a step, for bf16 models 4-6%, not worth their
+  // 116 MB more of resident weights. GPT2S_SCREEN=1 asks for it, =0 turns it off.
   const int64_t V = w_.wte.rows, C = w_.wte.cols, padded = (V + kernels_.panel - 1) / kernels_.panel * kernels_.panel;
-  // By default fp32 models only: there it saved 11-21% of a step, for bf16 models 4-6%, for
-  // 77 MB more of resident weights (docs/engine.md). GPT2S_SCREEN=1 asks for it, =0 turns it off.
   const char* want = std::getenv("GPT2S_SCREEN");
   const bool on = want != nullptr && want[0] != '\0' ? std::strcmp(want, "0") != 0 : w_.wte.dtype == DType::F32;
   if (kernels_.screen != nullptr && on) {
