@@ -370,13 +370,10 @@ void bind_cpu_sampler(py::module_& m) {
         std::vector<uint8_t> packed(static_cast<size_t>(k.packed_bytes(V, K, view.dtype) + 64));
         std::vector<uint8_t> panels(static_cast<size_t>(k.screen_bytes(V, K) + 64));
         std::vector<float> arrays(static_cast<size_t>(4 * P * k.panel));
-        const float* a = arrays.data();
         auto aligned = [](std::vector<uint8_t>& b) { return b.data() + (64 - reinterpret_cast<uintptr_t>(b.data()) % 64) % 64; };
-        gpt2s::ScreenMatrix s{aligned(panels), a, reinterpret_cast<const int32_t*>(a + P * k.panel), a + 2 * P * k.panel,
-                              a + 3 * P * k.panel, 0, V, K};
+        gpt2s::ScreenMatrix s = gpt2s::screen_matrix(aligned(panels), arrays.data(), V, K, k.panel);
         py::dict out;
         out["ok"] = k.pack_screen(pool, view, s);
-        s.max_norm = *std::max_element(s.norm, s.norm + V);
         k.pack(pool, view, aligned(packed));
         const gpt2s::PackedMatrix head{aligned(packed), view.dtype, V, K};
         py::array_t<float> full({M, V}), upper({M, V}), lower({M, P}), exact({M, V});

@@ -53,16 +53,14 @@ CpuBackend::CpuBackend(const ModelWeights& weights, int threads)
   // pages then stay (not released below) for the exact logits of the screened tokens. By default
   // for fp32 models only: there it saved 11-21% of a step, for bf16 models 4-6%, not worth their
   // 116 MB more of resident weights. GPT2S_SCREEN=1 asks for it, =0 turns it off.
-  const int64_t V = w_.wte.rows, C = w_.wte.cols, padded = (V + kernels_.panel - 1) / kernels_.panel * kernels_.panel;
+  const int64_t V = w_.wte.rows, C = w_.wte.cols;
   const char* want = std::getenv("GPT2S_SCREEN");
   const bool on = want != nullptr && want[0] != '\0' ? std::strcmp(want, "0") != 0 : w_.wte.dtype == DType::F32;
   if (kernels_.screen != nullptr && on) {
     screen_panels_.resize(kernels_.screen_bytes(V, C));
-    screen_arrays_.resize(4 * padded);
-    float* a = screen_arrays_.data();
-    ScreenMatrix s{screen_panels_.data(), a, reinterpret_cast<const int32_t*>(a + padded), a + 2 * padded, a + 3 * padded, 0, V, C};
+    screen_arrays_.resize(4 * ((V + kernels_.panel - 1) / kernels_.panel * kernels_.panel));
+    ScreenMatrix s = screen_matrix(screen_panels_.data(), screen_arrays_.data(), V, C, kernels_.panel);
     if (kernels_.pack_screen(pool_, w_.wte, s)) {
-      s.max_norm = *std::max_element(s.norm, s.norm + V);
       screen_ = s;
     } else {
       screen_panels_.resize(0);

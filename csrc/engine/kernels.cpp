@@ -14,6 +14,12 @@ namespace avx512 { extern const Kernels table; }
 namespace avx512bf16 { extern const Kernels table; }
 #endif
 
+ScreenMatrix screen_matrix(void* panels, float* arrays, int64_t N, int64_t K, int64_t panel) {
+  const int64_t padded = (N + panel - 1) / panel * panel;
+  return ScreenMatrix{panels, arrays, reinterpret_cast<const int32_t*>(arrays + padded), arrays + 2 * padded, arrays + 3 * padded,
+                      0, N, K};
+}
+
 const Kernels& best_kernels() {
 #if defined(GPT2S_X86_KERNELS)
   const std::string isa = best_isa();

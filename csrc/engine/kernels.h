@@ -43,6 +43,10 @@ struct ScreenMatrix {
   int64_t cols = 0;              // K
 };
 
+// The ScreenMatrix of an (N, K) matrix over `panels` (Kernels::screen_bytes(N, K) bytes, 64-byte
+// aligned) and `arrays` (4 x N rounded up to a multiple of `panel` floats), before pack_screen.
+ScreenMatrix screen_matrix(void* panels, float* arrays, int64_t N, int64_t K, int64_t panel);
+
 struct Kernels {
   const char* isa;  // "avx512bf16", "avx512", "avx2" or "scalar"
 
@@ -61,10 +65,11 @@ struct Kernels {
                  float* y, Epilogue epilogue, uint16_t* xb);
 
   // The screened head, or four nulls where the ISA lacks it (AVX512-VNNI and -BF16 only).
-  // screen_bytes: bytes of a ScreenMatrix's panels. pack_screen: fills s's panels and arrays from
-  // the stored (N, K) matrix w; false if w has a weight or a norm that is not finite (no screen).
+  // screen_bytes: bytes of a ScreenMatrix's panels. pack_screen: fills s's panels, arrays and
+  // max_norm from the stored (N, K) matrix w; false if w has a weight or a norm that is not
+  // finite (no screen).
   int64_t (*screen_bytes)(int64_t N, int64_t K);
-  bool (*pack_screen)(ThreadPool& pool, const TensorView& w, const ScreenMatrix& s);
+  bool (*pack_screen)(ThreadPool& pool, const TensorView& w, ScreenMatrix& s);
   // For rows x (M, K), as matmul() would multiply them with weights of dtype bf16 (or fp32):
   // upper (M, N) bounds every logit from above, panel_lower (M, panels) the best logit of each
   // panel of `panel` outputs from below; row_ok[m] false where row m's bound is not finite (its

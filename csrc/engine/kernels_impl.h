@@ -360,7 +360,7 @@ inline float stored_at(const TensorView& w, int64_t n, int64_t k) {
 
 // Per output n: scale s = max |w| / 127, q = round(w / s), the error norm || w - s q || and || w ||
 // (computed in double, rounded up), and sum q (for the u8 activations' offset of 128).
-bool pack_screen(ThreadPool& pool, const TensorView& w, const ScreenMatrix& out) {
+bool pack_screen(ThreadPool& pool, const TensorView& w, ScreenMatrix& out) {
   ScreenPackJob job{&w, &out, 0};
   const int64_t panels = (w.rows + kPanel - 1) / kPanel;
   parallel_chunks(pool, panels, w.rows * w.cols, +[](void* ptr, int64_t p, int) {
@@ -396,6 +396,8 @@ bool pack_screen(ThreadPool& pool, const TensorView& w, const ScreenMatrix& out)
       if (!(round_up(__builtin_sqrt(norm)) <= 1.0e30f)) __atomic_store_n(&j.bad, 1, __ATOMIC_RELAXED);
     }
   }, &job);
+  out.max_norm = 0.0f;
+  for (int64_t n = 0; n < w.rows; ++n) out.max_norm = out.norm[n] > out.max_norm ? out.norm[n] : out.max_norm;
   return job.bad == 0;
 }
 
@@ -452,17 +454,17 @@ void screen_chunk(void* job_ptr, int64_t c, int /*thread*/) {
 // the float arithmetic of a and of the bound itself; T covers denormals flushed by vdpbf16ps.
 // Returns false for a row whose bound is not finite (the caller computes that row in full).
 bool screen_terms(const float* x, int64_t K, bool bf16, float max_norm, uint8_t* xq, float* t) {
+  auto h_at = [&](int64_t k) { return double(bf16 ? bf16_to_f32(f32_to_bf16(x[k])) : x[k]); };  // as the matmul multiplies it
   double amax = 0.0;
   for (int64_t k = 0; k < K; ++k) {
-    const float h = bf16 ? bf16_to_f32(f32_to_bf16(x[k])) : x[k];
-    const double a = __builtin_fabs(double(h));
+    const double a = __builtin_fabs(h_at(k));
     if (!(a <= 3.0e38)) return false;
     amax = a > amax ? a : amax;
   }
   const float sh = amax > 0.0 ? float(amax / 127.0) : 1.0f;
   double hn = 0.0, dn = 0.0;
   for (int64_t k = 0; k < quads(K) * 4; ++k) {
-    const double h = k < K ? double(bf16 ? bf16_to_f32(f32_to_bf16(x[k])) : x[k]) : 0.0;
+    const double h = k < K ? h_at(k) : 0.0;
     double q = __builtin_nearbyint(h / double(sh));
     q = q > 127.0 ? 127.0 : q < -127.0 ? -127.0 : q;
     xq[k] = uint8_t(int(q) + 128);
