@@ -33,12 +33,14 @@ def generate(batches: list[int]) -> None:
     from gpt_2_simple.model import GPT2
 
     torch.manual_seed(0)
-    path = export(GPT2(get_config("124M")).eval(), Path(tempfile.mkdtemp()) / "124M.bf16.bin", "bf16", progress=False)
-    engine = _engine_cuda.Engine(str(path))
-    ids = list(range(1000, 1016))
-    for batch in batches:
-        engine.generate([Request(ids, NEW_TOKENS, temperature=1.0, top_k=40, seed=1, sample_index=i) for i in range(batch)],
-                        batch_size=batch)
+    with tempfile.TemporaryDirectory() as tmp:  # the engine maps the file; it is deleted once the engine is gone
+        path = export(GPT2(get_config("124M")).eval(), Path(tmp) / "124M.bf16.bin", "bf16", progress=False)
+        engine = _engine_cuda.Engine(str(path))
+        ids = list(range(1000, 1016))
+        for batch in batches:
+            engine.generate([Request(ids, NEW_TOKENS, temperature=1.0, top_k=40, seed=1, sample_index=i)
+                             for i in range(batch)], batch_size=batch)
+        del engine
 
 
 def kernel_name(signature: str) -> str:
