@@ -63,13 +63,13 @@ def test_screened_draws_equal_the_full_head(tmp_path, monkeypatch, dtype):
             assert drawn == total  # every draw came through the screen
 
 
-def test_fp32_models_screen_by_default(tmp_path, monkeypatch):
+def test_models_screen_by_default(tmp_path, monkeypatch):
     model = random_gpt2()
     monkeypatch.delenv("GPT2S_SCREEN", raising=False)
-    for dtype, expected in (("fp32", True), ("bf16", False)):
+    for dtype in ("fp32", "bf16"):
         e = Engine(_export(model, tmp_path, dtype), backend="cpu")
         e.generate(_requests(SETTINGS[0], n=1, new=3), batch_size=1)
-        assert (e.last_timings()["screened_rows"] > 0) == expected, dtype
+        assert e.last_timings()["screened_rows"] > 0, dtype
 
 
 def test_rows_wanting_every_logit_turn_the_screen_off(tmp_path, monkeypatch):

@@ -67,17 +67,61 @@ int64_t packed_bytes(int64_t N, int64_t K, DType dtype) {
   return dtype == DType::F32 ? panels * K * kPanel * 4 : panels * pairs(K) * kPanel * 2 * 2;
 }
 
-struct PackJob {
-  const TensorView* w;
-  void* out;
-};
-
 // A panel is the transpose of its kPanel stored rows, on 32-bit words either way: an fp32 weight is
-// a word, and so is a bf16 pair (inputs 2q, 2q + 1, the first in the low half as in memory). Done in
-// tiles of kPackTile words of every row, whose kPanel x kPackTile words stay in the L1 cache: a row
-// at a time across the whole panel would write each of its K cache lines once per row.
-constexpr int64_t kPackTile = 16;
+// a word, and so is a bf16 pair (inputs 2q, 2q + 1, the first in the low half as in memory).
+#if defined(__AVX512F__)
+// r[j] <- the j-th 32-bit lanes of r[0..16) (a 16 x 16 transpose).
+inline void transpose16(__m512i r[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(u[i], u[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(u[i], u[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_i32x4(u[i + 8], u[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(u[i + 8], u[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+  }
+}
 
+// 16 words of a stored row of K inputs from word q0, zeros past K (an odd K's last bf16 pairs
+// with a zero).
+inline __m512i row_words(const uint8_t* row, int64_t q0, int64_t K, bool f32) {
+  const int64_t left = K - (f32 ? q0 : 2 * q0);  // inputs from word q0 to the row's end
+  if (f32) return _mm512_maskz_loadu_epi32(left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1), row + 4 * q0);
+  return _mm512_maskz_loadu_epi16(left >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << left) - 1), row + 4 * q0);
+}
+
+// Panel p of the stored w into out (words, kPanel): 16 rows by 16 words at a time, transposed in
+// registers. Reading 16 rows side by side keeps the hardware prefetcher on 16 streams.
+void pack_panel(const TensorView& w, int64_t p, uint32_t* out) {
+  const int64_t N = w.rows, K = w.cols;
+  const bool f32 = w.dtype == DType::F32;
+  const int64_t words = f32 ? K : pairs(K), row_bytes = K * (f32 ? 4 : 2), rows = min64(kPanel, N - p * kPanel);
+  const uint8_t* first = static_cast<const uint8_t*>(w.data) + p * kPanel * row_bytes;
+  for (int64_t i0 = 0; i0 < kPanel; i0 += 16) {
+    for (int64_t q0 = 0; q0 < words; q0 += 16) {
+      __m512i r[16];
+      for (int l = 0; l < 16; ++l) {  // rows past N (the last panel's padding) are zeros
+        r[l] = i0 + l < rows ? row_words(first + (i0 + l) * row_bytes, q0, K, f32) : _mm512_setzero_si512();
+      }
+      transpose16(r);
+      for (int64_t q = 0; q < min64(16, words - q0); ++q) _mm512_storeu_si512(out + (q0 + q) * kPanel + i0, r[q]);
+    }
+  }
+}
+#else
 // Word q (inputs 2q, 2q + 1 for bf16; 0 past K) of a stored row of K inputs.
 inline uint32_t pack_word(const uint8_t* row, int64_t q, int64_t K, bool f32) {
   uint32_t word;
@@ -91,23 +135,36 @@ inline uint32_t pack_word(const uint8_t* row, int64_t q, int64_t K, bool f32) {
   return word;
 }
 
+// Panel p of the stored w into out (words, kPanel), in tiles of kPackTile words of every row,
+// whose kPanel x kPackTile words stay in the L1 cache: a row at a time across the whole panel
+// would write each of its K cache lines once per row.
+constexpr int64_t kPackTile = 16;
+void pack_panel(const TensorView& w, int64_t p, uint32_t* out) {
+  const int64_t N = w.rows, K = w.cols;
+  const bool f32 = w.dtype == DType::F32;
+  const int64_t words = f32 ? K : pairs(K), row_bytes = K * (f32 ? 4 : 2), rows = min64(kPanel, N - p * kPanel);
+  const uint8_t* first = static_cast<const uint8_t*>(w.data) + p * kPanel * row_bytes;
+  for (int64_t q0 = 0; q0 < words; q0 += kPackTile) {
+    const int64_t qn = min64(kPackTile, words - q0);
+    for (int64_t i = 0; i < kPanel; ++i) {  // rows past N (the last panel's padding) are zeros
+      uint32_t* d = out + q0 * kPanel + i;
+      for (int64_t q = 0; q < qn; ++q) d[q * kPanel] = i < rows ? pack_word(first + i * row_bytes, q0 + q, K, f32) : 0;
+    }
+  }
+}
+#endif
+
+struct PackJob {
+  const TensorView* w;
+  void* out;
+};
+
 void pack(ThreadPool& pool, const TensorView& w, void* out) {
   PackJob job{&w, out};
   const int64_t panels = (w.rows + kPanel - 1) / kPanel;
   parallel_chunks(pool, panels, w.rows * w.cols, +[](void* ptr, int64_t p, int) {
     const PackJob& j = *static_cast<const PackJob*>(ptr);
-    const int64_t N = j.w->rows, K = j.w->cols;
-    const bool f32 = j.w->dtype == DType::F32;
-    const int64_t words = f32 ? K : pairs(K), row_bytes = K * (f32 ? 4 : 2), rows = min64(kPanel, N - p * kPanel);
-    uint32_t* panel = static_cast<uint32_t*>(j.out) + p * words * kPanel;  // (words, kPanel)
-    const uint8_t* first = static_cast<const uint8_t*>(j.w->data) + p * kPanel * row_bytes;
-    for (int64_t q0 = 0; q0 < words; q0 += kPackTile) {
-      const int64_t qn = min64(kPackTile, words - q0);
-      for (int64_t i = 0; i < kPanel; ++i) {  // rows past N (the last panel's padding) are zeros
-        uint32_t* d = panel + q0 * kPanel + i;
-        for (int64_t q = 0; q < qn; ++q) d[q * kPanel] = i < rows ? pack_word(first + i * row_bytes, q0 + q, K, f32) : 0;
-      }
-    }
+    pack_panel(*j.w, p, static_cast<uint32_t*>(j.out) + p * packed_bytes(kPanel, j.w->cols, j.w->dtype) / 4);
   }, &job);
 }
 
@@ -493,54 +550,22 @@ void screen(ThreadPool& pool, const float* x, int64_t M, int64_t K, bool bf16, c
   parallel_chunks(pool, (n_panels + job.panels - 1) / job.panels, M * s.rows * K / 4, screen_chunk, &job);
 }
 
-// r[j] <- the j-th 32-bit lanes of r[0..16) (a 16 x 16 transpose).
-inline void transpose16(__m512i r[16]) {
-  __m512i t[16], u[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {
-    u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-    u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-    u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-    u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-  for (int i = 0; i < 4; ++i) {
-    t[i] = _mm512_shuffle_i32x4(u[i], u[i + 4], 0x88);
-    t[i + 4] = _mm512_shuffle_i32x4(u[i], u[i + 4], 0xdd);
-    t[i + 8] = _mm512_shuffle_i32x4(u[i + 8], u[i + 12], 0x88);
-    t[i + 12] = _mm512_shuffle_i32x4(u[i + 8], u[i + 12], 0xdd);
-  }
-  for (int i = 0; i < 8; ++i) {
-    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
-    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
-  }
-}
-
 // The logits of tokens ids[0..n) for one row x, each computed as matmul() computes it: one lane
 // per token, the same multiply-adds in the same order. 16 tokens at a time, 16 words of their
 // stored rows at a time (masked past the row's end: an odd K's last bf16 pairs with a zero, as in
 // pack()), transposed so that vector j holds word j of every token, as a panel row does.
 template <class W>
 void exact_lanes(const typename W::T* xw, const TensorView& w, const int32_t* ids, int64_t n, float* out) {
-  using T = typename W::T;
-  const int64_t K = w.cols, words = (K + W::kStep - 1) / W::kStep;
-  const T* base = static_cast<const T*>(w.data);
+  const bool f32 = W::kStep == 1;
+  const int64_t K = w.cols, words = (K + W::kStep - 1) / W::kStep, row_bytes = K * (f32 ? 4 : 2);
+  const uint8_t* base = static_cast<const uint8_t*>(w.data);
   for (int64_t i0 = 0; i0 < n; i0 += kLanes) {
-    const T* rows[kLanes];
-    for (int l = 0; l < kLanes; ++l) rows[l] = base + int64_t(ids[i0 + l < n ? i0 + l : i0]) * K;
+    const uint8_t* rows[kLanes];
+    for (int l = 0; l < kLanes; ++l) rows[l] = base + int64_t(ids[i0 + l < n ? i0 + l : i0]) * row_bytes;
     Vf acc = vzero();
     for (int64_t q0 = 0; q0 < words; q0 += 16) {
-      const int64_t left = K - q0 * W::kStep;  // inputs from here to the row's end
       __m512i r[16];
-      for (int l = 0; l < kLanes; ++l) {
-        if constexpr (W::kStep == 1) {
-          r[l] = _mm512_maskz_loadu_epi32(left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1), rows[l] + q0);
-        } else {
-          r[l] = _mm512_maskz_loadu_epi16(left >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << left) - 1), rows[l] + 2 * q0);
-        }
-      }
+      for (int l = 0; l < kLanes; ++l) r[l] = row_words(rows[l], q0, K, f32);
       transpose16(r);
       const int64_t m = words - q0 < 16 ? words - q0 : 16;
       for (int64_t j = 0; j < m; ++j) {
