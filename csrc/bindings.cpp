@@ -377,6 +377,7 @@ void bind_cpu_sampler(py::module_& m) {
         k.pack(pool, view, aligned(packed));
         const gpt2s::PackedMatrix head{aligned(packed), view.dtype, V, K};
         py::array_t<float> full({M, V}), upper({M, V}), lower({M, P}), exact({M, V});
+        py::array_t<int32_t> best({M, P});
         std::vector<uint8_t> xq(static_cast<size_t>(M * (K + 3))), row_ok(static_cast<size_t>(M));
         std::vector<float> terms(static_cast<size_t>(M * 5));
         std::vector<uint16_t> xb(static_cast<size_t>(2 * M * (K + 2)));
@@ -384,11 +385,12 @@ void bind_cpu_sampler(py::module_& m) {
         for (int64_t i = 0; i < V; ++i) ids[size_t(i)] = int32_t(i);
         k.matmul(pool, x.data(), M, K, head, nullptr, full.mutable_data(), gpt2s::Epilogue::kStore, xb.data());
         k.screen(pool, x.data(), M, K, bf16, s, xq.data(), terms.data(), upper.mutable_data(), lower.mutable_data(),
-                 reinterpret_cast<bool*>(row_ok.data()));
+                 best.mutable_data(), reinterpret_cast<bool*>(row_ok.data()));
         for (int64_t m = 0; m < M; ++m) k.exact_logits(x.data() + m * K, view, ids.data(), V, exact.mutable_data() + m * V, xb.data());
         out["full"] = full;
         out["upper"] = upper;
         out["panel_lower"] = lower;
+        out["panel_best"] = best;
         out["exact"] = exact;
         out["row_ok"] = std::vector<bool>(row_ok.begin(), row_ok.end());
         out["panel"] = k.panel;
@@ -397,7 +399,7 @@ void bind_cpu_sampler(py::module_& m) {
       py::arg("w"), py::arg("x"),
       "For tests: the screened head on rows x (M, K) and a matrix w (V, K) (float32, or uint16 bf16 bits): 'full' (the "
       "matmul's logits), 'exact' (exact_logits of every token), 'upper' (each logit's upper bound), 'panel_lower' (each "
-      "panel's best lower bound), 'row_ok', 'ok' (whether w can be screened) and 'panel' (outputs per panel).");
+      "panel's best lower bound), 'panel_best' (its token), 'row_ok', 'ok' (whether w can be screened) and 'panel' (outputs per panel).");
 }
 #else
 void bind_cuda(py::module_& m) {

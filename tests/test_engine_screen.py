@@ -166,5 +166,11 @@ def test_bounds_hold_where_cauchy_schwarz_is_tight(dtype, K):
             P = out["panel"]
             best = np.array([[exact[m, p * P:(p + 1) * P].max() for p in range(len(out["panel_lower"][0]))] for m in range(len(x))])
             assert (out["panel_lower"] <= best).all()
+            # Each panel's best-bounded token (which the engine's tau is computed from) lies in its
+            # panel and has a logit at or above the panel's lower bound.
+            tokens = out["panel_best"]
+            panel_of = np.arange(tokens.shape[1])[None, :]
+            assert ((tokens // P == panel_of) & (tokens < V)).all()
+            assert (np.take_along_axis(exact, tokens, 1) >= out["panel_lower"]).all()
     # A row the bound cannot cover (an infinite input) is flagged, not screened.
     assert _engine.screen_probe(w if dtype == "fp32" else _bf16_bits(w), np.full((1, K), np.inf, np.float32))["row_ok"] == [False]

@@ -72,10 +72,11 @@ struct Kernels {
   bool (*pack_screen)(ThreadPool& pool, const TensorView& w, ScreenMatrix& s);
   // For rows x (M, K), as matmul() would multiply them with weights of dtype bf16 (or fp32):
   // upper (M, N) bounds every logit from above, panel_lower (M, panels) the best logit of each
-  // panel of `panel` outputs from below; row_ok[m] false where row m's bound is not finite (its
-  // other outputs are then meaningless). Scratch: xq (M * (K + 3)) bytes, terms (M * 5) floats.
+  // panel of `panel` outputs from below, panel_best (M, panels) the first token of the panel whose
+  // lower bound that is; row_ok[m] false where row m's bound is not finite (its other outputs are
+  // then meaningless). Scratch: xq (M * (K + 3)) bytes, terms (M * 5) floats.
   void (*screen)(ThreadPool& pool, const float* x, int64_t M, int64_t K, bool bf16, const ScreenMatrix& s, uint8_t* xq,
-                 float* terms, float* upper, float* panel_lower, bool* row_ok);
+                 float* terms, float* upper, float* panel_lower, int32_t* panel_best, bool* row_ok);
   // out[i] = the logit of token ids[i] for row x (K), bit for bit what matmul() computes with the
   // packed w, from the stored row-major w. Scratch xb: K + 1.
   void (*exact_logits)(const float* x, const TensorView& w, const int32_t* ids, int64_t n, float* out, uint16_t* xb);

@@ -465,6 +465,7 @@ struct ScreenJob {
   const float* terms;         // (M, 5): s_h, A, B, G, T of each row (screen() below)
   float* upper;               // (M, N)
   float* panel_lower;         // (M, panels)
+  int32_t* panel_best;        // (M, panels)
   int64_t panels;             // per chunk
 };
 
@@ -482,7 +483,8 @@ void screen_chunk(void* job_ptr, int64_t c, int /*thread*/) {
         const Vf sh = vset1(t[0]), A = vset1(t[1]), B = vset1(t[2]), G = vset1(t[3]), T = vset1(t[4]);
         float spare[kPanel];  // the last panel's upper bounds, of which `valid` are kept
         float* upper = valid == kPanel ? j.upper + m * N + n0 : spare;
-        Vf lower_max = vset1(-__builtin_inff());
+        const Vf none = vset1(-__builtin_inff());
+        Vf lower[kPanelVecs], lower_max = none;
 #pragma GCC unroll 8
         for (int v = 0; v < kPanelVecs; ++v) {
           const int64_t n = n0 + v * kLanes;
@@ -494,10 +496,18 @@ void screen_chunk(void* job_ptr, int64_t c, int /*thread*/) {
           const Vf e = vfma(A, err, vfma(B, vadd(norm, err), vfma(G, norm, T)));
           vstore(upper + v * kLanes, vadd(a, e));
           const __mmask16 real = n + kLanes <= N ? __mmask16(0xFFFF) : __mmask16((1u << (N > n ? N - n : 0)) - 1);
-          lower_max = Vf{_mm512_mask_max_ps(lower_max.v, real, lower_max.v, vsub(a, e).v)};
+          lower[v] = Vf{_mm512_mask_mov_ps(none.v, real, vsub(a, e).v)};
+          lower_max = vmax(lower_max, lower[v]);
         }
         for (int64_t i = 0; upper == spare && i < valid; ++i) j.upper[m * N + n0 + i] = spare[i];
-        j.panel_lower[m * n_panels + p] = vhmax(lower_max);
+        const float best = vhmax(lower_max);
+        int64_t at = n0;  // (a row whose bounds are not finite may match no lane: its outputs are unused)
+        for (int v = kPanelVecs - 1; v >= 0; --v) {
+          const __mmask16 hit = _mm512_cmp_ps_mask(lower[v].v, vset1(best).v, _CMP_EQ_OQ);
+          if (hit != 0) at = n0 + v * kLanes + __builtin_ctz(hit);
+        }
+        j.panel_lower[m * n_panels + p] = best;
+        j.panel_best[m * n_panels + p] = int32_t(at);
       }
     }
   }
@@ -543,10 +553,10 @@ bool screen_terms(const float* x, int64_t K, bool bf16, float max_norm, uint8_t*
 }
 
 void screen(ThreadPool& pool, const float* x, int64_t M, int64_t K, bool bf16, const ScreenMatrix& s, uint8_t* xq,
-            float* terms, float* upper, float* panel_lower, bool* row_ok) {
+            float* terms, float* upper, float* panel_lower, int32_t* panel_best, bool* row_ok) {
   const int64_t ldq = quads(K) * 4, n_panels = (s.rows + kPanel - 1) / kPanel;
   for (int64_t m = 0; m < M; ++m) row_ok[m] = screen_terms(x + m * K, K, bf16, s.max_norm, xq + m * ldq, terms + m * 5);
-  ScreenJob job{xq, M, K, ldq, &s, terms, upper, panel_lower, panels_per_chunk(n_panels, pool)};
+  ScreenJob job{xq, M, K, ldq, &s, terms, upper, panel_lower, panel_best, panels_per_chunk(n_panels, pool)};
   parallel_chunks(pool, (n_panels + job.panels - 1) / job.panels, M * s.rows * K / 4, screen_chunk, &job);
 }
 
