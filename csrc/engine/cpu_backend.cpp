@@ -171,7 +171,7 @@ bool CpuBackend::forward(const StepInput& in) {
 namespace {
 
 // The tokens a row keeps, if the screen can find them: its top-k (temperature 0: the top one),
-// while k is small against the panels (each panel's best lower bound stands for one of the k). 0: no.
+// while k is small against the panels (tau comes from one token of each of the k best panels). 0: no.
 constexpr int64_t kMaxScreenedK = 128;
 
 int64_t screened_k(const SamplingParams& p, int64_t panels) {

@@ -421,28 +421,37 @@ inline __m512 row_floats(const void* row, bool f32, int64_t k, int64_t K) {
 inline __m512d widen_low(__m512 x) { return _mm512_cvtps_pd(_mm512_castps512_ps256(x)); }
 inline __m512d widen_high(__m512 x) { return _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1))); }
 
-// One stored row of K weights into panel lane i: scale s = max |w| / 127 (1 for a zero row), q =
-// round(w / s) clamped to [-127, 127], and for the bound the error norm || w - s q || and || w ||
-// (sums of squares in double, then rounded up), and sum q (for the u8 activations' offset of
-// 128). False if a weight is not finite.
-bool screen_row(const void* row, bool f32, int64_t K, int64_t i, int8_t* panel, float& scale, int32_t& sum, float& err,
-                float& norm) {
+struct Quantized {
+  float scale;  // s
+  int32_t sum;  // sum of q
+  double err;   // || v - s q ||
+  double norm;  // || v ||
+  bool finite;  // every v finite
+};
+
+// The int8 quantization of one row, the same for wte's rows and for the activations: s = max |v|
+// / 127 (1 for a zero row), q = round(v / s) clamped to [-127, 127] (any q is sound: the bound
+// uses the error of the q stored), written as bytes (q, or q + 128 with `offset`) in quads of four
+// inputs at out + j * quad_stride; the sums of squares in double lanes. load(k): v[k, k + 16),
+// zeros past K.
+template <class Load>
+Quantized quantize_row(Load load, int64_t K, uint8_t* out, int64_t quad_stride, bool offset) {
   __m512 amax = _mm512_setzero_ps();
   __mmask16 bad = 0;
   for (int64_t k = 0; k < K; k += 16) {
-    const __m512 a = _mm512_abs_ps(row_floats(row, f32, k, K));
+    const __m512 a = _mm512_abs_ps(load(k));
     bad |= _mm512_cmp_ps_mask(a, _mm512_set1_ps(3.0e38f), _CMP_NLE_UQ);  // inf and NaN
     amax = _mm512_max_ps(amax, a);
   }
   const float top = _mm512_reduce_max_ps(amax);
-  scale = top > 0.0f ? float(double(top) / 127.0) : 1.0f;
+  const float scale = top > 0.0f ? float(double(top) / 127.0) : 1.0f;
   const __m512 s = _mm512_set1_ps(scale);
   const __m512d sd = _mm512_set1_pd(double(scale));
   __m512d e = _mm512_setzero_pd(), n = _mm512_setzero_pd();
   __m512i q_sum = _mm512_setzero_si512();
   const int64_t Q = quads(K);
   for (int64_t k = 0; k < Q * 4; k += 16) {
-    const __m512 v = row_floats(row, f32, k, K);
+    const __m512 v = load(k);
     __m512 q = _mm512_roundscale_ps(_mm512_div_ps(v, s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     q = _mm512_min_ps(_mm512_max_ps(q, _mm512_set1_ps(-127.0f)), _mm512_set1_ps(127.0f));
     const __m512d vd[2] = {widen_low(v), widen_high(v)}, qd[2] = {widen_low(q), widen_high(q)};
@@ -453,14 +462,15 @@ bool screen_row(const void* row, bool f32, int64_t K, int64_t i, int8_t* panel, 
     }
     const __m512i qi = _mm512_cvtps_epi32(q);
     q_sum = _mm512_add_epi32(q_sum, qi);
-    alignas(16) int32_t quad[4];  // the 16 q as 4 quads of bytes, each to its place in the panel
-    _mm_store_si128(reinterpret_cast<__m128i*>(quad), _mm512_cvtepi32_epi8(qi));
-    for (int64_t j = 0; j < 4 && k / 4 + j < Q; ++j) __builtin_memcpy(panel + ((k / 4 + j) * kPanel + i) * 4, &quad[j], 4);
+    // q + 128 as a byte is q's two's-complement byte with the top bit flipped.
+    __m128i bytes = _mm512_cvtepi32_epi8(qi);
+    if (offset) bytes = _mm_xor_si128(bytes, _mm_set1_epi8(int8_t(0x80)));
+    alignas(16) int32_t quad[4];
+    _mm_store_si128(reinterpret_cast<__m128i*>(quad), bytes);
+    for (int64_t j = 0; j < 4 && k / 4 + j < Q; ++j) __builtin_memcpy(out + (k / 4 + j) * quad_stride, &quad[j], 4);
   }
-  sum = _mm512_reduce_add_epi32(q_sum);
-  err = round_up(__builtin_sqrt(_mm512_reduce_add_pd(e)));
-  norm = round_up(__builtin_sqrt(_mm512_reduce_add_pd(n)));
-  return bad == 0 && norm <= 1.0e30f;
+  return {scale, _mm512_reduce_add_epi32(q_sum), __builtin_sqrt(_mm512_reduce_add_pd(e)),
+          __builtin_sqrt(_mm512_reduce_add_pd(n)), bad == 0};
 }
 
 bool pack_screen(ThreadPool& pool, const TensorView& w, ScreenMatrix& out) {
@@ -481,7 +491,14 @@ bool pack_screen(ThreadPool& pool, const TensorView& w, ScreenMatrix& out) {
         for (int64_t k = 0; k < quads(K) * 4; ++k) panel[((k / 4) * kPanel + i) * 4 + k % 4] = 0;
       } else {
         const bool f32 = w.dtype == DType::F32;
-        ok = screen_row(static_cast<const uint8_t*>(w.data) + n * K * (f32 ? 4 : 2), f32, K, i, panel, scale, sum, err, norm);
+        const uint8_t* row = static_cast<const uint8_t*>(w.data) + n * K * (f32 ? 4 : 2);
+        const Quantized q = quantize_row([&](int64_t k) { return row_floats(row, f32, k, K); }, K,
+                                         reinterpret_cast<uint8_t*>(panel) + i * 4, kPanel * 4, false);
+        scale = q.scale;
+        sum = q.sum;
+        err = round_up(q.err);
+        norm = round_up(q.norm);
+        ok = q.finite && norm <= 1.0e30f;
       }
       if (!ok) __atomic_store_n(&j.bad, 1, __ATOMIC_RELAXED);
       const_cast<float*>(s.scale)[n] = scale;
@@ -558,27 +575,15 @@ void screen_chunk(void* job_ptr, int64_t c, int /*thread*/) {
 // the float arithmetic of a and of the bound itself; T covers denormals flushed by vdpbf16ps.
 // Returns false for a row whose bound is not finite (the caller computes that row in full).
 bool screen_terms(const float* x, int64_t K, bool bf16, float max_norm, uint8_t* xq, float* t) {
-  auto h_at = [&](int64_t k) { return double(bf16 ? bf16_to_f32(f32_to_bf16(x[k])) : x[k]); };  // as the matmul multiplies it
-  double amax = 0.0;
-  for (int64_t k = 0; k < K; ++k) {
-    const double a = __builtin_fabs(h_at(k));
-    if (!(a <= 3.0e38)) return false;
-    amax = a > amax ? a : amax;
-  }
-  const float sh = amax > 0.0 ? float(amax / 127.0) : 1.0f;
-  double hn = 0.0, dn = 0.0;
-  for (int64_t k = 0; k < quads(K) * 4; ++k) {
-    const double h = k < K ? h_at(k) : 0.0;
-    double q = __builtin_nearbyint(h / double(sh));
-    q = q > 127.0 ? 127.0 : q < -127.0 ? -127.0 : q;
-    xq[k] = uint8_t(int(q) + 128);
-    hn += h * h;
-    dn += (h - double(sh) * q) * (h - double(sh) * q);
-  }
-  hn = __builtin_sqrt(hn);
-  dn = __builtin_sqrt(dn);
+  const Quantized q = quantize_row([&](int64_t k) {
+    alignas(64) float h[16];  // as the matmul multiplies it
+    for (int l = 0; l < 16; ++l) h[l] = k + l >= K ? 0.0f : bf16 ? bf16_to_f32(f32_to_bf16(x[k + l])) : x[k + l];
+    return _mm512_load_ps(h);
+  }, K, xq, 4, true);
+  if (!q.finite) return false;
+  const double hn = q.norm, dn = q.err;
   const double u = 1.0 / 16777216.0, gamma = double(K) * u / (1.0 - double(K) * u), margin = 1.0 + 1.0 / 1024.0;
-  t[0] = sh;
+  t[0] = q.scale;
   t[1] = round_up(hn * margin);
   t[2] = round_up(dn * margin);
   t[3] = round_up((gamma + 16.0 * u) * hn * margin);
