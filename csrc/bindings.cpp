@@ -176,6 +176,7 @@ py::dict timings_dict(const gpt2s::Timings& t) {
   py::dict d;
   d["prefill_tokens"] = t.prefill_tokens;
   d["prefill_steps"] = t.prefill_steps;
+  d["shared_tokens"] = t.shared_tokens;
   d["prefill_seconds"] = t.prefill_seconds;
   d["decode_tokens"] = t.decode_tokens;
   d["decode_steps"] = t.decode_steps;

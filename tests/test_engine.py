@@ -333,6 +333,48 @@ def test_continuous_batching_refills_slots_at_once(engine):
     assert any(kind == "token" and i >= 4 for kind, i in events[first_finish:last_of_first_four])
 
 
+def test_shared_prefixes_are_prefilled_once_with_unchanged_results(small, engine, monkeypatch):
+    # Rows admitted together: three with one 12-token prompt, one sharing its first 8 tokens, one
+    # unrelated. The first prefills, the others copy what they share (scheduler.cpp) and compute
+    # the rest: logits at every step still match PyTorch, and the draws equal running each alone
+    # and running with sharing off.
+    p = _prompts([12], seed=7, vocab=BYTES.n_vocab)[0]
+    q = [(p[0] + 1) % 256] + _prompts([5], seed=8, vocab=BYTES.n_vocab)[0]
+    prompts = [p, p, p[:8] + [(t + 1) % 256 for t in p[8:]], q, p]
+    requests = [Request(x, 9, temperature=1.0, top_k=5 * i, seed=4, sample_index=i) for i, x in enumerate(prompts)]
+    logits = {}
+    together = engine.generate(requests, batch_size=5, on_logits=lambda i, step, x: logits.__setitem__((i, step), x.copy()))
+    t = engine.last_timings()
+    assert t["shared_tokens"] == 11 + 8 + 11  # a row always computes its prompt's last token
+    assert t["prefill_tokens"] == 12 + 1 + 4 + len(q) + 1
+    assert "30 more copied" in engine.timing_summary()
+    assert together == [engine.generate([r], batch_size=1)[0] for r in requests]
+    monkeypatch.setenv("GPT2S_SHARE_PREFIX", "0")
+    assert engine.generate(requests, batch_size=5) == together
+    assert engine.last_timings()["shared_tokens"] == 0
+    for i, (r, out) in enumerate(zip(requests, together)):
+        with torch.no_grad():
+            expected = small[0](torch.tensor([r.prompt + out.tokens]))[0, len(r.prompt) - 1 :].numpy()
+        for step in range(len(out.tokens)):
+            np.testing.assert_allclose(logits[i, step], expected[step], **TOLERANCE["fp32"], err_msg=f"row {i} step {step}")
+
+
+def test_shared_prefixes_through_refilled_slots_and_slides(small, engine):
+    # Ten samples of one prompt through 3 slots, rows of different lengths: a refilled slot copies
+    # the prompt from a row already decoding. Every prompt position is computed or copied once.
+    p = _prompts([20], seed=9, vocab=BYTES.n_vocab)[0]
+    requests = [Request(p, 3 + 4 * i % 13, temperature=1.0, top_k=40, seed=5, sample_index=i) for i in range(10)]
+    results = engine.generate(requests, batch_size=3)
+    t = engine.last_timings()
+    assert t["shared_tokens"] >= 6 * 19 and t["prefill_tokens"] + t["shared_tokens"] == 10 * 20
+    assert results == [engine.generate([r], batch_size=1)[0] for r in requests]
+    # Two greedy rows of one prompt past the 64-token context: identical windows slide together,
+    # and the second copies the first's re-prefilled window. Still PyTorch's tokens.
+    greedy = [Request(p, 120, temperature=0.0)] * 2
+    assert [r.tokens for r in engine.generate(greedy, batch_size=2)] == [r.tokens for r in generate_tokens(small[0], greedy)]
+    assert engine.last_timings()["shared_tokens"] > 19
+
+
 def test_callbacks_and_edge_lengths(engine):
     requests = [Request([1], 5, temperature=1.0), Request([2, 3], 0), Request(_prompts([BYTES.n_ctx], vocab=BYTES.n_vocab)[0], 3, temperature=0.0)]
     tokens, finished = {}, {}

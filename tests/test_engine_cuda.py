@@ -194,6 +194,21 @@ def test_samples_equal_the_cpu_engine_and_pytorch_whatever_the_batch(cuda_backen
     assert [r.tokens for r in five] == [r.tokens for r in generate_tokens(model, requests, batch_size=4)]
 
 
+def test_shared_prefixes_copied_on_the_device(cuda_backend, small):
+    # Rows of one prompt (and one sharing part of it) take the shared positions by copy_kv, in
+    # slots refilled while others decode too: the same tokens as the CPU engine and PyTorch.
+    model, files = small
+    p = _prompts([14], seed=6, vocab=BYTES.n_vocab)[0]
+    prompts = [p] * 5 + [p[:9] + [(t + 1) % 256 for t in p[9:]]] * 2
+    requests = [Request(x, 4 + 3 * i % 11, temperature=1.0, top_k=40, seed=2, sample_index=i) for i, x in enumerate(prompts)]
+    engine = Engine(files["fp32"], backend="cuda")
+    ours = engine.generate(requests, batch_size=3)
+    t = engine.last_timings()
+    assert t["shared_tokens"] >= 3 * 13 and t["prefill_tokens"] + t["shared_tokens"] == sum(len(x) for x in prompts)
+    assert ours == Engine(files["fp32"], backend="cpu").generate(requests, batch_size=1)
+    assert [r.tokens for r in ours] == [r.tokens for r in generate_tokens(model, requests, batch_size=4)]
+
+
 def test_many_rows_finishing_at_different_steps(cuda_backend, small):
     # A longer run: 18 requests of 1..40 new tokens through 5 slots, a third ending on a stop id and
     # a third on a stop sequence taken from their free-running output; every result equals the CPU

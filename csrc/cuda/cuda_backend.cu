@@ -310,6 +310,24 @@ class CudaBackend final : public Backend {
     out.sample_seconds = ms * 1e-3;
   }
 
+  void copy_kv(int32_t from, int32_t to, int32_t begin, int32_t end) override {
+    CUDA_CHECK(cudaSetDevice(device_));
+    Workspace<W>& ws = ws_;
+    GPT2S_CUDA_ASSERT(from >= 0 && from < ws.slots && to >= 0 && to < ws.slots && from != to && 0 <= begin &&
+                          begin <= end && end <= ws.ctx,
+                      "copy_kv: bad slots or positions");
+    // Per layer (slots + 1, NH, ctx, HS): a slot's NH heads are rows of one 2D copy.
+    const size_t pitch = size_t(ws.ctx) * HS_ * sizeof(W), width = size_t(end - begin) * HS_ * sizeof(W);
+    W* const caches[2] = {ws.k_cache, ws.v_cache};
+    for (W* cache : caches) {
+      for (int l = 0; l < L_; ++l) {
+        auto at = [&](int32_t slot) { return cache + l * ws.layer_stride + (int64_t(slot) * NH_ * ws.ctx + begin) * HS_; };
+        CUDA_CHECK(cudaMemcpy2DAsync(at(to), pitch, at(from), pitch, width, size_t(NH_), cudaMemcpyDeviceToDevice,
+                                     stream_.get()));
+      }
+    }
+  }
+
   int64_t kv_cache_bytes() const override { return ws_.kv_bytes; }
   std::string describe() const override { return description_; }
 

@@ -49,6 +49,9 @@ class Backend {
   // up to `max_step_tokens` tokens and `slots` sampling rows. Called once per generate call.
   virtual void reserve(int32_t slots, int32_t ctx, int32_t max_step_tokens) = 0;
   virtual void step(const StepInput& in, StepOutput& out) = 0;
+  // Copies positions [begin, end) of every layer's keys and values from slot `from` to slot `to`
+  // (a prompt prefix that two rows share, scheduler.cpp), ordered before the next step.
+  virtual void copy_kv(int32_t from, int32_t to, int32_t begin, int32_t end) = 0;
   // Bytes held by the KV cache after reserve() (for the documentation of memory use).
   virtual int64_t kv_cache_bytes() const = 0;
   virtual std::string describe() const = 0;  // e.g. "cpu avx512bf16, 2 threads"

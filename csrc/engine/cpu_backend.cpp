@@ -97,9 +97,8 @@ void CpuBackend::reserve(int32_t slots, int32_t ctx, int32_t max_step_tokens) {
   ctx_ = ctx;
   max_tokens_ = max_step_tokens;
   const int64_t N = max_step_tokens;
-  const int64_t kv_bytes = L * slots * ctx * C * (kv_dtype_ == DType::F32 ? 4 : 2);
-  k_cache_.resize(kv_bytes);
-  v_cache_.resize(kv_bytes);
+  k_cache_.resize(L * layer_kv_bytes());
+  v_cache_.resize(L * layer_kv_bytes());
   x_.resize(N * C);
   ln_.resize(N * C);
   qkv_.resize(N * 3 * C);
@@ -123,11 +122,31 @@ void CpuBackend::reserve(int32_t slots, int32_t ctx, int32_t max_step_tokens) {
   samplers_.resize(size_t(pool_.size()));
 }
 
+int64_t CpuBackend::layer_kv_bytes() const {
+  return int64_t(slots_) * ctx_ * w_.config.n_embd * (kv_dtype_ == DType::F32 ? 4 : 2);
+}
+
+void CpuBackend::copy_kv(int32_t from, int32_t to, int32_t begin, int32_t end) {
+  if (from < 0 || from >= slots_ || to < 0 || to >= slots_ || from == to || begin < 0 || begin > end || end > ctx_) {
+    throw std::logic_error("CpuBackend::copy_kv: bad slots or positions");
+  }
+  const int64_t NH = w_.config.n_head, HS = w_.config.n_embd / NH, row = HS * (kv_dtype_ == DType::F32 ? 4 : 2);
+  for (uint8_t* cache : {k_cache_.data(), v_cache_.data()}) {
+    for (int64_t l = 0; l < w_.config.n_layer; ++l) {
+      for (int64_t h = 0; h < NH; ++h) {
+        // (slots, NH, ctx, HS) per layer
+        auto at = [&](int32_t slot) { return cache + l * layer_kv_bytes() + ((int64_t(slot) * NH + h) * ctx_ + begin) * row; };
+        std::memcpy(at(to), at(from), size_t(end - begin) * size_t(row));
+      }
+    }
+  }
+}
+
 bool CpuBackend::forward(const StepInput& in) {
   const Config& c = w_.config;
   const int64_t C = c.n_embd, NH = c.n_head, HS = C / NH, N = int64_t(in.tokens.size());
   const int64_t R = int64_t(in.sample_at.size());
-  const int64_t layer_kv = int64_t(slots_) * ctx_ * C * (kv_dtype_ == DType::F32 ? 4 : 2);  // KV bytes per layer
+  const int64_t layer_kv = layer_kv_bytes();
   const Kernels& k = kernels_;
 
   // The bf16 copies of successive matmul inputs alternate between the two halves of xb_: the half

@@ -57,6 +57,7 @@ class CpuBackend final : public Backend {
 
   void reserve(int32_t slots, int32_t ctx, int32_t max_step_tokens) override;
   void step(const StepInput& in, StepOutput& out) override;
+  void copy_kv(int32_t from, int32_t to, int32_t begin, int32_t end) override;
   int64_t kv_cache_bytes() const override { return k_cache_.size() + v_cache_.size(); }
   std::string describe() const override;
   int threads() const { return pool_.size(); }
@@ -67,6 +68,8 @@ class CpuBackend final : public Backend {
   // The head for the R rows of xf_ through the screen, if every row may take it: true when it
   // did, leaving in logits_ the exact logits of each row's possible top-k and -inf elsewhere.
   bool screened_head(const StepInput& in, int64_t R);
+  // Bytes of one layer's keys (or values) for all slots.
+  int64_t layer_kv_bytes() const;
 
   const ModelWeights& w_;
   const Kernels& kernels_;

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <stdexcept>
 
 namespace gpt2s {
@@ -79,6 +81,14 @@ bool completes_stop_sequence(Row& row, std::string_view bytes, const std::vector
   return hit;
 }
 
+// How many tokens at the start of a and b agree, at most `cap`.
+int64_t common_prefix(const std::vector<int32_t>& a, const std::vector<int32_t>& b, int64_t cap) {
+  const int64_t n = std::min<int64_t>({cap, int64_t(a.size()), int64_t(b.size())});
+  int64_t i = 0;
+  while (i < n && a[size_t(i)] == b[size_t(i)]) ++i;
+  return i;
+}
+
 double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
@@ -108,6 +118,9 @@ std::vector<GenResult> generate(Backend& backend, const ModelWeights& weights, c
   const int32_t keep_on_slide = std::max(1, config.n_ctx / 2);
   std::vector<Row> rows(static_cast<size_t>(slots));
   size_t next = 0;  // first request not yet admitted
+  const char* share_env = std::getenv("GPT2S_SHARE_PREFIX");
+  const bool share_prefixes = !(share_env != nullptr && std::strcmp(share_env, "0") == 0);
+  std::vector<char> waiting(static_cast<size_t>(slots));  // this step: held back for a row prefilling the same prefix
 
   auto finish = [&](Row& row, FinishReason reason) {
     row.result.finish_reason = reason;
@@ -144,6 +157,40 @@ std::vector<GenResult> generate(Backend& backend, const ModelWeights& weights, c
       }
     }
 
+    // Prefix sharing (docs/engine.md): the positions a prefilling row's window shares with another
+    // row's cache are copied, not computed again, so n samples of one prompt prefill it once. A
+    // position's keys and values depend only on the tokens up to it, so the copy is what the row
+    // would have computed (bit for bit on the CPU, whose kernels are batch-invariant). A row whose
+    // prefix a lower slot is still prefilling waits for it when that covers at least half of what
+    // the row has left to feed (rows admitted together: the first prefills, the others copy).
+    // Lower slots only, and never behind a waiting row: the lowest prefilling row always runs.
+    // Before the step is built, `fed` counts exactly the positions in the cache.
+    std::fill(waiting.begin(), waiting.end(), 0);
+    for (int32_t s = 0; s < slots && share_prefixes; ++s) {
+      Row& row = rows[size_t(s)];
+      // The row feeds its window's last token itself: its draw needs that position's logits.
+      const int64_t cap = int64_t(row.window.size()) - 1;
+      if (row.request < 0 || !row.prefilling || row.fed >= cap) continue;
+      int64_t ready = row.fed, coming = row.fed;
+      int32_t donor = -1;
+      for (int32_t d = 0; d < slots; ++d) {
+        const Row& other = rows[size_t(d)];
+        if (d == s || other.request < 0) continue;
+        const int64_t n = common_prefix(other.window, row.window, cap);
+        if (std::min<int64_t>(n, other.fed) > ready) {
+          ready = std::min<int64_t>(n, other.fed);
+          donor = d;
+        }
+        if (d < s && other.prefilling && !waiting[size_t(d)]) coming = std::max(coming, n);
+      }
+      if (donor >= 0) {
+        backend.copy_kv(donor, s, row.fed, int32_t(ready));
+        timings.shared_tokens += ready - row.fed;
+        row.fed = int32_t(ready);
+      }
+      if (coming > row.fed && 2 * (coming - row.fed) >= int64_t(row.window.size()) - row.fed) waiting[size_t(s)] = 1;
+    }
+
     // The step: decoding rows' single tokens first (the budget always has room for them), then
     // prompt chunks up to the token budget.
     in.tokens.clear();
@@ -159,7 +206,7 @@ std::vector<GenResult> generate(Backend& backend, const ModelWeights& weights, c
       for (int32_t s = 0; s < slots; ++s) {
         Row& row = rows[size_t(s)];
         const int64_t pending = int64_t(row.window.size()) - row.fed;
-        if (row.request < 0 || pending == 0 || (pass == 0) == row.prefilling || budget == 0) continue;
+        if (row.request < 0 || pending == 0 || (pass == 0) == row.prefilling || budget == 0 || waiting[size_t(s)]) continue;
         const int64_t take = std::min(pending, budget);
         for (int64_t j = 0; j < take; ++j) {
           in.tokens.push_back(row.window[size_t(row.fed + j)]);

@@ -2,7 +2,8 @@
 // Continuous batching over a fixed number of KV-cache slots (a finished row's slot takes the next
 // pending request at once), prompts prefilled in chunks packed with the decoding rows' tokens,
 // stop ids and stop byte-sequences checked as each token arrives, length limits, the sliding
-// window past n_ctx, callbacks and a timing summary. Any Backend runs it.
+// window past n_ctx, prompt prefixes that rows share prefilled once, callbacks and a timing
+// summary. Any Backend runs it.
 #pragma once
 
 #include <cstdint>
@@ -45,6 +46,7 @@ struct Callbacks {
 // a prefill step; the others are decode steps, one token per active row.
 struct Timings {
   int64_t prefill_tokens = 0, prefill_steps = 0;
+  int64_t shared_tokens = 0;  // prompt positions copied from another row's cache, not computed
   int64_t decode_tokens = 0, decode_steps = 0;
   double prefill_seconds = 0, decode_seconds = 0;
   double decode_sample_seconds = 0;  // part of decode_seconds spent drawing tokens

@@ -217,6 +217,7 @@ class Engine:
 
     def last_timings(self) -> dict:
         """Where the time of the last ``generate`` call went: ``prefill_tokens``, ``prefill_seconds``,
+        ``shared_tokens`` (prompt positions copied from another row's cache instead of computed),
         ``decode_tokens``, ``decode_steps``, ``decode_seconds``, ``decode_sample_seconds``,
         ``total_seconds``, the KV cache used (``slots``, ``ctx``, ``kv_cache_bytes``), and
         ``ms_per_token`` (decode time per generated token, all rows together)."""
@@ -229,8 +230,9 @@ class Engine:
         t = self.last_timings()
         per_prefill = 1000.0 * t["prefill_seconds"] / t["prefill_tokens"] if t["prefill_tokens"] else 0.0
         share = 100.0 * t["decode_sample_seconds"] / t["decode_seconds"] if t["decode_seconds"] else 0.0
+        shared = f", {t['shared_tokens']} more copied from rows with the same prompt start" if t["shared_tokens"] else ""
         return (
-            f"prefill: {t['prefill_tokens']} tokens in {1000 * t['prefill_seconds']:.1f} ms ({per_prefill:.2f} ms/token)\n"
+            f"prefill: {t['prefill_tokens']} tokens in {1000 * t['prefill_seconds']:.1f} ms ({per_prefill:.2f} ms/token){shared}\n"
             f"decode:  {t['decode_tokens']} tokens in {t['decode_steps']} steps, {1000 * t['decode_seconds']:.1f} ms "
             f"({t['ms_per_token']:.2f} ms/token, sampling {share:.1f}%)\n"
             f"total:   {1000 * t['total_seconds']:.1f} ms; KV cache {t['slots']} x {t['ctx']} positions, "
