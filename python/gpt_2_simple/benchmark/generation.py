@@ -42,7 +42,8 @@ def engine_peer(path: str, threads: int | None):
         if any(len(r.tokens) != new_tokens for r in results):
             raise RuntimeError(f"the engine returned {[len(r.tokens) for r in results]} tokens, expected {new_tokens} each")
         t = engine.last_timings()
-        keys = ("prefill_seconds", "decode_seconds", "decode_steps", "decode_sample_seconds", "kv_cache_bytes", "screened_rows")
+        keys = ("prefill_seconds", "prefill_tokens", "shared_tokens", "decode_seconds", "decode_steps", "decode_sample_seconds",
+                "kv_cache_bytes", "screened_rows")
         return {"seconds": seconds, "timings": {k: t[k] for k in keys}}
 
     return run
@@ -179,6 +180,9 @@ def _engine_details(replies: list[dict], path, config, batch: int, prompt: int, 
         "bandwidth_gb_per_s": bandwidth,
     }
     out["screened_head"] = all(t["screened_rows"] > 0 for t in timings)
+    # The rows share their prompt, so all but one copy it (docs/engine.md "The scheduler").
+    out["prompt_tokens_computed"] = timings[0]["prefill_tokens"]
+    out["prompt_tokens_shared"] = timings[0]["shared_tokens"]
     if batch == 1:  # memory-bound: every weight is read once per token
         per_token = weight_bytes_per_token(path, screened=out["screened_head"])
         out.update(weight_bytes_per_token=per_token, weight_read_gb_per_s=per_token / step / 1e9,

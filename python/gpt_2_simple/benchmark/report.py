@@ -112,6 +112,9 @@ def _notes(record: dict) -> str:
         parts.append(f"sampling {100 * d['sampling_share_of_decode']:.1f}%")
     if d.get("screened_head"):  # the GEMM share below then counts the head's full FLOPs
         parts.append("screened head")
+    if d.get("prompt_tokens_shared"):
+        parts.append(f"prefill {_num(d['prefill_ms'])} ms: {d['prompt_tokens_computed']} prompt tokens computed, "
+                     f"{d['prompt_tokens_shared']} copied from rows sharing the prompt")
     if "share_of_bandwidth" in d:
         parts.append(f"weights read at {_num(d['weight_read_gb_per_s'])} GB/s = {100 * d['share_of_bandwidth']:.0f}% of the measured "
                      f"{_num(d['bandwidth_gb_per_s'])} GB/s")
