@@ -182,6 +182,8 @@ std::vector<GenResult> generate(Backend& backend, const ModelWeights& weights, c
           donor = d;
         }
         if (d < s && other.prefilling && !waiting[size_t(d)]) coming = std::max(coming, n);
+        // Found all it can share, now or from a leader: rows of one long prompt need no full scan.
+        if (ready == cap || coming == cap) break;
       }
       if (donor >= 0) {
         backend.copy_kv(donor, s, row.fed, int32_t(ready));
