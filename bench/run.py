@@ -15,12 +15,18 @@ from checkout import ROOT  # the checkout's sources or the installed package
 
 from gpt_2_simple.benchmark import harness
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def main(defaults: tuple[str, ...] = (), program: str = "bench/run.py", doc: str = __doc__) -> None:
+    """Parses ``defaults`` then the command line (later options override earlier ones) and runs."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     harness.add_arguments(parser, output_dir=str(ROOT / "bench" / "results"))
-    args = parser.parse_args()
+    args = parser.parse_args([*defaults, *sys.argv[1:]])
     try:
-        harness.main(args, program="python bench/run.py")
+        harness.main(args, program=f"python {program}")
     except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"bench/run.py: error: {e}", file=sys.stderr)
+        print(f"{program}: error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
