@@ -131,11 +131,12 @@ void CpuBackend::copy_kv(int32_t from, int32_t to, int32_t begin, int32_t end) {
     throw std::logic_error("CpuBackend::copy_kv: bad slots or positions");
   }
   const int64_t NH = w_.config.n_head, HS = w_.config.n_embd / NH, row = HS * (kv_dtype_ == DType::F32 ? 4 : 2);
+  const int64_t layer_kv = layer_kv_bytes();
   for (uint8_t* cache : {k_cache_.data(), v_cache_.data()}) {
     for (int64_t l = 0; l < w_.config.n_layer; ++l) {
       for (int64_t h = 0; h < NH; ++h) {
         // (slots, NH, ctx, HS) per layer
-        auto at = [&](int32_t slot) { return cache + l * layer_kv_bytes() + ((int64_t(slot) * NH + h) * ctx_ + begin) * row; };
+        auto at = [&](int32_t slot) { return cache + l * layer_kv + ((int64_t(slot) * NH + h) * ctx_ + begin) * row; };
         std::memcpy(at(to), at(from), size_t(end - begin) * size_t(row));
       }
     }

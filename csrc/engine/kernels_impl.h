@@ -575,10 +575,12 @@ void screen_chunk(void* job_ptr, int64_t c, int /*thread*/) {
 // the float arithmetic of a and of the bound itself; T covers denormals flushed by vdpbf16ps.
 // Returns false for a row whose bound is not finite (the caller computes that row in full).
 bool screen_terms(const float* x, int64_t K, bool bf16, float max_norm, uint8_t* xq, float* t) {
-  const Quantized q = quantize_row([&](int64_t k) {
-    alignas(64) float h[16];  // as the matmul multiplies it
-    for (int l = 0; l < 16; ++l) h[l] = k + l >= K ? 0.0f : bf16 ? bf16_to_f32(f32_to_bf16(x[k + l])) : x[k + l];
-    return _mm512_load_ps(h);
+  const Quantized q = quantize_row([&](int64_t k) {  // h as the matmul multiplies it
+    const __m512 v = row_floats(x, true, k, K);
+    if (!bf16) return v;
+    alignas(32) uint16_t rounded[16];
+    vstore_bf16(rounded, Vf{v});  // as round_bf16 rounds the matmul's input
+    return vload_bf16_f32(rounded).v;
   }, K, xq, 4, true);
   if (!q.finite) return false;
   const double hn = q.norm, dn = q.err;
