@@ -20,9 +20,12 @@ from gpt_2_simple.engine import Engine, Request, Result
 from gpt_2_simple.export import export
 from gpt_2_simple.tokenizer import END_OF_TEXT, bytes_to_unicode
 from gpt_2_simple.torch_generate import generate_tokens, window_size
+from conftest import needs_isa
 from reference import TINY, random_gpt2
 
-ISAS = ["native", "avx512", "avx2", "scalar"]  # native: AVX-512 with BF16 where this CPU has it
+# native: the best this CPU has (AVX-512 with BF16, AVX-512, AVX2 or scalar); the others are capped
+# to with GPT2S_ISA, so only those the host supports can run (host_isa in conftest.py).
+ISAS = ["native", *(pytest.param(isa, marks=needs_isa(isa)) for isa in ("avx512", "avx2", "scalar"))]
 # bf16: the engine rounds activations to bf16 at each matmul input (docs/engine.md); against
 # model.py with the same bf16 weights that costs up to ~1% of the logits' spread.
 TOLERANCE = {"fp32": dict(atol=1e-4, rtol=1e-4), "bf16": dict(atol=3e-2, rtol=0.0)}
@@ -185,7 +188,7 @@ def _check_shape(tmp_path, config, lengths, isa, dtype, new_tokens=4):
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-@pytest.mark.parametrize("isa", ["native", "avx2", "scalar"])
+@pytest.mark.parametrize("isa", ["native", pytest.param("avx2", marks=needs_isa("avx2")), "scalar"])
 def test_wide_matrices_at_every_batch_shape(tmp_path, isa, dtype):
     # n_embd 192: the matmuls run over inputs of 192 and 768 (mlp.c_proj), more than one slice of
     # the matmul's panels (128 inputs) and not a multiple of one; a prefill of 9 + 17 + 30 = 56
@@ -196,7 +199,7 @@ def test_wide_matrices_at_every_batch_shape(tmp_path, isa, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-@pytest.mark.parametrize("isa", ["native", "avx2", "scalar"])
+@pytest.mark.parametrize("isa", ["native", pytest.param("avx2", marks=needs_isa("avx2")), "scalar"])
 def test_odd_widths(tmp_path, isa, dtype):
     # n_embd 45 (3 heads of 15): every matmul but mlp.c_proj has an odd number of inputs, whose
     # bf16 pairs end with a padding zero (kernels_impl.h, pack), and no width is a multiple of a
