@@ -145,41 +145,53 @@ def test_png_is_valid(quick_run):
 README = "# Title\n\nIntro.\n\n{start}\nold text\n{end}\n\n## Next\nunchanged\n"
 
 
-def test_readme_apply_replaces_the_marker_section_idempotently(quick_run, tmp_path, capsys):
+def test_readme_apply_replaces_the_marker_sections_idempotently(quick_run, tmp_path, capsys):
     _, path, results = quick_run
-    readme = tmp_path / "README.md"
+    readme, docs = tmp_path / "README.md", tmp_path / "docs" / "bench.md"
     readme.write_text(README.format(start=report.START, end=report.END))
+    docs.parent.mkdir()
+    docs.write_text(README.format(start=report.RUNS_START, end=report.RUNS_END))
     before, after = README.split("{start}")[0], README.split("{end}")[1]
     assert cli.main(["bench", "--readme", str(path), str(H200_GENERATE), str(H200_FINETUNE), "--apply", str(readme)]) == 0
     section = capsys.readouterr().out
-    text = readme.read_text()
+    text, runs = readme.read_text(), docs.read_text()
     assert text == before + section.rstrip("\n") + after
     assert text.count(report.START) == 1 and text.count(report.END) == 1 and "old text" not in text
-    assert results["command"] in section and results["context"]["cpu"] in section
+    assert runs.startswith(before) and runs.endswith(after) and "old text" not in runs
+    # The README: one table, each row naming its machine; the runs' details go to docs/bench.md.
+    assert section.count("| What | Case |") == 1 and results["context"]["cpu"] in section
+    assert results["command"] in runs and results["context"]["cpu"] in runs
     gen, ft = json.loads(H200_GENERATE.read_text()), json.loads(H200_FINETUNE.read_text())
-    for result in (gen, ft):  # each GPU file: device, date, command, its ratios
-        assert gpu.reproduce_command(result) in section
-    assert f"{gen['context']['gpu']} (sm_90" in section and gen["context"]["date"][:16].replace("T", " ") in section
-    assert f"**GPU fine-tuning** on {ft['gpu']}" in section and ft["date"][:16].replace("T", " ") in section
+    for result in (gen, ft):  # each GPU file: device, date, command in the list of runs
+        assert gpu.reproduce_command(result) in runs
+    assert f"{gen['context']['gpu']} (sm_90" in runs and gen["context"]["date"][:16].replace("T", " ") in runs
+    assert f"**GPU fine-tuning** on {ft['gpu']}" in runs and ft["date"][:16].replace("T", " ") in runs
     for g in gen["generation"]:
         row = next(line for line in section.splitlines() if f"| generate, batch {g['batch']} |" in line)
-        assert _close(row.strip("|").split("|")[4], g["ratio_to_transformers_median_of_pairs"])
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert _close(cells[4], g["ratio_to_transformers_median_of_pairs"]) and cells[5] == gen["context"]["gpu"]
     assert cli.main(["bench", "--readme", str(path), str(H200_GENERATE), str(H200_FINETUNE), "--apply", str(readme)]) == 0
-    assert readme.read_text() == text  # idempotent
+    assert readme.read_text() == text and docs.read_text() == runs  # idempotent
 
 
-def test_readme_takes_a_full_run_then_reruns_in_order(quick_run, tmp_path):
+def test_readme_takes_reruns_then_a_full_run_in_order(quick_run, tmp_path):
     _, path, results = quick_run
     rerun = json.loads(path.read_text(encoding="utf-8"))
     rerun["command"] = "python bench/run.py --suites tokenizer --reps 1"
     rerun["context"]["date"] = "2031-01-02T03:04:05+00:00"
+    rerun["context"]["cpu"] = "Rerun CPU"
     rerun_path = tmp_path / "rerun.json"
     rerun_path.write_text(json.dumps(rerun), encoding="utf-8")
-    section = harness.readme([str(path), str(rerun_path)])
-    first, second = section.index(f"Measured by `{results['command']}`"), section.index(f"Measured by `{rerun['command']}`")
-    assert first < second and "2031-01-02 03:04" in section[second:]
-    assert section.count("| What | Case |") == 2
-    assert f"--readme {report.display_path(path)} {report.display_path(rerun_path)} --apply README.md" in section
+    runs = report.runs_section([(str(rerun_path), rerun), (str(path), results)])
+    first, second = runs.index(f"measured by `{rerun['command']}`"), runs.index(f"measured by `{results['command']}`")
+    assert first < second and "2031-01-02 03:04" in runs[:second]
+    assert f"--readme {rerun_path} {path} --apply README.md" in runs
+    # Each case once, from the first file that has it: every headline row names the rerun's machine.
+    section = harness.readme([str(rerun_path), str(path)])
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| What")]
+    assert rows and all(line.rstrip(" |").endswith("Rerun CPU, " + f"{rerun['context']['cores']} cores, {rerun['context']['engine_isa']}")
+                        for line in rows)
+    assert len(rows) == len({tuple(line.split(" | ")[:2]) for line in rows})
     assert rerun_path.with_suffix(".md").is_file() and rerun_path.with_suffix(".png").is_file()
 
 

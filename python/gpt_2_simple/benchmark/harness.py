@@ -46,10 +46,11 @@ def add_arguments(parser: argparse.ArgumentParser, output_dir: str) -> None:
     parser.add_argument("--output_dir", default=output_dir, help=f"where results are written (default: {output_dir})")
     parser.add_argument("--workdir", default=None, help="folder for the model files the suites write (default: a temporary folder, removed)")
     parser.add_argument("--readme", nargs="+", default=None, metavar="RESULTS.json",
-                        help="instead of measuring, print the README Performance section of results files (a full run, then any "
-                        "focused reruns; rewrites their .md, .png) and GPU results files of bench/generate_cuda.py and "
-                        "bench/finetune_gpu.py (a table each)")
-    parser.add_argument("--apply", default=None, metavar="README.md", help="with --readme: write the section between the performance markers of this file")
+                        help="instead of measuring, print the README Performance table of results files (focused reruns, then a "
+                        "full run: the first file with a case wins; rewrites their .md, .png) and GPU results files of "
+                        "bench/generate_cuda.py and bench/finetune_gpu.py")
+    parser.add_argument("--apply", default=None, metavar="README.md", help="with --readme: write the table between this file's performance markers, and the list of runs "
+                        "between the runs markers of docs/bench.md beside it")
 
 
 def parse_sizes(text: str | None, option: str) -> tuple[int, ...] | None:
@@ -117,9 +118,9 @@ def run(suites: list[str], *, quick: bool = False, reps: int | None = None, mode
 
 
 def readme(results_paths: list[str] | str, apply: str | None = None) -> str:
-    """The README section of harness results files (a full run, then any focused reruns, in the
-    order given) and/or GPU results files; rewrites each harness file's .md and .png, and
-    ``apply``'s section."""
+    """The README Performance table of harness results files (a focused rerun, then a full run, in
+    the order given) and/or GPU results files; rewrites each harness file's .md and .png, and with
+    ``apply`` the README's section and the list of runs in docs/bench.md beside it (when present)."""
     from . import report
 
     harness, gpu = [], []
@@ -136,7 +137,14 @@ def readme(results_paths: list[str] | str, apply: str | None = None) -> str:
         target = Path(apply)
         if not target.is_file():
             raise FileNotFoundError(f"{apply} not found: give the README to update")
-        target.write_text(report.apply_readme(target.read_text(encoding="utf-8"), section), encoding="utf-8")
+        docs = target.parent / "docs" / "bench.md"
+        # Both checked before either is written, so a missing marker leaves both files as they were.
+        readme_text = report.apply_readme(target.read_text(encoding="utf-8"), section)
+        docs_text = docs.is_file() and report.apply_readme(docs.read_text(encoding="utf-8"), report.runs_section(harness, gpu=gpu),
+                                                           (report.RUNS_START, report.RUNS_END))
+        target.write_text(readme_text, encoding="utf-8")
+        if docs_text:
+            docs.write_text(docs_text, encoding="utf-8")
     return section
 
 

@@ -1,5 +1,6 @@
 """A results file (``<date>-<host>.json``) turned into what people read: the README's Performance
-section (between ``<!-- performance:start -->`` and ``<!-- performance:end -->``), markdown
+table (between ``<!-- performance:start -->`` and ``<!-- performance:end -->``), docs/bench.md's
+account of the runs behind it (between ``<!-- runs:start -->`` and ``<!-- runs:end -->``), markdown
 tables of every record, and a PNG chart of every comparison. Everything here is a pure function of
 the results file, so the same file always gives the same text and image.
 """
@@ -14,10 +15,12 @@ from ..plot import bar_chart_png
 from .gpu import records as gpu_records
 from .gpu import reproduce_command
 
-__all__ = ["SCHEMA", "load_results", "load_any", "write_results", "markdown", "readme_section", "apply_readme", "chart_png", "START", "END"]
+__all__ = ["SCHEMA", "load_results", "load_any", "write_results", "markdown", "readme_section", "runs_section", "apply_readme", "chart_png", "START", "END", "RUNS_START", "RUNS_END"]
 
 SCHEMA = "gpt_2_simple-bench/1"
 START, END = "<!-- performance:start -->", "<!-- performance:end -->"
+# docs/bench.md's list of the runs behind the README's table
+RUNS_START, RUNS_END = "<!-- runs:start -->", "<!-- runs:end -->"
 TITLES = {"generation": "Generation", "batching": "Continuous vs static batching", "load": "Model load", "tokenizer": "Tokenizer encode",
           "finetune": "Fine-tuning", "gpu": "GPU"}
 PEERS_INSTALL = 'pip install ".[bench]"    # from the checkout: the peers: transformers, tiktoken'
@@ -156,7 +159,8 @@ def _method(results: dict) -> str:
             f"in its own process (its peak RSS its own).{quick}")
 
 
-def _headline_rows(results: dict) -> list[str]:
+def _headline_rows(results: dict, machine: str) -> list[tuple[tuple[str, str], str]]:
+    """``((suite, case), row)`` for each headline comparison: ours, the peer, the ratio, the machine."""
     rows = []
     by_case: dict[tuple[str, str], dict[str, dict]] = {}
     for r in results["records"]:
@@ -168,8 +172,8 @@ def _headline_rows(results: dict) -> list[str]:
         other = by_case[(r["suite"], r["case"])].get(peer)
         what = f"{TITLES.get(r['suite'], r['suite'])} ({r['metric']})"
         theirs = f"{_value(r['metric'], other['median'])} ({peer})" if other else peer
-        rows.append(f"| {what} | {r['case']} | {_value(r['metric'], r['median'])} ({r['peer']}) | {theirs} | "
-                    f"{_ratio(r['speedup'][peer]['median'])} |")
+        rows.append(((r["suite"], r["case"]), f"| {what} | {r['case']} | {_value(r['metric'], r['median'])} ({r['peer']}) | {theirs} | "
+                    f"{_ratio(r['speedup'][peer]['median'])} | {machine} |"))
     return rows
 
 
@@ -183,60 +187,79 @@ def _skipped(results: dict) -> list[str]:
     return out
 
 
-def gpu_lines(results_path: str, result: dict) -> list[str]:
-    """A GPU results file (bench/generate_cuda.py or bench/finetune_gpu.py) as a labelled table:
-    device, date, commit, settings, the command that wrote it, its headline figures."""
-    title = "GPU generation" if result["benchmark"] == "generate_cuda" else "GPU fine-tuning"
+def short_machine(results: dict) -> str:
+    """The machine of a harness run in a few words: CPU, cores and the engine's kernel family."""
+    c = results["context"]
+    return f"{c['cpu']}, {c['cores']} cores, {c.get('engine_isa') or 'no engine'}"
+
+
+def _gpu_summary(result: dict) -> dict:
+    """A GPU results file (bench/generate_cuda.py or bench/finetune_gpu.py): its title, device (long
+    and short), date, software and settings."""
     if result["benchmark"] == "generate_cuda":
         c = result["context"]
         g = result["generation"][0]
-        device = f"{c['gpu']} (sm_{c['capability'][0]}{c['capability'][1]}, {c['gpu_memory_bytes'] / 2**30:.0f} GiB, driver {c['driver']})"
         software = f"torch {c['torch']} (CUDA {c['torch_cuda']}), transformers {c['transformers']}; gpt_2_simple {c['gpt_2_simple']} (commit {c['commit']})"
         if c.get("commit_note"):
             software += f"; {c['commit_note']}"
-        date = c["date"]
-        what = (f"124M geometry, random weights, bf16, prompt {g['prompt']}, {g['new_tokens']} new tokens, top-k {g['top_k']}; our CUDA engine "
-                f"against transformers `generate` on the same GPU, median of {g['reps']} runs after a warm-up, interleaved; batch-1 floor "
-                f"{result['batch1_floor_ms_per_token']:.3f} ms/token (weights over the copy bandwidth measured in the same run, "
-                f"{_num(result['copy_bandwidth_gb_s'])} GB/s)")
-    else:
-        device = f"{result['gpu']} ({result['gpu_memory_bytes'] / 2**30:.0f} GiB)"
-        software = f"torch {result['torch']} (CUDA {result['torch_cuda']}), transformers {result['transformers']}; commit {result['commit']}"
-        date = result["date"]
-        reps = result["models"][0]["reps"] if result["models"] else "?"
-        what = (f"Random init, {result['settings']}; `finetune` against a plain transformers loop, {reps} timed run(s) per variant after a "
-                "warm-up run, interleaved")
-    lines = [f"**{title}** on {device}, {date[:16].replace('T', ' ')}; {software}. {what}. Measured by `{reproduce_command(result)}`; "
-             f"results: `{results_path}`.", ""]
-    rows = _headline_rows({"records": gpu_records(result)})
-    if rows:
-        lines += ["| What | Case | gpt_2_simple | Peer | Ratio (> 1: ours better) |", "|---|---|---|---|---|", *rows, ""]
-    return lines
+        return dict(title="GPU generation", gpu=c["gpu"], date=c["date"], software=software,
+                    device=f"{c['gpu']} (sm_{c['capability'][0]}{c['capability'][1]}, {c['gpu_memory_bytes'] / 2**30:.0f} GiB, driver {c['driver']})",
+                    what=(f"124M geometry, random weights, bf16, prompt {g['prompt']}, {g['new_tokens']} new tokens, top-k {g['top_k']}; our CUDA "
+                          f"engine against transformers `generate` on the same GPU, median of {g['reps']} runs after a warm-up, interleaved; "
+                          f"batch-1 floor {result['batch1_floor_ms_per_token']:.3f} ms/token (weights over the copy bandwidth measured in the "
+                          f"same run, {_num(result['copy_bandwidth_gb_s'])} GB/s)"))
+    reps = result["models"][0]["reps"] if result["models"] else "?"
+    return dict(title="GPU fine-tuning", gpu=result["gpu"], date=result["date"],
+                software=f"torch {result['torch']} (CUDA {result['torch_cuda']}), transformers {result['transformers']}; commit {result['commit']}",
+                device=f"{result['gpu']} ({result['gpu_memory_bytes'] / 2**30:.0f} GiB)",
+                what=(f"Random init, {result['settings']}; `finetune` against a plain transformers loop, {reps} timed run(s) per variant after "
+                      "a warm-up run, interleaved"))
 
 
 def readme_section(harness: list[tuple[str, dict]], *, gpu: list[tuple[str, dict]] = ()) -> str:
-    """The README's Performance section (markers included): for each ``(path, results)`` of
-    ``harness`` (e.g. a full run, then a focused rerun of some suites) its machine, method and
-    headline table, then a table for each ``(path, result)`` of ``gpu``."""
-    lines = [START, "## Performance", ""]
+    """The README's Performance section (markers included): one table of the headline comparisons
+    of every ``(path, results)`` of ``harness`` (e.g. a focused rerun, then a full run: where two
+    give the same case, the first wins) and of every ``(path, result)`` of ``gpu``, each row naming
+    its machine. The runs' details are in ``runs_section``'s text (docs/bench.md)."""
+    rows: dict[tuple[str, str], str] = {}
+    skipped = []
+    for _, results in harness:
+        for key, row in _headline_rows(results, short_machine(results)):
+            rows.setdefault(key, row)
+        skipped += [line for line in _skipped(results) if not (gpu and line.startswith("- gpu:"))]  # GPU files stand in
+    for _, result in gpu:
+        for key, row in _headline_rows({"records": gpu_records(result)}, _gpu_summary(result)["gpu"]):
+            rows.setdefault(key, row)
+    suites = list(TITLES)
+    rows = dict(sorted(rows.items(), key=lambda item: suites.index(item[0][0]) if item[0][0] in suites else len(suites)))
+    lines = [START, "## Performance", "", "Ours against each peer measured in the same run on the same machine (ratio > 1: ours better). "
+             "Each run's machine, software, date, method and the command that reproduces it: "
+             "[docs/bench.md](docs/bench.md#runs-behind-the-readme).", ""]
+    lines += ["| What | Case | gpt_2_simple | Peer | Ratio | Machine |", "|---|---|---|---|---|---|", *rows.values(), ""]
+    if skipped:
+        lines += ["Not measured or with a caveat:", "", *dict.fromkeys(skipped), ""]
+    lines.append(END)
+    return "\n".join(lines) + "\n"
+
+
+def runs_section(harness: list[tuple[str, dict]], *, gpu: list[tuple[str, dict]] = ()) -> str:
+    """docs/bench.md's account of the runs behind the README table (markers included): for each
+    run its file, command, machine, software, date and method, then the commands to reproduce them."""
+    lines = [RUNS_START]
     commands = [PEERS_INSTALL]
     for results_path, results in harness:
-        lines += [f"Measured by `{results.get('command', 'gpt_2_simple bench')}` on {machine_line(results)}. {_method(results)} Full tables, "
-                  f"every peer and the chart: `{results_path}` and its `.md`/`.png` beside it.", ""]
-        rows = _headline_rows(results)
-        if rows:
-            lines += ["| What | Case | gpt_2_simple | Peer | Ratio (> 1: ours better) |", "|---|---|---|---|---|", *rows, ""]
-        skipped = _skipped(results)
-        if skipped:
-            lines += ["Not measured or with a caveat:", "", *skipped, ""]
+        lines += [f"- `{results_path}`: measured by `{results.get('command', 'gpt_2_simple bench')}` on {machine_line(results)}. "
+                  f"{_method(results)} Every table and the chart: its `.md`/`.png` beside it.", ""]
         commands.append(f"{results.get('command', 'gpt_2_simple bench')}    # python bench/run.py = gpt_2_simple bench in a checkout")
-    for path, result in gpu:
-        lines += gpu_lines(path, result)
+    for results_path, result in gpu:
+        g = _gpu_summary(result)
+        lines += [f"- `{results_path}`: **{g['title']}** on {g['device']}, {g['date'][:16].replace('T', ' ')}; {g['software']}. {g['what']}. "
+                  f"Measured by `{reproduce_command(result)}`.", ""]
         commands.append(f"{reproduce_command(result)}    # needs an NVIDIA GPU (or: bash bench/gpu_check.sh)")
     files = " ".join(p for p, _ in [*harness, *gpu])
-    commands.append(f"python bench/run.py --readme {files} --apply README.md   # this section")
-    lines += ["To reproduce (figures vary with the machine and its load; compare ratios, not absolute numbers; how: [docs/bench.md](docs/bench.md)):", "",
-              *(f"    {c}" for c in commands), "", END]
+    commands.append(f"python bench/run.py --readme {files} --apply README.md   # the README table and this list")
+    lines += ["To reproduce (figures vary with the machine and its load; compare ratios, not absolute numbers):", "",
+              *(f"    {c}" for c in commands), "", RUNS_END]
     return "\n".join(lines) + "\n"
 
 
@@ -268,17 +291,17 @@ def suite_tables(results: dict) -> str:
 
 def markdown(results: dict, results_path: str) -> str:
     """The ``.md`` written beside a results file: the README section, then every table."""
-    return (readme_section([(results_path, results)]) + "\n## All results\n\n" + f"Machine: {machine_line(results)}.\n\n{_method(results)} "
+    return (readme_section([(results_path, results)]) + "\n" + runs_section([(results_path, results)]) + "\n## All results\n\n" + f"Machine: {machine_line(results)}.\n\n{_method(results)} "
             "Ours in bold; `vs X` is the median per-round ratio to X, oriented so that > 1 means better (faster, or less memory).\n\n"
             + suite_tables(results))
 
 
-def apply_readme(readme: str, section: str) -> str:
-    """``readme`` with the text between the performance markers (markers included) replaced by ``section``."""
-    start, end = readme.find(START), readme.find(END)
+def apply_readme(readme: str, section: str, markers: tuple[str, str] = (START, END)) -> str:
+    """``readme`` with the text between ``markers`` (markers included) replaced by ``section``."""
+    start, end = readme.find(markers[0]), readme.find(markers[1])
     if start < 0 or end < start:
-        raise ValueError(f"the README has no {START} ... {END} pair: add the two lines where the Performance section belongs")
-    return readme[:start] + section.rstrip("\n") + readme[end + len(END):]
+        raise ValueError(f"the file has no {markers[0]} ... {markers[1]} pair: add the two lines where the section belongs")
+    return readme[:start] + section.rstrip("\n") + readme[end + len(markers[1]):]
 
 
 # ---------------------------------------------------------------------------------------------
