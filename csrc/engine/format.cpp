@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <sstream>
 #include <unordered_map>
@@ -128,7 +129,34 @@ uint32_t crc32(uint32_t crc, const void* data, size_t n) {
   return ~crc;
 }
 
-std::shared_ptr<const LoadedModel> LoadedModel::open(const std::string& path, bool verify_data) {
+namespace {
+
+// `size` bytes of `fd` into a fresh 64-byte aligned buffer (the kernels' alignment rule holds
+// relative to the file's start). A file that shrinks while being read is reported, not padded.
+uint8_t* read_whole(int fd, const std::string& path, uint64_t size) {
+  void* p = nullptr;
+  if (size > SIZE_MAX || posix_memalign(&p, kAlignment, static_cast<size_t>(size)) != 0)
+    throw SystemError(cat("cannot allocate ", size, " bytes to read model file ", path, " into memory"), ENOMEM);
+  uint8_t* buf = static_cast<uint8_t*>(p);
+  uint64_t done = 0;
+  while (done < size) {
+    const ssize_t n = ::pread(fd, buf + done, static_cast<size_t>(std::min<uint64_t>(size - done, 1u << 30)), static_cast<off_t>(done));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      const int err = n < 0 ? errno : 0;
+      std::free(buf);
+      if (err) throw SystemError(cat("cannot read model file ", path, ": ", std::strerror(err)), err);
+      throw FormatError(cat(path, " shrank while it was being read (", done, " of ", size,
+                            " bytes): another process is writing it; wait for it to finish, or ", kReexport));
+    }
+    done += static_cast<uint64_t>(n);
+  }
+  return buf;
+}
+
+}  // namespace
+
+std::shared_ptr<const LoadedModel> LoadedModel::open(const std::string& path, const LoadOptions& options) {
   std::shared_ptr<LoadedModel> m(new LoadedModel());
   m->path_ = path;
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
@@ -154,22 +182,52 @@ std::shared_ptr<const LoadedModel> LoadedModel::open(const std::string& path, bo
     throw FormatError(cat(path, " is not a gpt_2_simple model file: it has ", size,
                           " bytes, fewer than the 128-byte header (an empty or truncated file?); ", kReexport));
   }
-  void* p = mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
-  const int err = errno;
-  ::close(fd);  // the mapping keeps the file alive
-  if (p == MAP_FAILED) throw SystemError(cat("cannot memory-map model file ", path, ": ", std::strerror(err)), err);
-  m->base_ = static_cast<const uint8_t*>(p);
+  if (options.mmap) {
+    void* p = mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+    const int err = errno;
+    ::close(fd);  // the mapping keeps the file alive
+    if (p == MAP_FAILED) throw SystemError(cat("cannot memory-map model file ", path, ": ", std::strerror(err)), err);
+    m->base_ = static_cast<const uint8_t*>(p);
+    m->mapped_ = true;
+  } else {
+    try {
+      m->base_ = read_whole(fd, path, size);
+    } catch (...) {
+      ::close(fd);
+      throw;
+    }
+    ::close(fd);
+  }
   m->size_ = size;
-  m->parse();  // on a throw, m's destructor unmaps
-  if (verify_data) m->verify_data();
+  m->parse();  // on a throw, m's destructor unmaps (or frees)
+  if (options.verify_data) m->verify_data();
   // The engine reads every weight on its first forward pass: start reading the file in now.
   // (Not MADV_SEQUENTIAL: weights are re-read every step and must stay cached.)
-  madvise(const_cast<uint8_t*>(m->base_), m->size_, MADV_WILLNEED);
+  if (m->mapped_) madvise(const_cast<uint8_t*>(m->base_), m->size_, MADV_WILLNEED);
+  return m;
+}
+
+std::shared_ptr<const LoadedModel> LoadedModel::from_bytes(const std::string& name, const uint8_t* data, size_t size, bool verify_data) {
+  std::shared_ptr<LoadedModel> m(new LoadedModel());
+  m->path_ = name;
+  if (size < kHeaderSize)
+    throw FormatError(cat(name, " is not a gpt_2_simple model file: it has ", size, " bytes, fewer than the 128-byte header; ", kReexport));
+  void* p = nullptr;
+  if (posix_memalign(&p, kAlignment, size) != 0) throw SystemError(cat("cannot allocate ", size, " bytes for ", name), ENOMEM);
+  std::memcpy(p, data, size);
+  m->base_ = static_cast<const uint8_t*>(p);
+  m->size_ = size;
+  m->parse();
+  if (verify_data) m->verify_data();
   return m;
 }
 
 LoadedModel::~LoadedModel() {
-  if (base_ != nullptr) munmap(const_cast<uint8_t*>(base_), size_);
+  if (base_ == nullptr) return;
+  if (mapped_)
+    munmap(const_cast<uint8_t*>(base_), size_);
+  else
+    std::free(const_cast<uint8_t*>(base_));
 }
 
 void LoadedModel::parse() {
@@ -291,6 +349,7 @@ void LoadedModel::parse() {
     }
     token_kinds_ = std::string_view(reinterpret_cast<const char*>(kinds), n);
     merges_ = std::string_view(reinterpret_cast<const char*>(blob + bytes_size), merges_size);
+    check_tokenizer(kinds, merges_);
   }
   metadata_ = std::string_view(reinterpret_cast<const char*>(b + sections[2].offset), sections[2].size);
 
@@ -361,6 +420,100 @@ void LoadedModel::parse() {
   for (size_t i = 1; i < by_offset.size(); ++i)
     if (by_offset[i - 1]->offset + by_offset[i - 1]->nbytes > by_offset[i]->offset)
       damaged(cat("tensors ", by_offset[i - 1]->name, " and ", by_offset[i]->name, " overlap"));
+}
+
+namespace {
+
+constexpr std::string_view kEndOfText = "<|endoftext|>";
+
+// GPT-2's bytes_to_unicode, inverted: the byte a code point of vocab.bpe stands for, or -1.
+struct ByteUnicode {
+  int16_t byte_of[324];
+  ByteUnicode() {
+    std::fill(std::begin(byte_of), std::end(byte_of), int16_t{-1});
+    int extra = 0;
+    for (int b = 0; b < 256; ++b) {
+      const bool printable = (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || (b >= 174 && b <= 255);
+      byte_of[printable ? b : 256 + extra++] = static_cast<int16_t>(b);
+    }
+  }
+};
+
+// The raw bytes a merge part of vocab.bpe stands for (UTF-8 code points of the byte alphabet);
+// false when it holds anything else.
+bool decode_part(std::string_view part, std::string* out) {
+  static const ByteUnicode map;
+  out->clear();
+  for (size_t i = 0; i < part.size();) {
+    const uint8_t c = static_cast<uint8_t>(part[i]);
+    uint32_t cp;
+    if (c < 0x80) {
+      cp = c;
+      i += 1;
+    } else if ((c & 0xE0) == 0xC0 && i + 1 < part.size() && (static_cast<uint8_t>(part[i + 1]) & 0xC0) == 0x80) {
+      cp = ((c & 0x1Fu) << 6) | (static_cast<uint8_t>(part[i + 1]) & 0x3Fu);
+      i += 2;
+    } else {
+      return false;  // 3- and 4-byte sequences lie outside the alphabet (U+0000..U+0143)
+    }
+    if (cp >= 324 || map.byte_of[cp] < 0) return false;
+    out->push_back(static_cast<char>(map.byte_of[cp]));
+  }
+  return !out->empty();
+}
+
+}  // namespace
+
+// What the Python tokenizer (tokenizer.py) needs to rebuild encoder.json and encode any text:
+// distinct byte-level tokens covering all 256 bytes, <|endoftext|> as the only special token, and
+// merges whose parts and results are tokens. Checked here so that a crafted file fails at load
+// with a message, not later inside the tokenizer.
+void LoadedModel::check_tokenizer(const uint8_t* kinds, const std::string_view& merges) const {
+  auto bad = [&](const std::string& what) {
+    throw FormatError(cat(path_, " has an unusable tokenizer: ", what,
+                          "; export the model again with its own encoder.json and vocab.bpe (GPT-2's byte-level BPE)"));
+  };
+  const std::vector<std::string_view>& tokens = weights_.token_bytes;
+  const int64_t eot = weights_.eot_token;
+  std::unordered_map<std::string_view, size_t> ids;
+  ids.reserve(tokens.size());
+  bool single[256] = {};
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    const std::string_view t = tokens[i];
+    if (t.empty()) bad(cat("token ", i, " is empty"));
+    if (kinds[i] == 1) {
+      if (static_cast<int64_t>(i) != eot || t != kEndOfText)
+        bad(cat("token ", i, " is a special token ('", t.substr(0, 40), "'); only <|endoftext|>, the header's eot_token, can be one"));
+      continue;
+    }
+    if (static_cast<int64_t>(i) == eot) bad(cat("the eot_token ", i, " is not the special token <|endoftext|>"));
+    if (eot >= 0 && t == kEndOfText) bad(cat("token ", i, " duplicates the special token <|endoftext|> (", eot, ")"));
+    auto [it, fresh] = ids.emplace(t, i);
+    if (!fresh) bad(cat("tokens ", it->second, " and ", i, " are the same bytes"));
+    if (t.size() == 1) single[static_cast<uint8_t>(t[0])] = true;
+  }
+  for (int b = 0; b < 256; ++b)
+    if (!single[b]) bad(cat("no token stands for the single byte ", b, ", so some texts could not be encoded (not a byte-level vocabulary)"));
+
+  // vocab.bpe: a '#version' line, then "a b" per line; tokenizer.py skips the first line.
+  size_t pos = merges.find('\n');
+  const std::string_view first = merges.substr(0, pos);
+  if (!merges.empty() && (merges[0] != '#' || std::any_of(first.begin(), first.end(), [](char c) { return c < 0x20 || c > 0x7e; })))
+    bad("the merges do not start with a '#version' line (printable ASCII)");
+  std::string a, b;
+  for (size_t line = 2; pos != std::string_view::npos && pos + 1 < merges.size(); ++line) {
+    const size_t start = pos + 1;
+    pos = merges.find('\n', start);
+    const std::string_view text = merges.substr(start, pos == std::string_view::npos ? std::string_view::npos : pos - start);
+    if (text.empty()) continue;
+    const size_t space = text.find(' ');
+    if (space == std::string_view::npos || text.find(' ', space + 1) != std::string_view::npos ||
+        !decode_part(text.substr(0, space), &a) || !decode_part(text.substr(space + 1), &b))
+      bad(cat("merge line ", line, " is not two byte-level tokens separated by one space"));
+    if (!ids.count(a) || !ids.count(b)) bad(cat("merge line ", line, " names a token that is not in the vocabulary"));
+    a += b;
+    if (!ids.count(a)) bad(cat("merge line ", line, " makes a token that is not in the vocabulary"));
+  }
 }
 
 void LoadedModel::verify_data() const {
