@@ -27,10 +27,13 @@ with atheris.instrument_imports(include=["gpt_2_simple"]):
 TMP = Path(tempfile.mkdtemp(prefix="gpt2s-fuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
 
 
+PREFIX = TMP / "model.ckpt"
+Path(f"{PREFIX}.data-00000-of-00001").write_bytes(bytes(range(256)) * 4)  # what entries may point into
+
+
 def tf_index(data: bytes) -> None:
-    prefix = TMP / "model.ckpt"
+    prefix = PREFIX
     Path(f"{prefix}.index").write_bytes(data)
-    Path(f"{prefix}.data-00000-of-00001").write_bytes(bytes(range(256)) * 4)
     try:
         ckpt = tf_checkpoint.TFCheckpoint(prefix)
         for name in list(ckpt.entries)[:64]:

@@ -17,7 +17,7 @@ clangxx=$(command -v clang++ || ls /usr/bin/clang++-* 2>/dev/null | sort -V | ta
 PYTHONPATH="$PWD/python:${PYTHONPATH:-}" python fuzz/seeds.py "$work/seeds"
 for target in bin_loader tf_index safetensors prompts; do
   mkdir -p "$work/corpus/$target"
-  flags=(-max_total_time="$seconds" -runs="$runs" -max_len=65536 -rss_limit_mb=2048 -timeout=10
+  flags=(-max_total_time="$seconds" -runs="$runs" -max_len=16384 -rss_limit_mb=2048 -timeout=10
          -artifact_prefix="$work/$target-" -print_final_stats=1)
   echo "== fuzz $target (${seconds} s at most)"
   if [ "$target" = bin_loader ]; then

@@ -115,7 +115,7 @@ class LoadedModel {
  private:
   LoadedModel() = default;
   void parse();
-  void check_tokenizer(const uint8_t* kinds, const std::string_view& merges) const;
+  void check_tokenizer(const uint8_t* kinds) const;
 
   std::string path_;
   const uint8_t* base_ = nullptr;

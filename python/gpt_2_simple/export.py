@@ -399,10 +399,28 @@ def _encoder_json(info: dict) -> dict[str, int]:
 
 
 def read_tokenizer(path: str | os.PathLike) -> Encoder:
-    """The tokenizer embedded in a model file: all a deployment needs besides the file itself."""
+    """The tokenizer embedded in a model file: all a deployment needs besides the file itself.
+    The loader has checked the tokens; the merges, which only this tokenizer reads, are checked
+    here: each line two tokens whose concatenation is a token, or encoding would fail later."""
     info = inspect(path)
-    lines = info["merges"].decode("utf-8").split("\n")[1:]  # after the '#version' line
-    return Encoder(_encoder_json(info), [tuple(line.split(" ")) for line in lines if line])
+    encoder = _encoder_json(info)
+
+    def unusable(problem: str) -> ValueError:
+        return ValueError(f"{os.fspath(path)} has an unusable tokenizer: {problem}; export the model again with its own "
+                          "encoder.json and vocab.bpe (GPT-2's byte-level BPE)")
+
+    try:
+        lines = info["merges"].decode("utf-8").split("\n")
+    except UnicodeDecodeError as e:
+        raise unusable(f"its merges are not UTF-8 ({e.reason} at byte {e.start})") from None
+    merges = []
+    for n, line in enumerate(lines[1:], start=2):  # after the '#version' line
+        if line:
+            pair = tuple(line.split(" "))
+            if len(pair) != 2 or pair[0] not in encoder or pair[1] not in encoder or pair[0] + pair[1] not in encoder:
+                raise unusable(f"merge line {n} ({line[:80]!r}) is not two tokens that make a token")
+            merges.append(pair)
+    return Encoder(encoder, merges)
 
 
 def write_tokenizer_files(path: str | os.PathLike, folder: str | os.PathLike) -> None:
