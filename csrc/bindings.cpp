@@ -39,9 +39,12 @@ namespace {
 // sees exactly what the engine sees.
 using ModelFile = gpt2s::LoadedModel;
 
-std::shared_ptr<ModelFile> open_model(const std::string& path, bool verify) {
+std::shared_ptr<ModelFile> open_model(const std::string& path, bool verify, bool mmap) {
   py::gil_scoped_release release;
-  return std::const_pointer_cast<ModelFile>(gpt2s::LoadedModel::open(path, verify));
+  gpt2s::LoadOptions options;
+  options.verify_data = verify;
+  options.mmap = mmap;
+  return std::const_pointer_cast<ModelFile>(gpt2s::LoadedModel::open(path, options));
 }
 
 py::dict describe_model(const ModelFile& file, bool data) {
@@ -240,9 +243,10 @@ void bind_engine(py::module_& m) {
   py::class_<gpt2s::Engine> engine(m, "Engine", py::module_local(),
                                    "A model file loaded for generation (see gpt_2_simple.engine.Engine).");
 #ifdef GPT2S_CUDA_MODULE
-  engine.def(py::init([](const std::string& path, int /*threads*/, int device, const std::string& dtype, bool graphs) {
+  engine.def(py::init([](const std::string& path, int /*threads*/, int device, const std::string& dtype, bool graphs, bool verify,
+                          bool mmap) {
+               std::shared_ptr<const gpt2s::LoadedModel> model = open_model(path, verify, mmap);
                py::gil_scoped_release release;
-               std::shared_ptr<const gpt2s::LoadedModel> model = gpt2s::LoadedModel::open(path);
                gpt2s::cuda::CudaOptions options;
                options.device = device;
                options.dtype = dtype;
@@ -251,18 +255,21 @@ void bind_engine(py::module_& m) {
                return std::make_unique<gpt2s::Engine>(model, std::move(backend));
              }),
              py::arg("path"), py::arg("threads") = 0, py::kw_only(), py::arg("device") = 0, py::arg("dtype") = "",
-             py::arg("graphs") = true,
+             py::arg("graphs") = true, py::arg("verify") = false, py::arg("mmap") = true,
              "Load a model file onto CUDA device `device` (threads is ignored). dtype: 'fp32', 'bf16' or 'fp16' on the "
-             "device ('' = the file's); graphs: replay decode steps from CUDA graphs.");
+             "device ('' = the file's); graphs: replay decode steps from CUDA graphs; verify: check the weights' CRC-32s; "
+             "mmap: map the file (False: read it into memory).");
 #else
-  engine.def(py::init([](const std::string& path, int threads) {
+  engine.def(py::init([](const std::string& path, int threads, bool verify, bool mmap) {
                if (threads < 0) throw py::value_error("threads must be >= 1, or 0 for all cores; got " + std::to_string(threads));
+               std::shared_ptr<const gpt2s::LoadedModel> model = open_model(path, verify, mmap);
                py::gil_scoped_release release;
-               std::shared_ptr<const gpt2s::LoadedModel> model = gpt2s::LoadedModel::open(path);
                auto backend = std::make_unique<gpt2s::CpuBackend>(model->weights(), threads);
                return std::make_unique<gpt2s::Engine>(model, std::move(backend));
              }),
-             py::arg("path"), py::arg("threads") = 0);
+             py::arg("path"), py::arg("threads") = 0, py::kw_only(), py::arg("verify") = false, py::arg("mmap") = true,
+             "Load a model file for the CPU backend. verify: check the weights' CRC-32s; mmap: map the file (False: read "
+             "it into memory, safe from writes to the file while loaded).");
 #endif
   engine
       .def_property_readonly("config",
@@ -495,7 +502,7 @@ PYBIND11_MODULE(GPT2S_MODULE_NAME, m) {
   py::class_<ModelFile, std::shared_ptr<ModelFile>>(m, "ModelFile", py::module_local(),
                                                     "A validated, memory-mapped model file (docs/format.md). Opening it maps the file "
                                                     "and checks everything but the weight checksums; verify=True checks those too.")
-      .def(py::init(&open_model), py::arg("path"), py::kw_only(), py::arg("verify") = false)
+      .def(py::init(&open_model), py::arg("path"), py::kw_only(), py::arg("verify") = false, py::arg("mmap") = true)
       .def_property_readonly("path", &ModelFile::path)
       .def_property_readonly("file_size", &ModelFile::file_size)
       .def_property_readonly("dtype", [](const ModelFile& f) { return gpt2s::dtype_name(f.weights().dtype); })
@@ -506,7 +513,7 @@ PYBIND11_MODULE(GPT2S_MODULE_NAME, m) {
       .def("describe", &describe_model, py::kw_only(), py::arg("data") = false,
            "The file's contents as a dict (see inspect).");
   m.def(
-      "inspect", [](const std::string& path, bool verify, bool data) { return describe_model(*open_model(path, verify), data); },
+      "inspect", [](const std::string& path, bool verify, bool data) { return describe_model(*open_model(path, verify, true), data); },
       py::arg("path"), py::kw_only(), py::arg("verify") = false, py::arg("data") = false,
       "Validate a model file (docs/format.md) and describe it: version, config, dtype, eot_token, the tensor table, "
       "the embedded tokenizer (token_bytes, token_kinds, merges) and the metadata JSON. verify=True also checks every "

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <sstream>
 #include <unordered_map>
@@ -128,7 +129,34 @@ uint32_t crc32(uint32_t crc, const void* data, size_t n) {
   return ~crc;
 }
 
-std::shared_ptr<const LoadedModel> LoadedModel::open(const std::string& path, bool verify_data) {
+namespace {
+
+// `size` bytes of `fd` into a fresh 64-byte aligned buffer (the kernels' alignment rule holds
+// relative to the file's start). A file that shrinks while being read is reported, not padded.
+uint8_t* read_whole(int fd, const std::string& path, uint64_t size) {
+  void* p = nullptr;
+  if (size > SIZE_MAX || posix_memalign(&p, kAlignment, static_cast<size_t>(size)) != 0)
+    throw SystemError(cat("cannot allocate ", size, " bytes to read model file ", path, " into memory"), ENOMEM);
+  uint8_t* buf = static_cast<uint8_t*>(p);
+  uint64_t done = 0;
+  while (done < size) {
+    const ssize_t n = ::pread(fd, buf + done, static_cast<size_t>(std::min<uint64_t>(size - done, 1u << 30)), static_cast<off_t>(done));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      const int err = n < 0 ? errno : 0;
+      std::free(buf);
+      if (err) throw SystemError(cat("cannot read model file ", path, ": ", std::strerror(err)), err);
+      throw FormatError(cat(path, " shrank while it was being read (", done, " of ", size,
+                            " bytes): another process is writing it; wait for it to finish, or ", kReexport));
+    }
+    done += static_cast<uint64_t>(n);
+  }
+  return buf;
+}
+
+}  // namespace
+
+std::shared_ptr<const LoadedModel> LoadedModel::open(const std::string& path, const LoadOptions& options) {
   std::shared_ptr<LoadedModel> m(new LoadedModel());
   m->path_ = path;
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
@@ -154,22 +182,52 @@ std::shared_ptr<const LoadedModel> LoadedModel::open(const std::string& path, bo
     throw FormatError(cat(path, " is not a gpt_2_simple model file: it has ", size,
                           " bytes, fewer than the 128-byte header (an empty or truncated file?); ", kReexport));
   }
-  void* p = mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
-  const int err = errno;
-  ::close(fd);  // the mapping keeps the file alive
-  if (p == MAP_FAILED) throw SystemError(cat("cannot memory-map model file ", path, ": ", std::strerror(err)), err);
-  m->base_ = static_cast<const uint8_t*>(p);
+  if (options.mmap) {
+    void* p = mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+    const int err = errno;
+    ::close(fd);  // the mapping keeps the file alive
+    if (p == MAP_FAILED) throw SystemError(cat("cannot memory-map model file ", path, ": ", std::strerror(err)), err);
+    m->base_ = static_cast<const uint8_t*>(p);
+    m->mapped_ = true;
+  } else {
+    try {
+      m->base_ = read_whole(fd, path, size);
+    } catch (...) {
+      ::close(fd);
+      throw;
+    }
+    ::close(fd);
+  }
   m->size_ = size;
-  m->parse();  // on a throw, m's destructor unmaps
-  if (verify_data) m->verify_data();
+  m->parse();  // on a throw, m's destructor unmaps (or frees)
+  if (options.verify_data) m->verify_data();
   // The engine reads every weight on its first forward pass: start reading the file in now.
   // (Not MADV_SEQUENTIAL: weights are re-read every step and must stay cached.)
-  madvise(const_cast<uint8_t*>(m->base_), m->size_, MADV_WILLNEED);
+  if (m->mapped_) madvise(const_cast<uint8_t*>(m->base_), m->size_, MADV_WILLNEED);
+  return m;
+}
+
+std::shared_ptr<const LoadedModel> LoadedModel::from_bytes(const std::string& name, const uint8_t* data, size_t size, bool verify_data) {
+  std::shared_ptr<LoadedModel> m(new LoadedModel());
+  m->path_ = name;
+  if (size < kHeaderSize)
+    throw FormatError(cat(name, " is not a gpt_2_simple model file: it has ", size, " bytes, fewer than the 128-byte header; ", kReexport));
+  void* p = nullptr;
+  if (posix_memalign(&p, kAlignment, size) != 0) throw SystemError(cat("cannot allocate ", size, " bytes for ", name), ENOMEM);
+  std::memcpy(p, data, size);
+  m->base_ = static_cast<const uint8_t*>(p);
+  m->size_ = size;
+  m->parse();
+  if (verify_data) m->verify_data();
   return m;
 }
 
 LoadedModel::~LoadedModel() {
-  if (base_ != nullptr) munmap(const_cast<uint8_t*>(base_), size_);
+  if (base_ == nullptr) return;
+  if (mapped_)
+    munmap(const_cast<uint8_t*>(base_), size_);
+  else
+    std::free(const_cast<uint8_t*>(base_));
 }
 
 void LoadedModel::parse() {
@@ -291,6 +349,7 @@ void LoadedModel::parse() {
     }
     token_kinds_ = std::string_view(reinterpret_cast<const char*>(kinds), n);
     merges_ = std::string_view(reinterpret_cast<const char*>(blob + bytes_size), merges_size);
+    check_tokenizer(kinds);
   }
   metadata_ = std::string_view(reinterpret_cast<const char*>(b + sections[2].offset), sections[2].size);
 
@@ -361,6 +420,54 @@ void LoadedModel::parse() {
   for (size_t i = 1; i < by_offset.size(); ++i)
     if (by_offset[i - 1]->offset + by_offset[i - 1]->nbytes > by_offset[i]->offset)
       damaged(cat("tensors ", by_offset[i - 1]->name, " and ", by_offset[i]->name, " overlap"));
+}
+
+namespace {
+constexpr std::string_view kEndOfText = "<|endoftext|>";
+}  // namespace
+
+// What the Python tokenizer (tokenizer.py) needs to rebuild encoder.json and encode any text:
+// distinct byte-level tokens covering all 256 bytes and <|endoftext|> as the only special token.
+// Checked here so that a crafted file fails at load with a message, not later inside the
+// tokenizer. The merges, which only the Python tokenizer reads, are checked where it reads them
+// (export.read_tokenizer): checking GPT-2's 50,000 here would make every load several ms slower.
+// Duplicates are found with a flat open-addressing table of token ids (a node-based map of
+// GPT-2's 50,257 tokens cost ~25 ms on a 2-core VM).
+void LoadedModel::check_tokenizer(const uint8_t* kinds) const {
+  auto bad = [&](const std::string& what) {
+    throw FormatError(cat(path_, " has an unusable tokenizer: ", what,
+                          "; export the model again with its own encoder.json and vocab.bpe (GPT-2's byte-level BPE)"));
+  };
+  const std::vector<std::string_view>& tokens = weights_.token_bytes;
+  const int64_t eot = weights_.eot_token;
+  size_t capacity = 1024, bits = 10;
+  while (capacity < 2 * tokens.size()) capacity *= 2, ++bits;
+  std::vector<uint32_t> slots(capacity, UINT32_MAX);
+  bool single[256] = {};
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    const std::string_view t = tokens[i];
+    if (t.empty()) bad(cat("token ", i, " is empty"));
+    if (kinds[i] == 1) {
+      if (static_cast<int64_t>(i) != eot || t != kEndOfText)
+        bad(cat("token ", i, " is a special token ('", t.substr(0, 40), "'); only <|endoftext|>, the header's eot_token, can be one"));
+      continue;
+    }
+    if (static_cast<int64_t>(i) == eot) bad(cat("the eot_token ", i, " is not the special token <|endoftext|>"));
+    if (eot >= 0 && t == kEndOfText) bad(cat("token ", i, " duplicates the special token <|endoftext|> (", eot, ")"));
+    uint64_t h = 1469598103934665603ull;  // FNV-1a
+    for (char c : t) h = (h ^ static_cast<uint8_t>(c)) * 1099511628211ull;
+    // FNV's low bits depend only on the bytes' low bits: take the slot from the top of a remix
+    for (size_t slot = (h * 0x9E3779B97F4A7C15ull) >> (64 - bits);; slot = (slot + 1) & (capacity - 1)) {
+      if (slots[slot] == UINT32_MAX) {
+        slots[slot] = static_cast<uint32_t>(i);
+        break;
+      }
+      if (tokens[slots[slot]] == t) bad(cat("tokens ", slots[slot], " and ", i, " are the same bytes"));
+    }
+    if (t.size() == 1) single[static_cast<uint8_t>(t[0])] = true;
+  }
+  for (int b = 0; b < 256; ++b)
+    if (!single[b]) bad(cat("no token stands for the single byte ", b, ", so some texts could not be encoded (not a byte-level vocabulary)"));
 }
 
 void LoadedModel::verify_data() const {

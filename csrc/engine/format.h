@@ -72,15 +72,28 @@ struct TensorInfo {
   uint32_t crc32 = 0;
 };
 
-// A validated model file, mapped for as long as this object lives. The engine keeps a
-// shared_ptr to it; every view in weights() points into the mapping. Like any mmap reader it
-// relies on the file not being truncated in place while mapped: our writers replace files by
-// rename, which leaves an open mapping intact.
+// How to load a model file.
+struct LoadOptions {
+  bool verify_data = false;  // also check each tensor's CRC-32 (reads the whole file)
+  // Map the file (no copy, pages read on use) or read it into memory. A mapping shows what the
+  // file holds now: truncating it in place or writing over it while mapped (cp onto it, not a
+  // rename) kills the process with SIGBUS or changes the weights underneath; mmap=false costs a
+  // copy of the file in memory and protects against both.
+  bool mmap = true;
+};
+
+// A validated model file, mapped (or read into memory) for as long as this object lives. The
+// engine keeps a shared_ptr to it; every view in weights() points into that memory. Our writers
+// replace files by rename, which leaves an open mapping intact.
 class LoadedModel {
  public:
-  // Maps `path` and validates everything but the tensor data checksums (docs/format.md, steps
-  // 1-6); with verify_data, also each tensor's CRC-32 (a full read of the file).
-  static std::shared_ptr<const LoadedModel> open(const std::string& path, bool verify_data = false);
+  // Opens `path` and validates everything but the tensor data checksums (docs/format.md, steps
+  // 1-6); with options.verify_data, also each tensor's CRC-32.
+  static std::shared_ptr<const LoadedModel> open(const std::string& path, const LoadOptions& options = {});
+  // The same checks on `size` bytes already in memory (copied: the fuzzer and tests use it);
+  // `name` stands for the path in messages.
+  static std::shared_ptr<const LoadedModel> from_bytes(const std::string& name, const uint8_t* data, size_t size,
+                                                       bool verify_data = false);
 
   ~LoadedModel();
   LoadedModel(const LoadedModel&) = delete;
@@ -102,10 +115,12 @@ class LoadedModel {
  private:
   LoadedModel() = default;
   void parse();
+  void check_tokenizer(const uint8_t* kinds) const;
 
   std::string path_;
   const uint8_t* base_ = nullptr;
   uint64_t size_ = 0;
+  bool mapped_ = false;  // base_ is an mmap (else a posix_memalign buffer)
   uint32_t version_ = 0;
   uint32_t flags_ = 0;
   ModelWeights weights_;

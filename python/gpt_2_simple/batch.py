@@ -393,7 +393,7 @@ def run_generate(args: argparse.Namespace) -> None:
     else:
         mine_idx = [i for i in range(len(specs)) if i % shard.world == shard.rank and i not in existing]
 
-    source = model_source(None, args.run_name, args.checkpoint_dir, args.model_name, args.model_dir)
+    source = getattr(args, "model", None) or model_source(None, args.run_name, args.checkpoint_dir, args.model_name, args.model_dir)
     shard.pin_device()
     engine, enc = load_engine(source, dtype=args.dtype, backend=args.backend, threads=args.threads or shard.threads())
     for p in prompts if args.prompts else []:  # (--prefix gets generate_samples' message)

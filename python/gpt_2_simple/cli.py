@@ -63,6 +63,7 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, metavar="FILE.bin", help="generate from this model file (`gpt_2_simple export` output: all a deployment needs) instead of a run or --model_name")
     p.add_argument("--nfiles", type=int, default=1, help="number of files to write into --folder")
     p.add_argument("--nsamples", type=int, default=1, help="texts per file (per prompt with --prompts)")
     p.add_argument("--folder", default="gen", help="output folder (existing files are never overwritten)")
@@ -108,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_generate_args(p)
     p.set_defaults(handler=_cmd_generate, model_name=None)  # a run, unless --model_name names a base model
+
+    p = sub.add_parser("verify", help="check a model file completely (every weight's checksum): prints one line, exit code 0 if sound, 1 if not")
+    p.add_argument("file", help="a model file written by `gpt_2_simple export` (or generate)")
+    p.set_defaults(handler=_cmd_verify)
 
     p = sub.add_parser("merge", help="merge the part files of a sharded `generate --output` into one file")
     p.add_argument("output", help="the --output file the sharded run was given")
@@ -222,7 +227,33 @@ def _cmd_score(args: argparse.Namespace) -> None:
 def _cmd_generate(args: argparse.Namespace) -> None:
     from .batch import run_generate
 
+    if args.model is None and args.model_name and args.model_name.endswith(".bin") and os.path.isfile(args.model_name):
+        args.model, args.model_name = args.model_name, None  # a model file where a model name goes
+    if args.model is not None:
+        from .export import inspect
+
+        if not os.path.isfile(args.model):
+            raise FileNotFoundError(f"--model {args.model}: no such file; give a model file written by `gpt_2_simple export`")
+        if args.model_name:
+            raise ValueError("give either --model (a model file) or --model_name (a downloaded base model), not both")
+        dtype = inspect(args.model)["dtype"]  # validates it: a wrong file fails here, with the loader's message
+        if args.dtype not in (None, dtype):
+            raise ValueError(f"--model {args.model} holds {dtype} weights; drop --dtype {args.dtype} or export the model again with --dtype {args.dtype}")
+        args.dtype = dtype
     run_generate(args)
+
+
+def _cmd_verify(args: argparse.Namespace) -> None:
+    from .export import inspect
+
+    try:
+        info = inspect(args.file, verify=True)
+    except (ValueError, OSError) as e:
+        print(f"{args.file}: FAILED: {e}")
+        raise SystemExit(1) from None
+    c = info["config"]
+    print(f"{args.file}: OK: {info['dtype']} GPT-2 (n_layer={c['n_layer']}, n_embd={c['n_embd']}, n_vocab={c['n_vocab']}), "
+          f"{len(info['tensors'])} tensors, every checksum matches")
 
 
 def _cmd_merge(args: argparse.Namespace) -> None:

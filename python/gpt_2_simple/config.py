@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 __all__ = [
     "GPT2Config",
+    "HparamsError",
+    "LIMITS",
     "PRETRAINED",
     "ALIASES",
     "SCRATCH",
@@ -21,6 +23,18 @@ __all__ = [
     "is_pretrained",
     "known_names",
 ]
+
+
+class HparamsError(ValueError):
+    """A hyperparameter file (hparams.json, config.json, a checkpoint's metadata) is unreadable or
+    out of the limits below."""
+
+
+# Largest values read from a file (docs/weights.md, "Limits"): far above any GPT-2 (1558M: 48
+# layers, 1600 wide, 25 heads, 1024 positions, 50257 tokens), low enough that nothing sized from
+# them (the expected tensor list, a model built on them) can exhaust memory before the weights,
+# which must be in the file, are checked against them.
+LIMITS = {"n_vocab": 1 << 22, "n_ctx": 1 << 20, "n_embd": 1 << 16, "n_head": 1 << 10, "n_layer": 1 << 10}
 
 
 @dataclass(frozen=True)
@@ -57,34 +71,54 @@ class GPT2Config:
 
     @classmethod
     def from_hparams(cls, hparams: dict) -> "GPT2Config":
-        """Build from OpenAI ``hparams.json`` keys or HF ``config.json`` keys; unknown keys are ignored."""
+        """Build from OpenAI ``hparams.json`` keys or HF ``config.json`` keys; unknown keys are ignored.
+        Values beyond ``LIMITS`` are refused (HparamsError), as hparams usually come from a file."""
+        if not isinstance(hparams, dict):
+            raise HparamsError(f"model hyperparameters must be a JSON object like {{\"n_layer\": 12, ...}}, got {type(hparams).__name__}")
         hf_names = {"vocab_size": "n_vocab", "n_positions": "n_ctx"}
         values = {}
         for key, value in hparams.items():
             key = hf_names.get(key, key)
-            if key in {f.name for f in dataclasses.fields(cls)}:
+            if key in LIMITS:
                 values[key] = value
         missing = {"n_embd", "n_head", "n_layer"} - values.keys()
         if missing:
-            raise ValueError(f"model hyperparameters lack {sorted(missing)}: got keys {sorted(hparams)}")
-        return cls(**values)
+            raise HparamsError(f"model hyperparameters lack {sorted(missing)}: got keys {sorted(map(str, hparams))[:20]}")
+        for key, value in values.items():
+            if isinstance(value, int) and not isinstance(value, bool) and value > LIMITS[key]:
+                raise HparamsError(f"{key}={value} is beyond this package's limit of {LIMITS[key]} (docs/weights.md, \"Limits\"); "
+                                   "the file is damaged or not a GPT-2's")
+        try:
+            return cls(**values)
+        except ValueError as e:
+            raise HparamsError(str(e)) from None
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "GPT2Config":
-        """Read ``hparams.json`` (or an HF ``config.json``)."""
+        """Read ``hparams.json`` (or an HF ``config.json``); HparamsError names what is wrong."""
         try:
-            with open(path, encoding="utf-8") as f:
-                hparams = json.load(f)
+            with open(path, "rb") as f:
+                raw = f.read(_MAX_HPARAMS_BYTES + 1)
         except FileNotFoundError:
             raise FileNotFoundError(f"no model hyperparameters at {os.fspath(path)}") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{os.fspath(path)} is not valid JSON ({e}); restore it from the model download") from None
-        return cls.from_hparams(hparams)
+        try:
+            if len(raw) > _MAX_HPARAMS_BYTES:
+                raise ValueError(f"larger than {_MAX_HPARAMS_BYTES} bytes")
+            hparams = json.loads(raw.decode("utf-8"))
+        except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise HparamsError(f"{os.fspath(path)} is not valid JSON ({type(e).__name__}: {e}); restore it from the model download") from None
+        try:
+            return cls.from_hparams(hparams)
+        except HparamsError as e:
+            raise HparamsError(f"{os.fspath(path)}: {e}; restore it from the model download") from None
 
     def save(self, path: str | os.PathLike) -> None:
         with open(path, "w", encoding="utf-8") as f:
             json.dump(self.to_hparams(), f, indent=2)
             f.write("\n")
+
+
+_MAX_HPARAMS_BYTES = 1 << 20  # hparams.json is ~100 bytes, an HF config.json a few KB
 
 
 # OpenAI's released sizes, named as the download bucket names them.

@@ -19,6 +19,7 @@ import re
 import struct
 import zlib
 from collections.abc import Mapping
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -30,7 +31,8 @@ from .fileio import atomic_write
 from .tokenizer import BUNDLED_DIR, END_OF_TEXT, Encoder, bytes_to_unicode
 from .weights import expected_shapes, find_checkpoint, load_weights, save_weights
 
-__all__ = ["export", "export_hf", "engine_file", "inspect", "verify", "read_tokenizer", "write_tokenizer_files", "DTYPES"]
+__all__ = ["export", "export_hf", "engine_file", "inspect", "verify", "read_tokenizer", "write_tokenizer_files", "DTYPES",
+           "file_crc32", "needs_verify", "mark_verified"]
 
 MAGIC = b"GPT2SBIN"
 FORMAT_VERSION = 1
@@ -83,18 +85,85 @@ def to_bf16(x: np.ndarray) -> np.ndarray:
 # Sources: whatever the user hands us -> (config, Conv1D-layout arrays, tokenizer folder, provenance)
 
 
-def _checkpoint(source: str | os.PathLike) -> tuple[Path, Path, int | None]:
-    """``(what to load, file to key a cache on, step or None)`` for the newest weights at ``source``
-    (weights.find_checkpoint decides which). The key file's size and mtime identify the checkpoint;
-    for a TensorFlow checkpoint it is the ``.index``, which every save rewrites."""
+def _checkpoint(source: str | os.PathLike) -> tuple[Path, Path, int | None, list[Path]]:
+    """``(what to load, file to key a cache on, step or None, the files holding it)`` for the newest
+    weights at ``source`` (weights.find_checkpoint decides which). For a TensorFlow checkpoint the
+    key is the ``.index``, which every save rewrites, and the files are the index and its shards."""
     ckpt = find_checkpoint(source)
-    key = Path(f"{ckpt.path}.index") if ckpt.format == "tf" else ckpt.path
-    return ckpt.path, key, ckpt.step
+    if ckpt.format == "tf":
+        key = Path(f"{ckpt.path}.index")
+        return ckpt.path, key, ckpt.step, [key, *sorted(ckpt.folder.glob(f"{glob_escape(ckpt.path.name)}.data-*-of-*"))]
+    return ckpt.path, ckpt.path, ckpt.step, [ckpt.path]
 
 
-def _fingerprint(file: Path, step: int | None) -> dict:
+def _fingerprint(file: Path, step: int | None, files: list[Path]) -> dict:
+    """What ties an export to its checkpoint: the key file's name, size and step (cheap to compare)
+    and the CRC-32 of every byte of the checkpoint's files (its content: a checkpoint overwritten
+    with another of the same size and modification time is told apart)."""
     st = file.stat()
-    return {"path": str(file.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "step": step}
+    return {"path": str(file.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "step": step,
+            "crc32": [file_crc32(f) for f in files]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Stamps: what is known about a file's content, valid while the file is unchanged. The key is
+# (device, inode, size, mtime, ctime): any write to the file, even one that restores its size and
+# modification time afterwards, moves its ctime, which no user call can set back.
+
+
+def _stat_key(path: Path) -> list[int]:
+    st = os.stat(path)
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _stamp_file(path: Path) -> Path:
+    return _cache_root() / "stamps" / (hashlib.sha256(os.fsencode(path.resolve())).hexdigest()[:24] + ".json")
+
+
+def _read_stamp(path: Path, key: list[int]) -> dict:
+    try:
+        stamp = json.loads(_stamp_file(path).read_text(encoding="utf-8"))
+        return stamp if isinstance(stamp, dict) and stamp.get("key") == key else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_stamp(path: Path, key: list[int], **facts) -> None:
+    """Best effort: a stamp only saves work, so a cache folder that cannot be written is no error."""
+    stamp = {**_read_stamp(path, key), **facts, "key": key, "path": str(path.resolve())}
+    try:
+        _stamp_file(path).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(_stamp_file(path)) as f:
+            f.write(json.dumps(stamp).encode("utf-8"))
+    except OSError:
+        pass
+
+
+def file_crc32(path: str | os.PathLike) -> int:
+    """zlib CRC-32 of a whole file, remembered (stamp) until the file changes."""
+    path = Path(path)
+    key = _stat_key(path)
+    known = _read_stamp(path, key).get("crc32")
+    if isinstance(known, int):
+        return known
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            crc = zlib.crc32(chunk, crc)
+    _write_stamp(path, key, crc32=crc)
+    return crc
+
+
+def needs_verify(path: str | os.PathLike) -> tuple[bool, list[int]]:
+    """(whether the model file's weight checksums have not been checked since it last changed, its
+    stat key to pass to ``mark_verified`` once they have)."""
+    key = _stat_key(Path(path))
+    return _read_stamp(Path(path), key).get("verified") is not True, key
+
+
+def mark_verified(path: str | os.PathLike, key: list[int]) -> None:
+    """Remember that the model file as it was at ``key`` passed full verification."""
+    _write_stamp(Path(path), key, verified=True)
 
 
 def _is_model_file(path: str | os.PathLike) -> bool:
@@ -110,9 +179,9 @@ def _load_source(source: Any, config: GPT2Config | None):
     if isinstance(source, (str, os.PathLike)):
         if _is_model_file(source):
             raise ValueError(f"{os.fspath(source)} is already an exported model file; export from the run or model folder it came from")
-        load_path, key_file, step = _checkpoint(source)
+        load_path, key_file, step, files = _checkpoint(source)
         cfg, state = load_weights(load_path)
-        return cfg, state, key_file.parent, _fingerprint(key_file, step)
+        return cfg, state, key_file.parent, _fingerprint(key_file, step, files)
     if hasattr(source, "cache") and hasattr(source, "source"):  # a Session
         if getattr(source, "source", None) is None:
             raise ValueError("the session has no model: call gpt2.load_gpt2(sess) or gpt2.finetune(sess, ...) first")
@@ -263,6 +332,7 @@ def _write(out_path: Path, config: GPT2Config, state: Mapping[str, Any], dtype: 
         struct.pack_into("<I", head, CRC_OFFSET, zlib.crc32(head))  # the crc field is still zero here
         f.seek(0)
         f.write(head)
+    mark_verified(out_path, _stat_key(out_path))  # its checksums were just computed from what was written
 
 
 def export(source: Any, out_path: str | os.PathLike, dtype: str = "fp32", *, config: GPT2Config | None = None,
@@ -329,10 +399,28 @@ def _encoder_json(info: dict) -> dict[str, int]:
 
 
 def read_tokenizer(path: str | os.PathLike) -> Encoder:
-    """The tokenizer embedded in a model file: all a deployment needs besides the file itself."""
+    """The tokenizer embedded in a model file: all a deployment needs besides the file itself.
+    The loader has checked the tokens; the merges, which only this tokenizer reads, are checked
+    here: each line two tokens whose concatenation is a token, or encoding would fail later."""
     info = inspect(path)
-    lines = info["merges"].decode("utf-8").split("\n")[1:]  # after the '#version' line
-    return Encoder(_encoder_json(info), [tuple(line.split(" ")) for line in lines if line])
+    encoder = _encoder_json(info)
+
+    def unusable(problem: str) -> ValueError:
+        return ValueError(f"{os.fspath(path)} has an unusable tokenizer: {problem}; export the model again with its own "
+                          "encoder.json and vocab.bpe (GPT-2's byte-level BPE)")
+
+    try:
+        lines = info["merges"].decode("utf-8").split("\n")
+    except UnicodeDecodeError as e:
+        raise unusable(f"its merges are not UTF-8 ({e.reason} at byte {e.start})") from None
+    merges = []
+    for n, line in enumerate(lines[1:], start=2):  # after the '#version' line
+        if line:
+            pair = tuple(line.split(" "))
+            if len(pair) != 2 or pair[0] not in encoder or pair[1] not in encoder or pair[0] + pair[1] not in encoder:
+                raise unusable(f"merge line {n} ({line[:80]!r}) is not two tokens that make a token")
+            merges.append(pair)
+    return Encoder(encoder, merges)
 
 
 def write_tokenizer_files(path: str | os.PathLike, folder: str | os.PathLike) -> None:
@@ -350,16 +438,22 @@ def write_tokenizer_files(path: str | os.PathLike, folder: str | os.PathLike) ->
 # The export cache used by generate()
 
 
+def _cache_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt_2_simple"
+
+
 def _cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt_2_simple" / "engines"
+    return _cache_root() / "engines"
 
 
-def _is_current(file: Path, fingerprint: dict, dtype: str) -> bool:
-    """True when ``file`` is a valid export in ``dtype`` of the checkpoint ``fingerprint`` names.
+def _is_current(file: Path, key_file: Path, step: int | None, files: list[Path], dtype: str) -> bool:
+    """True when ``file`` is an undamaged export in ``dtype`` of the checkpoint in ``files``.
 
-    The checkpoint is identified by its file name, size, modification time and step: cheap (one
-    stat) and reliable, since checkpoints are written once under a new name and replaced by rename.
-    The path is not compared, so a run folder that was moved or copied with its export keeps it."""
+    The export names its checkpoint by file name, size and step (compared first: one stat) and by
+    the CRC-32 of the checkpoint's bytes (``_fingerprint``); the export's own weights are checked
+    against their CRC-32s once per change of the file (``needs_verify``). Both checks read whole
+    files only when a stamp says the file changed since it was last checked. The path is not
+    compared, so a run folder that was moved or copied with its export keeps it."""
     if not file.is_file():
         return False
     try:
@@ -369,8 +463,18 @@ def _is_current(file: Path, fingerprint: dict, dtype: str) -> bool:
     source = (info["metadata"] or {}).get("source")
     if info["dtype"] != dtype or not isinstance(source, dict):
         return False
-    keys = ("size", "mtime_ns", "step")
-    return Path(str(source.get("path", ""))).name == Path(fingerprint["path"]).name and all(source.get(k) == fingerprint[k] for k in keys)
+    if Path(str(source.get("path", ""))).name != key_file.name or source.get("step") != step or source.get("size") != key_file.stat().st_size:
+        return False
+    if source.get("crc32") != [file_crc32(f) for f in files]:
+        return False  # another checkpoint under the same name (a restored backup, a copy over it)
+    stale, key = needs_verify(file)
+    if stale:
+        try:
+            verify(file)
+        except ValueError:
+            return False  # its weights were damaged or overwritten after export: rebuild
+        mark_verified(file, key)
+    return True
 
 
 def _remove_stale(folder: Path) -> None:
@@ -391,8 +495,9 @@ def engine_file(source: str | os.PathLike, dtype: str = "fp32", *, progress: boo
     model folder or weights file gets ``<name>.<dtype>.bin`` beside it. When that folder is not
     writable the file goes to ``$XDG_CACHE_HOME/gpt_2_simple/engines/`` (default ``~/.cache``).
     An existing export is reused when its metadata names the same checkpoint (file name, size,
-    modification time, step) and it passes the loader's validation; otherwise it is rebuilt,
-    atomically, so a crash never leaves a broken file. Exports of deleted checkpoints are removed.
+    step and the CRC-32 of the checkpoint's bytes) and it passes the loader's validation, its weight
+    checksums included (checked once per change of the file); otherwise it is rebuilt, atomically,
+    so a crash never leaves a broken file. Exports of deleted checkpoints are removed.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -401,13 +506,12 @@ def engine_file(source: str | os.PathLike, dtype: str = "fp32", *, progress: boo
         if info["dtype"] != dtype:
             raise ValueError(f"{os.fspath(source)} holds {info['dtype']} weights, not {dtype}: ask for {info['dtype']} or export the checkpoint again with dtype={dtype!r}")
         return Path(source)
-    load_path, key_file, step = _checkpoint(source)
-    fingerprint = _fingerprint(key_file, step)
+    load_path, key_file, step, files = _checkpoint(source)
     name = f"model-{step}.{dtype}.bin" if step is not None else f"{key_file.name.split('.')[0]}.{dtype}.bin"
     beside = key_file.parent / name
     cached = _cache_dir() / hashlib.sha256(str(key_file.parent.resolve()).encode()).hexdigest()[:16] / name
     for candidate in (beside, cached):
-        if _is_current(candidate, fingerprint, dtype):
+        if _is_current(candidate, key_file, step, files, dtype):
             return candidate
     try:
         if not os.access(beside.parent, os.W_OK):

@@ -11,13 +11,17 @@ The index is parsed in pure Python (a few KB for GPT-2); tensors are memory-mapp
 shards, so opening even 1558M costs no reads until a tensor is used. The folder's ``checkpoint``
 text file (a ``CheckpointState`` in protobuf text format) names the latest prefix.
 
-Every damaged or truncated file raises ``ValueError`` naming the file, what is wrong and the fix.
-This module knows nothing about GPT-2; ``weights.py`` maps the variable names.
+Every damaged, truncated or hostile file raises ``TFCheckpointError`` (a ``ValueError``) naming the
+file, what is wrong and the fix; every count and size read from the index is bounded (``LIMITS``,
+docs/weights.md) before anything is allocated or repeated for it. This module knows nothing about
+GPT-2; ``weights.py`` maps the variable names.
 """
 
 from __future__ import annotations
 
 import codecs
+import contextlib
+import math
 import mmap
 import os
 import re
@@ -27,13 +31,40 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["TFCheckpoint", "BundleEntry", "crc32c", "read_checkpoint_state"]
+__all__ = ["TFCheckpoint", "TFCheckpointError", "BundleEntry", "LIMITS", "crc32c", "read_checkpoint_state"]
 
 _DAMAGED_FIX = "the checkpoint is damaged or incomplete: download the model again or restore the run folder from a backup"
 
+# What an index may hold. GPT-2 1558M's index with Adam slots is ~150 KB of ~1,800 entries with
+# names under 60 bytes; these bounds are far above that and keep a crafted index to milliseconds
+# and megabytes (a key grown by one byte per entry, or one block listed a thousand times, used to
+# cost gigabytes and minutes).
+LIMITS = {
+    "index_bytes": 64 << 20,  # the .index file
+    "entries": 100_000,  # keys in the whole index
+    "key_bytes": 1024,  # one variable name
+    "rank": 32,  # dimensions of one tensor
+    "shards": 1 << 16,  # data shards
+}
 
-def _damaged(path: str | os.PathLike, problem: str) -> ValueError:
-    return ValueError(f"{os.fspath(path)}: {problem}; {_DAMAGED_FIX}")
+
+class TFCheckpointError(ValueError):
+    """A TensorFlow checkpoint's index or data is damaged, truncated, beyond LIMITS or unsupported."""
+
+
+def _damaged(path: str | os.PathLike, problem: str) -> TFCheckpointError:
+    return TFCheckpointError(f"{os.fspath(path)}: {problem}; {_DAMAGED_FIX}")
+
+
+@contextlib.contextmanager
+def _reader_boundary(path: str | os.PathLike):
+    """Whatever a crafted file provokes inside the parser leaves as TFCheckpointError."""
+    try:
+        yield
+    except (TFCheckpointError, OSError):
+        raise
+    except (_Truncated, TypeError, KeyError, IndexError, OverflowError, RecursionError, struct.error, ValueError, MemoryError) as e:
+        raise _damaged(path, f"unreadable ({type(e).__name__}: {e})") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,6 +261,8 @@ class BundleEntry:
             elif number == 2:  # TensorShapeProto: repeated Dim (field 2) {size = 1}
                 dims = []
                 for n, dim in _fields(v):
+                    if n == 2 and len(dims) == LIMITS["rank"]:
+                        raise _Truncated(f"more than {LIMITS['rank']} dimensions")
                     if n == 2:
                         size = next((s for k, s in _fields(dim) if k == 1), 0)
                         dims.append(size - (1 << 64) if size >= 1 << 63 else size)
@@ -274,7 +307,7 @@ def _read_block(path: Path, data: bytes, offset: int, size: int) -> bytes:
     if crc32c(data[end : end + 1], crc32c(contents)) != _unmask(stored):
         raise _damaged(path, f"CRC mismatch in the block at offset {offset}")
     if kind == 1:
-        raise ValueError(
+        raise TFCheckpointError(
             f"{os.fspath(path)}: the block at offset {offset} is snappy-compressed, which TensorFlow never writes for "
             "checkpoint indexes; re-save the checkpoint with TensorFlow's default options"
         )
@@ -283,9 +316,10 @@ def _read_block(path: Path, data: bytes, offset: int, size: int) -> bytes:
     return contents
 
 
-def _block_entries(path: Path, block: bytes) -> list[tuple[bytes, bytes]]:
+def _block_entries(path: Path, block: bytes, budget: list[int]) -> list[tuple[bytes, bytes]]:
     """(key, value) pairs of a block: keys share a prefix with the previous key, except at the
-    restart points listed at the end of the block, where they are stored whole."""
+    restart points listed at the end of the block, where they are stored whole. ``budget[0]`` is
+    how many more entries the index may hold (LIMITS["entries"]), decreased here."""
     if len(block) < 4:
         raise _damaged(path, "a block is too short to hold its restart count")
     (n_restarts,) = struct.unpack_from("<I", block, len(block) - 4)
@@ -305,6 +339,11 @@ def _block_entries(path: Path, block: bytes) -> list[tuple[bytes, bytes]]:
             value_len, pos = _varint(block, pos)
             if shared > len(key) or pos + unshared + value_len > limit:
                 raise _Truncated("entry out of bounds")
+            if shared + unshared > LIMITS["key_bytes"]:
+                raise _damaged(path, f"a key of {shared + unshared} bytes is longer than the {LIMITS['key_bytes']} a variable name may have")
+            budget[0] -= 1
+            if budget[0] < 0:
+                raise _damaged(path, f"the index holds more than {LIMITS['entries']} entries")
             if shared == 0:
                 whole_keys.add(start)
             key = key[:shared] + block[pos : pos + unshared]
@@ -321,9 +360,12 @@ def _block_entries(path: Path, block: bytes) -> list[tuple[bytes, bytes]]:
 def _read_table(path: Path) -> list[tuple[bytes, bytes]]:
     """Every (key, value) of the SSTable at ``path``, in key order."""
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            data = f.read(LIMITS["index_bytes"] + 1)
     except FileNotFoundError:
         raise FileNotFoundError(f"{os.fspath(path)} is missing; {_DAMAGED_FIX}") from None
+    if len(data) > LIMITS["index_bytes"]:
+        raise _damaged(path, f"the index is larger than {LIMITS['index_bytes']} bytes, far more than any model's")
     if len(data) < _FOOTER_LEN:
         raise _damaged(path, f"the file is {len(data)} bytes, too short for a checkpoint index (truncated)")
     footer = data[-_FOOTER_LEN:]
@@ -336,12 +378,17 @@ def _read_table(path: Path) -> list[tuple[bytes, bytes]]:
     except _Truncated:
         raise _damaged(path, "the footer's block handles are malformed") from None
     entries = []
-    for _, handle in _block_entries(path, _read_block(path, data, index_offset, index_size)):
+    budget = [LIMITS["entries"]]
+    seen: set[int] = set()  # data blocks already read: each is listed once by a real index
+    for _, handle in _block_entries(path, _read_block(path, data, index_offset, index_size), budget):
         try:
             offset, size, _ = _block_handle(handle, 0)
         except _Truncated:
             raise _damaged(path, "an index entry is malformed") from None
-        entries.extend(_block_entries(path, _read_block(path, data, offset, size)))
+        if offset in seen:
+            raise _damaged(path, f"the block at offset {offset} is listed more than once")
+        seen.add(offset)
+        entries.extend(_block_entries(path, _read_block(path, data, offset, size), budget))
     return entries
 
 
@@ -357,6 +404,11 @@ class TFCheckpoint:
         self.index_path = Path(f"{self.prefix}.index")
         if not self.index_path.is_file():
             raise FileNotFoundError(f"no TensorFlow checkpoint at {os.fspath(self.prefix)} ({self.index_path.name} is missing)")
+        with _reader_boundary(self.index_path):
+            self._read_index()
+        self._shards: dict[int, mmap.mmap | bytes] = {}
+
+    def _read_index(self) -> None:
         self.entries: dict[str, BundleEntry] = {}
         num_shards = 1
         for key, value in _read_table(self.index_path):
@@ -366,16 +418,15 @@ class TFCheckpoint:
                         if number == 1:
                             num_shards = v
                         elif number == 2 and v != 0:
-                            raise ValueError(f"{self.index_path}: big-endian checkpoints are not supported; re-save it on a little-endian machine")
+                            raise TFCheckpointError(f"{self.index_path}: big-endian checkpoints are not supported; re-save it on a little-endian machine")
                     continue
                 name = key.decode("utf-8")
                 self.entries[name] = BundleEntry.parse(name, value)
             except (_Truncated, UnicodeDecodeError) as e:
                 raise _damaged(self.index_path, f"the entry for {key!r} is malformed ({e})") from None
-        if num_shards < 1:
-            raise _damaged(self.index_path, f"the header claims {num_shards} data shards")
+        if not 1 <= num_shards <= LIMITS["shards"]:
+            raise _damaged(self.index_path, f"the header claims {num_shards} data shards (1..{LIMITS['shards']} allowed)")
         self.num_shards = num_shards
-        self._shards: dict[int, mmap.mmap | bytes] = {}
 
     def shard_path(self, shard_id: int) -> Path:
         return Path(f"{self.prefix}.data-{shard_id:05d}-of-{self.num_shards:05d}")
@@ -402,14 +453,19 @@ class TFCheckpoint:
         to a float32 copy). ``verify_crc`` checks the stored CRC32C: this reads every byte
         (~0.2 s per 100 MB on a 2-core VM) instead of leaving pages to be read on use."""
         entry = self.entries[name]
+        with _reader_boundary(self.index_path):
+            return self._tensor(entry, verify_crc)
+
+    def _tensor(self, entry: BundleEntry, verify_crc: bool) -> np.ndarray:
+        name = entry.name
         if entry.sliced:
-            raise ValueError(f"{self.index_path}: variable {name} is partitioned into slices, which is not supported")
+            raise TFCheckpointError(f"{self.index_path}: variable {name} is partitioned into slices, which is not supported")
         dtype = _DTYPES.get(entry.dtype)
         if dtype is None:
-            raise ValueError(f"{self.index_path}: variable {name} has TensorFlow dtype {entry.dtype}, which cannot be read as numbers")
+            raise TFCheckpointError(f"{self.index_path}: variable {name} has TensorFlow dtype {entry.dtype}, which cannot be read as numbers")
         if any(d < 0 for d in entry.shape):
             raise _damaged(self.index_path, f"variable {name} has shape {entry.shape}")
-        count = int(np.prod(entry.shape, dtype=np.int64))
+        count = math.prod(entry.shape)  # Python ints: a crafted shape cannot wrap around
         if entry.size != count * dtype.itemsize:
             raise _damaged(
                 self.index_path,

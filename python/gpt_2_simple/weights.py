@@ -32,12 +32,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import GPT2Config
+from .config import GPT2Config, HparamsError
 from .fileio import atomic_write
 from .tf_checkpoint import TFCheckpoint, read_checkpoint_state
 
 __all__ = [
     "Checkpoint",
+    "WeightsFileError",
+    "SAFETENSORS_LIMITS",
     "build_model",
     "expected_shapes",
     "find_checkpoint",
@@ -47,6 +49,12 @@ __all__ = [
 ]
 
 State = dict[str, np.ndarray]
+
+
+class WeightsFileError(ValueError):
+    """A safetensors file's header is damaged, hostile or beyond SAFETENSORS_LIMITS, or weights do
+    not match their config. (TensorFlow checkpoints raise tf_checkpoint.TFCheckpointError and
+    hyperparameter files config.HparamsError; all three are ValueErrors.)"""
 
 # ---------------------------------------------------------------------------------------------
 # What a GPT-2 with a given config holds.
@@ -81,19 +89,19 @@ def _check_state(config: GPT2Config, state: State, source: str, config_source: s
             parts.append(f"missing {len(missing)} tensors ({_listing(missing)})")
         if unexpected:
             parts.append(f"unexpected {len(unexpected)} tensors ({_listing(unexpected)})")
-        raise ValueError(
+        raise WeightsFileError(
             f"{source} does not hold a GPT-2 with n_layer={config.n_layer} (from {config_source}): "
             f"{'; '.join(parts)}. Check that the weights and {config_source} belong together"
         )
     for name, shape in expected.items():
         array = state[name]
         if tuple(array.shape) != shape:
-            raise ValueError(
+            raise WeightsFileError(
                 f"{source}: {name} has shape {tuple(array.shape)} but {config_source} ({_config_str(config)}) needs "
                 f"{shape}. The hyperparameters do not belong to these weights: restore the right {config_source}"
             )
         if array.dtype.kind != "f":
-            raise ValueError(f"{source}: {name} has dtype {array.dtype}; GPT-2 weights are floating point")
+            raise WeightsFileError(f"{source}: {name} has dtype {array.dtype}; GPT-2 weights are floating point")
 
 
 def _listing(names: list[str], limit: int = 6) -> str:
@@ -248,13 +256,30 @@ _ST_DTYPES = {
 }  # fmt: skip
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items() if k != "BF16"}
 _ST_MAX_HEADER = 100 << 20  # the safetensors library's own limit
+# Bounds on what a header may declare (docs/weights.md, "Limits"); GPT-2 1558M has 580 tensors.
+SAFETENSORS_LIMITS = {"header_bytes": _ST_MAX_HEADER, "tensors": 100_000, "rank": 8, "metadata_bytes": 1 << 20}
+
+
+def _is_count(x) -> bool:
+    """A JSON integer >= 0 (not a float such as 2.0 or 2.5, not true/false)."""
+    return type(x) is int and x >= 0
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, str], State]:
-    """(metadata, tensors mapped from the file); bfloat16 is widened to float32."""
+    """(metadata, tensors mapped from the file); bfloat16 is widened to float32. Every problem is a
+    WeightsFileError, whatever the header holds."""
+    try:
+        return _parse_safetensors(path)
+    except (WeightsFileError, OSError):
+        raise
+    except (TypeError, KeyError, IndexError, OverflowError, RecursionError, ValueError, MemoryError, struct.error) as e:
+        raise WeightsFileError(f"{os.fspath(path)}: unreadable safetensors header ({type(e).__name__}: {e}); "
+                               "the file is damaged or incomplete, save or download it again") from None
 
-    def damaged(problem: str) -> ValueError:
-        return ValueError(f"{os.fspath(path)}: {problem}; the file is damaged or incomplete, save or download it again")
+
+def _parse_safetensors(path: Path) -> tuple[dict[str, str], State]:
+    def damaged(problem: str) -> WeightsFileError:
+        return WeightsFileError(f"{os.fspath(path)}: {problem}; the file is damaged or incomplete, save or download it again")
 
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
@@ -265,27 +290,48 @@ def _read_safetensors(path: Path) -> tuple[dict[str, str], State]:
             raise damaged(f"header length {header_len} does not fit the {size}-byte file (not safetensors, or truncated)")
         try:
             header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise damaged(f"unreadable header ({e})") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise damaged(f"unreadable header ({type(e).__name__}: {e})") from None
         data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size > 8 + header_len else b""
     if not isinstance(header, dict):
         raise damaged("the header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise damaged("__metadata__ is not a JSON object of strings")
+    if sum(len(k) + len(v) for k, v in metadata.items()) > SAFETENSORS_LIMITS["metadata_bytes"]:
+        raise damaged(f"__metadata__ holds more than {SAFETENSORS_LIMITS['metadata_bytes']} bytes")
+    if len(header) > SAFETENSORS_LIMITS["tensors"]:
+        raise damaged(f"the header lists {len(header)} tensors, more than the {SAFETENSORS_LIMITS['tensors']} allowed")
     start = 8 + header_len
-    state: State = {}
+    spans = []
     for name, info in header.items():
-        try:
-            dtype = _ST_DTYPES[info["dtype"]]
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise damaged(f"tensor {name!r} has an unreadable header entry {info!r}") from None
-        count = math.prod(shape)
-        if min(shape, default=0) < 0 or end - begin != count * dtype.itemsize or begin < 0:
-            raise damaged(f"tensor {name!r} of shape {shape} and dtype {info['dtype']} has data_offsets {begin}..{end}")
+        if not isinstance(info, dict) or not isinstance(info.get("dtype"), str) or info["dtype"] not in _ST_DTYPES or not isinstance(info.get("shape"), list) \
+                or not isinstance(info.get("data_offsets"), list) or len(info["data_offsets"]) != 2:
+            raise damaged(f"tensor {name!r} has an unreadable header entry {str(info)[:200]}")
+        shape, (begin, end) = info["shape"], info["data_offsets"]
+        if len(shape) > SAFETENSORS_LIMITS["rank"] or not all(map(_is_count, shape)):
+            raise damaged(f"tensor {name!r} has shape {str(shape)[:200]}: dimensions must be integers >= 0, at most {SAFETENSORS_LIMITS['rank']}")
+        if not (_is_count(begin) and _is_count(end)):
+            raise damaged(f"tensor {name!r} has data_offsets {info['data_offsets']}, which are not integers >= 0")
+        if end - begin != math.prod(shape) * _ST_DTYPES[info["dtype"]].itemsize:
+            raise damaged(f"tensor {name!r} of shape {tuple(shape)} and dtype {info['dtype']} has data_offsets {begin}..{end}")
         if start + end > size:
             raise damaged(f"tensor {name!r} ends at byte {start + end}, past the end of the {size}-byte file (truncated)")
-        array = np.frombuffer(data, dtype=dtype, count=count, offset=start + begin).reshape(shape)
+        spans.append((begin, end, name))
+    # As the safetensors library requires: the tensors tile the data exactly, no overlap, no gap.
+    position = 0
+    for begin, end, name in sorted(spans):
+        if begin != position:
+            what = "overlaps the tensor before it" if begin < position else f"leaves a gap of {begin - position} bytes before it"
+            raise damaged(f"tensor {name!r} at data bytes {begin}..{end} {what}")
+        position = max(position, end)
+    if start + position != size and spans:
+        raise damaged(f"the tensors end at byte {start + position} but the file has {size} bytes")
+    state: State = {}
+    for begin, end, name in spans:
+        info = header[name]
+        dtype = _ST_DTYPES[info["dtype"]]
+        array = np.frombuffer(data, dtype=dtype, count=math.prod(info["shape"]), offset=start + begin).reshape(info["shape"])
         if info["dtype"] == "BF16":
             array = (array.astype(np.uint32) << 16).view(np.float32)
         state[name] = array
@@ -445,16 +491,16 @@ _HF_GPT2_MATH = {
 
 
 def _read_config(path: Path) -> GPT2Config:
-    config = GPT2Config.from_file(path)
+    config = GPT2Config.from_file(path)  # HparamsError for anything unreadable or beyond config.LIMITS
     if path.name == "config.json":
         with open(path, encoding="utf-8") as f:
-            hf = json.load(f)
+            hf = json.load(f)  # read fine a moment ago
         for key, allowed in _HF_GPT2_MATH.items():
-            if key in hf and hf[key] not in allowed:
-                raise ValueError(f"{os.fspath(path)}: {key}={hf[key]!r} is not GPT-2's architecture, which is all this package runs")
+            if key in hf and not any(type(hf[key]) is type(a) and hf[key] == a for a in allowed):
+                raise HparamsError(f"{os.fspath(path)}: {key}={repr(hf[key])[:100]} is not GPT-2's architecture, which is all this package runs")
         eps = hf.get("layer_norm_epsilon", 1e-5)
-        if not math.isclose(eps, 1e-5, rel_tol=1e-3):
-            raise ValueError(f"{os.fspath(path)}: layer_norm_epsilon={eps} differs from GPT-2's 1e-5, which is all this package runs")
+        if type(eps) not in (int, float) or not math.isclose(eps, 1e-5, rel_tol=1e-3):
+            raise HparamsError(f"{os.fspath(path)}: layer_norm_epsilon={repr(eps)[:100]} differs from GPT-2's 1e-5, which is all this package runs")
     return config
 
 
@@ -466,12 +512,12 @@ def _find_config(ckpt: Checkpoint, metadata: dict[str, str]) -> tuple[GPT2Config
     if "config" in metadata:
         try:
             embedded = GPT2Config.from_hparams(json.loads(metadata["config"]))
-        except (json.JSONDecodeError, TypeError, AttributeError):
-            raise ValueError(f"{ckpt.path}: the config in its metadata is unreadable; the file is damaged") from None
+        except (ValueError, RecursionError) as e:  # HparamsError and JSONDecodeError are ValueErrors
+            raise HparamsError(f"{ckpt.path}: the config in its metadata is unreadable ({e}); the file is damaged") from None
     if beside is not None:
         config = _read_config(beside)
         if embedded is not None and embedded != config:
-            raise ValueError(
+            raise HparamsError(
                 f"{beside} ({_config_str(config)}) disagrees with the config stored in {ckpt.path.name} "
                 f"({_config_str(embedded)}): restore {beside.name} from the run that wrote these weights"
             )
