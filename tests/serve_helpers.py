@@ -15,12 +15,12 @@ import time
 
 import torch
 
+import gpt_2_simple
 from gpt_2_simple.config import GPT2Config
 from gpt_2_simple.export import export
 from reference import random_gpt2
 
 SERVE_MODEL = GPT2Config(n_ctx=1024, n_embd=64, n_head=4, n_layer=2)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def serve_model(folder):
@@ -44,7 +44,9 @@ class Server:
     def __init__(self, model_file, *args: str, log_path=None):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        # The gpt_2_simple this test imports (the source tree's in development, the installed one in CI).
+        package_parent = os.path.dirname(os.path.dirname(gpt_2_simple.__file__))
+        env = dict(os.environ, PYTHONPATH=package_parent + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.log = open(log_path or os.devnull, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gpt_2_simple", "serve", "--model", str(model_file), "--port", str(self.port),
