@@ -320,7 +320,8 @@ class _Rows:
 
     def start(self) -> None:
         stats = self.state.core.stats()
-        if stats["queued"] + len(self.job.requests) > self.state.max_queue:
+        # An empty queue takes any request (so one with more rows than the bound can still run).
+        if stats["queued"] > 0 and stats["queued"] + len(self.job.requests) > self.state.max_queue:
             raise APIError(429, f"the server is busy: {stats['queued']} rows wait for a slot (at most {self.state.max_queue}); "
                                 "retry after a second", type="server_busy", code="queue_full",
                            headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
