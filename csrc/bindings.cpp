@@ -14,6 +14,7 @@
 
 #include "engine/cpu_backend.h"
 #include "engine/cpu_features.h"
+#include "engine/core.h"
 #include "engine/engine.h"
 #include "engine/format.h"
 #include "engine/philox.h"
@@ -294,6 +295,60 @@ void bind_engine(py::module_& m) {
            "Where the time of the last completed generate call went (prefill/decode/sampling seconds and counts).");
 }
 
+// ---------------------------------------------------------------------------------------------
+// Engine core (csrc/engine/core.h): requests join a running batch. python/gpt_2_simple/engine.py's
+// EngineCore drives step() from one thread; add() and abort() come from any thread.
+
+void bind_core(py::module_& m) {
+  py::class_<gpt2s::EngineCore>(m, "EngineCore", py::module_local(),
+                                "Requests join a running batch (see gpt_2_simple.engine.EngineCore).")
+      .def(py::init([](gpt2s::Engine& engine, int64_t slots, int64_t ctx) {
+             if (slots < 1 || slots > 65535) throw py::value_error("max_batch must be in [1, 65535], got " + std::to_string(slots));
+             if (ctx < 1 || ctx > engine.weights().config.n_ctx) {
+               throw py::value_error("context must be in [1, " + std::to_string(engine.weights().config.n_ctx) + "], got " +
+                                     std::to_string(ctx));
+             }
+             return std::make_unique<gpt2s::EngineCore>(engine, int32_t(slots), int32_t(ctx));
+           }),
+           py::arg("engine"), py::arg("slots"), py::arg("ctx"), py::keep_alive<1, 2>())
+      .def(
+          "add",
+          [](gpt2s::EngineCore& core, py::handle request) {
+            gpt2s::GenRequest r = to_request(request, 0, core.config());
+            try {
+              return core.add(std::move(r));
+            } catch (const std::invalid_argument& e) {
+              throw py::value_error(e.what());
+            }
+          },
+          py::arg("request"), "Queue a request (an engine.Request); returns its id.")
+      .def("abort", &gpt2s::EngineCore::abort, py::arg("id"), py::call_guard<py::gil_scoped_release>())
+      .def("wake", &gpt2s::EngineCore::wake, py::call_guard<py::gil_scoped_release>())
+      .def("clear", &gpt2s::EngineCore::clear, py::call_guard<py::gil_scoped_release>())
+      .def(
+          "step",
+          [](gpt2s::EngineCore& core, double wait_seconds) {
+            std::vector<gpt2s::CoreEvent> events;
+            {
+              py::gil_scoped_release release;
+              events = core.step(wait_seconds);
+            }
+            py::list out;
+            for (const gpt2s::CoreEvent& e : events) {
+              out.append(py::make_tuple(e.id, py::cast(e.tokens), e.finish.empty() ? py::object(py::none()) : py::str(e.finish)));
+            }
+            return out;
+          },
+          py::arg("wait_seconds"), "[(id, tokens, finish_reason or None)] for the requests this step touched.")
+      .def("stats", [](gpt2s::EngineCore& core) {
+        const gpt2s::CoreStats s = core.stats();
+        py::dict d = timings_dict(s.timings);
+        d["queued"] = s.queued;
+        d["running"] = s.running;
+        return d;
+      });
+}
+
 // Value b of a per-row argument given as one value or one per row (B).
 template <class T>
 T row_value(const std::vector<T>& v, size_t B, size_t b, const char* name) {
@@ -521,6 +576,7 @@ PYBIND11_MODULE(GPT2S_MODULE_NAME, m) {
       "Raises FormatError (a ValueError) naming the problem.");
 
   bind_engine(m);
+  bind_core(m);
 
   m.def(
       "cpu_features",

@@ -31,6 +31,11 @@ class Engine {
     return results;
   }
 
+  // The lock generate() holds: the engine core (core.h) holds it while it has rows, so the two
+  // share the one backend and KV cache by turns.
+  std::mutex& mutex() { return mutex_; }
+  Backend& backend() { return *backend_; }
+
   // Timings of the last completed call.
   Timings last_timings() {
     std::lock_guard<std::mutex> lock(timings_mutex_);

@@ -95,6 +95,221 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 
 }  // namespace
 
+struct Scheduler::State {
+  Backend& backend;
+  const ModelWeights& weights;
+  const Callbacks& cb;
+  Timings& timings;
+  int32_t slots, max_step_tokens, keep_on_slide;
+  bool share_prefixes;
+  std::vector<Row> rows;
+  std::vector<const GenRequest*> requests;  // (slots) the request of each row
+  std::vector<char> waiting;                // this step: held back for a row prefilling the same prefix
+  StepInput in;
+  StepOutput out;
+  std::vector<int32_t> sampling_rows;  // slot of each sampling row of the step
+
+  State(Backend& b, const ModelWeights& w, int32_t s, const Callbacks& c, Timings& t)
+      : backend(b), weights(w), cb(c), timings(t), slots(s), max_step_tokens(std::max(kMaxStepTokens, s)),
+        keep_on_slide(std::max(1, w.config.n_ctx / 2)), rows(size_t(s)), requests(size_t(s)), waiting(size_t(s)) {
+    const char* share_env = std::getenv("GPT2S_SHARE_PREFIX");
+    share_prefixes = !(share_env != nullptr && std::strcmp(share_env, "0") == 0);
+  }
+
+  void finish(int32_t s, FinishReason reason) {
+    Row& row = rows[size_t(s)];
+    row.result.finish_reason = reason;
+    const int64_t key = row.request;
+    GenResult result = std::move(row.result);
+    row = Row{};
+    requests[size_t(s)] = nullptr;
+    if (cb.on_finish) cb.on_finish(key, result);
+  }
+};
+
+Scheduler::Scheduler(Backend& backend, const ModelWeights& weights, int32_t slots, int32_t ctx, const Callbacks& callbacks,
+                     Timings& timings)
+    : state_(std::make_unique<State>(backend, weights, slots, callbacks, timings)) {
+  if (slots < 1) throw std::invalid_argument("batch_size must be >= 1, got " + std::to_string(slots));
+  backend.reserve(slots, ctx, state_->max_step_tokens);
+  timings.slots = slots;
+  timings.ctx = ctx;
+  timings.kv_cache_bytes = backend.kv_cache_bytes();
+}
+
+Scheduler::~Scheduler() = default;
+
+int32_t Scheduler::slots() const { return state_->slots; }
+
+int32_t Scheduler::running() const {
+  int32_t n = 0;
+  for (const Row& row : state_->rows) n += row.request >= 0;
+  return n;
+}
+
+void Scheduler::admit(int64_t key, const GenRequest& r) {
+  State& st = *state_;
+  int32_t s = 0;
+  while (s < st.slots && st.rows[size_t(s)].request >= 0) ++s;
+  if (s == st.slots) throw std::logic_error("Scheduler::admit: no free slot");
+  Row& row = st.rows[size_t(s)];
+  row.request = key;
+  st.requests[size_t(s)] = &r;
+  if (r.max_new_tokens == 0) {
+    st.finish(s, FinishReason::kLength);
+    return;
+  }
+  row.window = r.prompt;
+  row.fed = 0;
+  row.prefilling = true;
+  row.longest_stop = 0;
+  for (const std::string& seq : r.stop_sequences) row.longest_stop = std::max(row.longest_stop, seq.size());
+}
+
+bool Scheduler::cancel(int64_t key) {
+  State& st = *state_;
+  for (int32_t s = 0; s < st.slots; ++s) {
+    if (st.rows[size_t(s)].request != key) continue;
+    // Its cache positions are simply overwritten by the slot's next row; a row that copied from
+    // them copied before this step, so nothing refers to them.
+    st.rows[size_t(s)] = Row{};
+    st.requests[size_t(s)] = nullptr;
+    return true;
+  }
+  return false;
+}
+
+bool Scheduler::step() {
+  State& st = *state_;
+  Backend& backend = st.backend;
+  const Callbacks& cb = st.cb;
+  Timings& timings = st.timings;
+  const Config& config = st.weights.config;
+  const int32_t slots = st.slots;
+  std::vector<Row>& rows = st.rows;
+  std::vector<char>& waiting = st.waiting;
+  StepInput& in = st.in;
+  StepOutput& out = st.out;
+  std::vector<int32_t>& sampling_rows = st.sampling_rows;
+
+  // Prefix sharing (docs/engine.md): the positions a prefilling row's window shares with another
+  // row's cache are copied, not computed again, so n samples of one prompt prefill it once. A
+  // position's keys and values depend only on the tokens up to it, so the copy is what the row
+  // would have computed (bit for bit on the CPU, whose kernels are batch-invariant). A row whose
+  // prefix a lower slot is still prefilling waits for it when that covers at least half of what
+  // the row has left to feed (rows admitted together: the first prefills, the others copy).
+  // Lower slots only, and never behind a waiting row: the lowest prefilling row always runs.
+  // Before the step is built, `fed` counts exactly the positions in the cache.
+  std::fill(waiting.begin(), waiting.end(), 0);
+  for (int32_t s = 0; s < slots && st.share_prefixes; ++s) {
+    Row& row = rows[size_t(s)];
+    // The row feeds its window's last token itself: its draw needs that position's logits.
+    const int64_t cap = int64_t(row.window.size()) - 1;
+    if (row.request < 0 || !row.prefilling || row.fed >= cap) continue;
+    int64_t ready = row.fed, coming = row.fed;
+    int32_t donor = -1;
+    for (int32_t d = 0; d < slots; ++d) {
+      const Row& other = rows[size_t(d)];
+      if (d == s || other.request < 0) continue;
+      const int64_t n = common_prefix(other.window, row.window, cap);
+      if (std::min<int64_t>(n, other.fed) > ready) {
+        ready = std::min<int64_t>(n, other.fed);
+        donor = d;
+      }
+      if (d < s && other.prefilling && !waiting[size_t(d)]) coming = std::max(coming, n);
+      // Found all it can share, now or from a leader: rows of one long prompt need no full scan.
+      if (ready == cap || coming == cap) break;
+    }
+    if (donor >= 0) {
+      backend.copy_kv(donor, s, row.fed, int32_t(ready));
+      timings.shared_tokens += ready - row.fed;
+      row.fed = int32_t(ready);
+    }
+    if (coming > row.fed && 2 * (coming - row.fed) >= int64_t(row.window.size()) - row.fed) waiting[size_t(s)] = 1;
+  }
+
+  // The step: decoding rows' single tokens first (the budget always has room for them), then
+  // prompt chunks up to the token budget.
+  in.tokens.clear();
+  in.slots.clear();
+  in.positions.clear();
+  in.sample_at.clear();
+  in.params.clear();
+  in.draw_position.clear();
+  in.want_logits = bool(cb.on_logits);
+  sampling_rows.clear();
+  int64_t budget = st.max_step_tokens, prefill_tokens = 0;
+  for (int pass = 0; pass < 2; ++pass) {
+    for (int32_t s = 0; s < slots; ++s) {
+      Row& row = rows[size_t(s)];
+      const int64_t pending = int64_t(row.window.size()) - row.fed;
+      if (row.request < 0 || pending == 0 || (pass == 0) == row.prefilling || budget == 0 || waiting[size_t(s)]) continue;
+      const int64_t take = std::min(pending, budget);
+      for (int64_t j = 0; j < take; ++j) {
+        in.tokens.push_back(row.window[size_t(row.fed + j)]);
+        in.slots.push_back(s);
+        in.positions.push_back(int32_t(row.fed + j));
+      }
+      if (pass == 1) prefill_tokens += take;
+      row.fed += int32_t(take);
+      budget -= take;
+      if (row.fed == int32_t(row.window.size())) {  // the whole window is in: draw the next token
+        const GenRequest& r = *st.requests[size_t(s)];
+        in.sample_at.push_back(int32_t(in.tokens.size()) - 1);
+        in.params.push_back(r.sampling);
+        in.draw_position.push_back(uint64_t(row.result.tokens.size()));
+        sampling_rows.push_back(s);
+        row.prefilling = false;
+      }
+    }
+  }
+  if (in.tokens.empty()) return false;  // no active row and nothing pending
+
+  const auto t_step = std::chrono::steady_clock::now();
+  backend.step(in, out);
+  const double step_seconds = seconds_since(t_step);
+  timings.screened_rows += out.screened_rows;
+  if (prefill_tokens > 0) {
+    timings.prefill_steps += 1;
+    timings.prefill_tokens += prefill_tokens;
+    timings.prefill_seconds += step_seconds;
+  } else {
+    timings.decode_steps += 1;
+    timings.decode_tokens += int64_t(in.tokens.size());
+    timings.decode_seconds += step_seconds;
+    timings.decode_sample_seconds += out.sample_seconds;
+  }
+
+  for (size_t r = 0; r < sampling_rows.size(); ++r) {
+    const int32_t s = sampling_rows[r];
+    Row& row = rows[size_t(s)];
+    const GenRequest& req = *st.requests[size_t(s)];
+    const int32_t token = out.drawn[r];
+    if (cb.on_logits) cb.on_logits(row.request, int64_t(row.result.tokens.size()), out.logits.data() + r * config.n_vocab);
+    if (std::find(req.stop_ids.begin(), req.stop_ids.end(), token) != req.stop_ids.end()) {
+      st.finish(s, FinishReason::kStopToken);
+      continue;
+    }
+    row.result.tokens.push_back(token);
+    if (cb.on_token) cb.on_token(row.request, token);
+    if (!req.stop_sequences.empty() && completes_stop_sequence(row, st.weights.token_bytes[size_t(token)], req.stop_sequences)) {
+      st.finish(s, FinishReason::kStopSequence);
+    } else if (int64_t(row.result.tokens.size()) >= req.max_new_tokens) {
+      st.finish(s, FinishReason::kLength);
+    } else if (row.fed == config.n_ctx) {
+      // The context is full and another token is needed: keep the last half and re-prefill it.
+      row.window.push_back(token);
+      row.window.erase(row.window.begin(), row.window.end() - st.keep_on_slide);
+      row.fed = 0;
+      row.prefilling = true;
+    } else {
+      row.window.push_back(token);
+    }
+  }
+  if (cb.poll) cb.poll();
+  return true;
+}
+
 std::vector<GenResult> generate(Backend& backend, const ModelWeights& weights, const std::vector<GenRequest>& requests,
                                 int32_t batch_size, const Callbacks& cb, Timings& timings) {
   const auto t_start = std::chrono::steady_clock::now();
@@ -103,6 +318,11 @@ std::vector<GenResult> generate(Backend& backend, const ModelWeights& weights, c
   validate_requests(requests, config);
   timings = Timings{};
   std::vector<GenResult> results(requests.size());
+  Callbacks scheduler_cb = cb;
+  scheduler_cb.on_finish = [&](int64_t i, const GenResult& result) {
+    results[size_t(i)] = result;
+    if (cb.on_finish) cb.on_finish(i, results[size_t(i)]);
+  };
 
   // KV cache sized to this call: as many slots as rows can run at once, and as many positions as
   // the longest row can fill (its last token is never fed back), up to n_ctx.
@@ -112,165 +332,20 @@ std::vector<GenResult> generate(Backend& backend, const ModelWeights& weights, c
     ++active_requests;
     ctx_needed = std::max<int64_t>(ctx_needed, int64_t(r.prompt.size()) + r.max_new_tokens - 1);
   }
-  const int32_t slots = int32_t(std::min<int64_t>(batch_size, std::max<int64_t>(active_requests, 1)));
-  const int32_t ctx = int32_t(std::min<int64_t>(config.n_ctx, ctx_needed));
-  const int32_t max_step_tokens = std::max(kMaxStepTokens, slots);
-  const int32_t keep_on_slide = std::max(1, config.n_ctx / 2);
-  std::vector<Row> rows(static_cast<size_t>(slots));
-  size_t next = 0;  // first request not yet admitted
-  const char* share_env = std::getenv("GPT2S_SHARE_PREFIX");
-  const bool share_prefixes = !(share_env != nullptr && std::strcmp(share_env, "0") == 0);
-  std::vector<char> waiting(static_cast<size_t>(slots));  // this step: held back for a row prefilling the same prefix
-
-  auto finish = [&](Row& row, FinishReason reason) {
-    row.result.finish_reason = reason;
-    const int64_t i = row.request;
-    results[size_t(i)] = std::move(row.result);
-    row = Row{};
-    if (cb.on_finish) cb.on_finish(i, results[size_t(i)]);
-  };
-
-  if (active_requests > 0) {
-    backend.reserve(slots, ctx, max_step_tokens);
-    timings.slots = slots;
-    timings.ctx = ctx;
-    timings.kv_cache_bytes = backend.kv_cache_bytes();
-  }
-  StepInput in;
-  StepOutput out;
-  std::vector<int32_t> sampling_rows;  // slot of each sampling row of the step
-  for (;;) {
-    // Admission: every free slot takes the next pending request (empty requests end at once).
-    for (Row& row : rows) {
-      while (row.request < 0 && next < requests.size()) {
-        const GenRequest& r = requests[next];
-        row.request = int64_t(next++);
-        if (r.max_new_tokens == 0) {
-          finish(row, FinishReason::kLength);
-          continue;
-        }
-        row.window = r.prompt;
-        row.fed = 0;
-        row.prefilling = true;
-        row.longest_stop = 0;
-        for (const std::string& s : r.stop_sequences) row.longest_stop = std::max(row.longest_stop, s.size());
+  if (active_requests == 0) {  // nothing to run: no cache to reserve
+    for (size_t i = 0; i < requests.size(); ++i) scheduler_cb.on_finish(int64_t(i), GenResult{});
+  } else {
+    const int32_t slots = int32_t(std::min<int64_t>(batch_size, active_requests));
+    Scheduler scheduler(backend, weights, slots, int32_t(std::min<int64_t>(config.n_ctx, ctx_needed)), scheduler_cb, timings);
+    size_t next = 0;  // first request not yet admitted
+    for (;;) {
+      // Admission: every free slot takes the next pending request (empty requests end at once).
+      while (scheduler.running() < slots && next < requests.size()) {
+        scheduler.admit(int64_t(next), requests[next]);
+        ++next;
       }
+      if (!scheduler.step()) break;  // no active row and nothing pending
     }
-
-    // Prefix sharing (docs/engine.md): the positions a prefilling row's window shares with another
-    // row's cache are copied, not computed again, so n samples of one prompt prefill it once. A
-    // position's keys and values depend only on the tokens up to it, so the copy is what the row
-    // would have computed (bit for bit on the CPU, whose kernels are batch-invariant). A row whose
-    // prefix a lower slot is still prefilling waits for it when that covers at least half of what
-    // the row has left to feed (rows admitted together: the first prefills, the others copy).
-    // Lower slots only, and never behind a waiting row: the lowest prefilling row always runs.
-    // Before the step is built, `fed` counts exactly the positions in the cache.
-    std::fill(waiting.begin(), waiting.end(), 0);
-    for (int32_t s = 0; s < slots && share_prefixes; ++s) {
-      Row& row = rows[size_t(s)];
-      // The row feeds its window's last token itself: its draw needs that position's logits.
-      const int64_t cap = int64_t(row.window.size()) - 1;
-      if (row.request < 0 || !row.prefilling || row.fed >= cap) continue;
-      int64_t ready = row.fed, coming = row.fed;
-      int32_t donor = -1;
-      for (int32_t d = 0; d < slots; ++d) {
-        const Row& other = rows[size_t(d)];
-        if (d == s || other.request < 0) continue;
-        const int64_t n = common_prefix(other.window, row.window, cap);
-        if (std::min<int64_t>(n, other.fed) > ready) {
-          ready = std::min<int64_t>(n, other.fed);
-          donor = d;
-        }
-        if (d < s && other.prefilling && !waiting[size_t(d)]) coming = std::max(coming, n);
-        // Found all it can share, now or from a leader: rows of one long prompt need no full scan.
-        if (ready == cap || coming == cap) break;
-      }
-      if (donor >= 0) {
-        backend.copy_kv(donor, s, row.fed, int32_t(ready));
-        timings.shared_tokens += ready - row.fed;
-        row.fed = int32_t(ready);
-      }
-      if (coming > row.fed && 2 * (coming - row.fed) >= int64_t(row.window.size()) - row.fed) waiting[size_t(s)] = 1;
-    }
-
-    // The step: decoding rows' single tokens first (the budget always has room for them), then
-    // prompt chunks up to the token budget.
-    in.tokens.clear();
-    in.slots.clear();
-    in.positions.clear();
-    in.sample_at.clear();
-    in.params.clear();
-    in.draw_position.clear();
-    in.want_logits = bool(cb.on_logits);
-    sampling_rows.clear();
-    int64_t budget = max_step_tokens, prefill_tokens = 0;
-    for (int pass = 0; pass < 2; ++pass) {
-      for (int32_t s = 0; s < slots; ++s) {
-        Row& row = rows[size_t(s)];
-        const int64_t pending = int64_t(row.window.size()) - row.fed;
-        if (row.request < 0 || pending == 0 || (pass == 0) == row.prefilling || budget == 0 || waiting[size_t(s)]) continue;
-        const int64_t take = std::min(pending, budget);
-        for (int64_t j = 0; j < take; ++j) {
-          in.tokens.push_back(row.window[size_t(row.fed + j)]);
-          in.slots.push_back(s);
-          in.positions.push_back(int32_t(row.fed + j));
-        }
-        if (pass == 1) prefill_tokens += take;
-        row.fed += int32_t(take);
-        budget -= take;
-        if (row.fed == int32_t(row.window.size())) {  // the whole window is in: draw the next token
-          const GenRequest& r = requests[size_t(row.request)];
-          in.sample_at.push_back(int32_t(in.tokens.size()) - 1);
-          in.params.push_back(r.sampling);
-          in.draw_position.push_back(uint64_t(row.result.tokens.size()));
-          sampling_rows.push_back(s);
-          row.prefilling = false;
-        }
-      }
-    }
-    if (in.tokens.empty()) break;  // no active row and nothing pending
-
-    const auto t_step = std::chrono::steady_clock::now();
-    backend.step(in, out);
-    const double step_seconds = seconds_since(t_step);
-    timings.screened_rows += out.screened_rows;
-    if (prefill_tokens > 0) {
-      timings.prefill_steps += 1;
-      timings.prefill_tokens += prefill_tokens;
-      timings.prefill_seconds += step_seconds;
-    } else {
-      timings.decode_steps += 1;
-      timings.decode_tokens += int64_t(in.tokens.size());
-      timings.decode_seconds += step_seconds;
-      timings.decode_sample_seconds += out.sample_seconds;
-    }
-
-    for (size_t r = 0; r < sampling_rows.size(); ++r) {
-      Row& row = rows[size_t(sampling_rows[r])];
-      const GenRequest& req = requests[size_t(row.request)];
-      const int32_t token = out.drawn[r];
-      if (cb.on_logits) cb.on_logits(row.request, int64_t(row.result.tokens.size()), out.logits.data() + r * config.n_vocab);
-      if (std::find(req.stop_ids.begin(), req.stop_ids.end(), token) != req.stop_ids.end()) {
-        finish(row, FinishReason::kStopToken);
-        continue;
-      }
-      row.result.tokens.push_back(token);
-      if (cb.on_token) cb.on_token(row.request, token);
-      if (!req.stop_sequences.empty() && completes_stop_sequence(row, weights.token_bytes[size_t(token)], req.stop_sequences)) {
-        finish(row, FinishReason::kStopSequence);
-      } else if (int64_t(row.result.tokens.size()) >= req.max_new_tokens) {
-        finish(row, FinishReason::kLength);
-      } else if (row.fed == config.n_ctx) {
-        // The context is full and another token is needed: keep the last half and re-prefill it.
-        row.window.push_back(token);
-        row.window.erase(row.window.begin(), row.window.end() - keep_on_slide);
-        row.fed = 0;
-        row.prefilling = true;
-      } else {
-        row.window.push_back(token);
-      }
-    }
-    if (cb.poll) cb.poll();
   }
   timings.total_seconds = seconds_since(t_start);
   return results;

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -62,6 +63,31 @@ void validate_requests(const std::vector<GenRequest>& requests, const Config& co
 
 // Tokens packed into one step at most (prefill chunks plus decoding rows).
 constexpr int32_t kMaxStepTokens = 512;
+
+// The step-wise scheduler behind generate() and the engine core (core.h): requests in KV-cache
+// slots, one step at a time. Callbacks get the caller's key for each row. Not thread-safe: one
+// thread drives it (the core's loop, or generate's caller).
+class Scheduler {
+ public:
+  // Reserves the backend for `slots` rows of `ctx` positions (and records the geometry in timings).
+  Scheduler(Backend& backend, const ModelWeights& weights, int32_t slots, int32_t ctx, const Callbacks& callbacks,
+            Timings& timings);
+  ~Scheduler();
+  int32_t slots() const;
+  int32_t running() const;  // rows holding a request
+  // Puts `request` (validated, kept alive by the caller until its row ends) into the lowest free
+  // slot under `key`; there must be one. A request for 0 tokens ends (on_finish) at once.
+  void admit(int64_t key, const GenRequest& request);
+  // Frees the slot of `key`'s row without calling on_finish; false when no row holds it.
+  bool cancel(int64_t key);
+  // One step over the running rows (prefix sharing, packing, the backend step, stop checks and
+  // callbacks); false, and nothing run, when no row has a token to feed.
+  bool step();
+
+ private:
+  struct State;
+  std::unique_ptr<State> state_;
+};
 
 // Generates for every request (results in request order) with at most batch_size rows at once.
 std::vector<GenResult> generate(Backend& backend, const ModelWeights& weights, const std::vector<GenRequest>& requests,

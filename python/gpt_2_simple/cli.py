@@ -147,7 +147,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(p, output_dir="bench_results")
     p.set_defaults(handler=_cmd_bench)
+
+    _add_serve_parser(sub)
     return parser
+
+
+def _add_serve_parser(sub) -> None:
+    from .serve import add_serve_args
+
+    p = sub.add_parser("serve", help="serve an OpenAI-compatible completions API and a web playground (docs/serve.md)")
+    add_serve_args(p)
+    p.set_defaults(handler=_cmd_serve)
+
+
+def _cmd_serve(args: argparse.Namespace) -> None:
+    from .serve import run_server
+
+    run_server(args)
 
 
 def _cmd_finetune(args: argparse.Namespace) -> None:
