@@ -42,6 +42,13 @@ def run_capped(code: str, timeout: float = 60, memory: int = 2 << 30) -> subproc
         pytest.fail(f"took more than {timeout} s")
 
 
+def refusal(imports: str, call: str, error: str, timeout: float = 60) -> str:
+    """What ``call`` raises as ``error`` (its message, after "refused:") in a capped subprocess."""
+    r = run_capped(f"{imports}\ntry:\n    {call}\nexcept {error} as e:\n    print('refused:', e)\n", timeout=timeout)
+    assert "refused:" in r.stdout, r.stdout + r.stderr
+    return r.stdout
+
+
 # --- a LevelDB table as TensorFlow writes checkpoint indexes -----------------------------------
 
 
@@ -78,32 +85,22 @@ def table(data_blocks: list[bytes], index_refs: list[int] | None = None) -> byte
     return bytes(out + footer)
 
 
+TF_IMPORTS = "from gpt_2_simple.tf_checkpoint import TFCheckpoint, TFCheckpointError"
+
+
 def test_index_keys_growing_by_one_byte_fail_fast(tmp_path):
     # 344 KB of entries that each extend the previous key by one byte: 3.5 GB and 18 s of keys before
     entries = [(0, b"a", b"")] + [(i, b"a", b"") for i in range(1, 86_000)]
     (tmp_path / "model.ckpt.index").write_bytes(table([block(entries)]))
     assert (tmp_path / "model.ckpt.index").stat().st_size > 300_000
-    r = run_capped(f"""
-        from gpt_2_simple.tf_checkpoint import TFCheckpoint, TFCheckpointError
-        try:
-            TFCheckpoint({str(tmp_path / 'model.ckpt')!r})
-        except TFCheckpointError as e:
-            print("refused:", e)
-    """)
-    assert "refused:" in r.stdout and "longer than the 1024" in r.stdout, r.stdout + r.stderr
+    assert "longer than the 1024" in refusal(TF_IMPORTS, f"TFCheckpoint({str(tmp_path / 'model.ckpt')!r})", "TFCheckpointError")
 
 
 def test_index_listing_one_block_many_times_fails_fast(tmp_path):
     entries = [(0, b"model/x%05d" % i, b"") for i in range(2000)]
     (tmp_path / "model.ckpt.index").write_bytes(table([block(entries)], index_refs=[0] * 1000))
-    r = run_capped(f"""
-        from gpt_2_simple.tf_checkpoint import TFCheckpoint, TFCheckpointError
-        try:
-            TFCheckpoint({str(tmp_path / 'model.ckpt')!r})
-        except TFCheckpointError as e:
-            print("refused:", e)
-    """, timeout=30)
-    assert "refused:" in r.stdout and "listed more than once" in r.stdout, r.stdout + r.stderr
+    message = refusal(TF_IMPORTS, f"TFCheckpoint({str(tmp_path / 'model.ckpt')!r})", "TFCheckpointError", timeout=30)
+    assert "listed more than once" in message
 
 
 def bundle_entry(shape: list[int], size: int, dtype: int = 1) -> bytes:
@@ -144,15 +141,8 @@ def test_a_billion_layers_is_refused_before_allocating(tiny_folder, where):
         save_weights(folder / "model-5.safetensors", state, metadata={"config": json.dumps(hparams)})
     else:
         (folder / where).write_text(json.dumps(hparams))
-    r = run_capped(f"""
-        from gpt_2_simple.config import HparamsError
-        from gpt_2_simple.weights import load_weights
-        try:
-            load_weights({str(folder)!r})
-        except HparamsError as e:
-            print("refused:", e)
-    """)
-    assert "refused:" in r.stdout and "n_layer=1000000000 is beyond" in r.stdout, r.stdout + r.stderr
+    imports = "from gpt_2_simple.config import HparamsError\nfrom gpt_2_simple.weights import load_weights"
+    assert "n_layer=1000000000 is beyond" in refusal(imports, f"load_weights({str(folder)!r})", "HparamsError")
 
 
 @pytest.mark.parametrize("content", ["[1, 2]", "[" * 100_000 + "]" * 100_000, '{"n_embd": 64, "n_head": 4, "n_layer": 2.0}',

@@ -156,8 +156,8 @@ class Engine:
 
     ``verify``: check the weights' CRC-32s at load: "once" (default) when the file changed since
     they were last checked (export checks what it writes; a reload of an unchanged file costs
-    nothing), True at every load, False never. A full check reads the whole file: about 0.6 s for
-    124M bf16 and 1.2 s fp32 on a 2-core VM (bench/verify_cost.py), too slow for every load.
+    nothing), True at every load, False never. A full check reads the whole file: about 0.7 s for
+    124M bf16 and 1.4 s fp32 on a 2-core VM (bench/verify_cost.py), too slow for every load.
     ``mmap``: map the file (the default: no copy) or, False, read it into memory; a mapped file
     that is truncated or written over in place while loaded kills the process with SIGBUS (or
     changes the weights underneath), so use False for files something else may rewrite.
