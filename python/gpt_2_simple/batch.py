@@ -388,10 +388,12 @@ def _check_resumable(existing: dict[int, dict], specs: list[SampleSpec], output:
                 raise ValueError(f"{output} sample {index} does not record its {name} (an output of an earlier gpt_2_simple): "
                                  "it cannot be resumed safely; finish it with the version that started it, or choose another --output")
             if record[name] != wanted[name]:
-                what = "the model (its weights, dtype or tokenizer)" if name == "model" else f"{name} {record[name]!r}"
-                now = f"this command's model is {wanted[name]}" if name == "model" else f"this command's {name} is {wanted[name]!r}"
-                raise ValueError(f"{output} sample {index} was made with {what} ({now}); resume with the settings "
-                                 f"it was started with (--{name} for the command's own), or choose another --output")
+                if name == "model":
+                    what, now, fix = "the model (its weights, dtype or tokenizer)", f"this command's model is {model}", "the run and --dtype"
+                else:
+                    what, now, fix = f"{name} {record[name]!r}", f"this command's {name} is {wanted[name]!r}", f"--{name} (or the prompts row's {name})"
+                raise ValueError(f"{output} sample {index} was made with {what} ({now}); resume with {fix} it was started with, "
+                                 "or choose another --output")
 
 
 def run_generate(args: argparse.Namespace) -> None:
