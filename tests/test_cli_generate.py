@@ -217,3 +217,75 @@ def test_bad_input_is_one_line_and_exit_code_2(workdir, monkeypatch, capsys, fil
 def test_bad_input_exit_code_from_the_command(workdir):
     out = cli(workdir, "generate", "--run_name", "nope", check=False)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+
+
+# ---- --resume refuses to mix settings or models; generate_to_file is atomic; help and messages
+
+
+def test_resume_with_other_settings_or_model_is_refused_naming_the_setting(workdir):
+    args = ["generate", "--prefix", "Go", "--nsamples", 4, "--length", 12, "--seed", 5, "--dtype", "fp32", "--truncate", "q"]
+    cli(workdir, *args, "--output", "full2.jsonl")
+    full = (workdir / "full2.jsonl").read_bytes()
+    rows = full.splitlines(keepends=True)
+    assert {json.loads(r)["length"] for r in rows} == {12} and len({json.loads(r)["model"] for r in rows}) == 1
+    save_run(workdir / "checkpoint" / "other", random_gpt2(TINY, seed=8), 3)  # the same shapes, other weights
+    cut = workdir / "cut2.jsonl"
+    cut.write_bytes(b"".join(rows[:2]))  # an interrupted run
+    for change, message in [
+        (["--length", 13], r"was made with length 12 \(this command's length is 13\)"),
+        (["--temperature", 0.9], r"was made with temperature 0.7 \(this command's temperature is 0.9\)"),
+        (["--top_k", 3], r"was made with top_k 0 \(this command's top_k is 3\)"),
+        (["--top_p", 0.5], r"was made with top_p 0.0"),
+        (["--truncate", "z"], r"was made with truncate 'q' \(this command's truncate is 'z'\)"),
+        (["--include_prefix", "false"], r"was made with include_prefix True"),
+        (["--dtype", "bf16"], r"was made with the model \(its weights, dtype or tokenizer\)"),
+        (["--run_name", "other"], r"was made with the model"),
+    ]:
+        out = cli(workdir, *args, *change, "--output", cut, "--resume", check=False)
+        assert out.returncode == 2 and re.search(message, out.stderr), (change, out.stderr)
+        assert cut.read_bytes() == b"".join(rows[:2])  # left as it was
+    cli(workdir, *args, "--output", cut, "--resume")
+    assert cut.read_bytes() == full
+
+
+def test_resume_of_an_output_without_recorded_settings_is_refused(workdir):
+    args = ["generate", "--prefix", "Go", "--nsamples", 2, "--length", 8, "--seed", 5, "--dtype", "fp32"]
+    old = workdir / "old.jsonl"
+    old.write_text('{"index": 0, "prompt": "Go", "text": "Go on", "seed": 5, "sample_index": 0, "finish_reason": "length", "tokens": 6}\n')
+    out = cli(workdir, *args, "--output", old, "--resume", check=False)
+    assert out.returncode == 2 and "does not record its length" in out.stderr, out.stderr
+
+
+def test_generate_to_file_is_atomic_under_kill(workdir):
+    """A kill half-way leaves the previous file whole (it used to be emptied at the first text)."""
+    dest = workdir / "texts.txt"
+    dest.write_text("the previous texts\n", encoding="utf-8")
+    script = ("import gpt_2_simple as gpt2, sys\n"
+              "sess = gpt2.start_tf_sess(); sess.dtype = 'fp32'\n"
+              "gpt2.generate_to_file(sess, destination_path='texts.txt', nsamples=4000, length=30, seed=1, batch_size=1)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=workdir, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not list(workdir.glob(".texts.txt.*.tmp")) and dest.read_text(encoding="utf-8") == "the previous texts\n":
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.01)
+    time.sleep(0.3)  # some texts written
+    proc.kill()
+    proc.wait()
+    assert dest.read_text(encoding="utf-8") == "the previous texts\n"
+    for tmp in workdir.glob(".texts.txt.*.tmp"):  # what the kill left: removed by the next run's rename or by hand
+        tmp.unlink()
+
+
+def test_generate_help_and_messages(workdir):
+    help_text = cli(workdir, "generate", "--help").stdout
+    multi = help_text[help_text.rindex("--multi_gpu"):]  # the options section, not the usage line
+    assert "does nothing for generation" in " ".join(multi.split()[:40]) and "data-parallel training" not in help_text
+    out = cli(workdir, "generate", "--nsamples", 0, check=False)
+    assert "--nsamples must be >= 1" in out.stderr
+    out = cli(workdir, "generate", "--length", -1, check=False)
+    assert "error: --length must be an integer >= 0" in out.stderr  # flags written as flags, like --nsamples
+    out = cli(workdir, "generate", "--seed", -1, check=False)
+    assert "error: --seed must be an integer in [0, 2**64)" in out.stderr
+    out = cli(workdir, "generate", "--prefix", "A", "--length", 6, "--seed", 1, "--dtype", "fp32", "--output", "one.jsonl")
+    assert re.search(r"generate: 1 sample, \d+ tokens? in ", out.stderr) and "1 samples" not in out.stderr, out.stderr
+    assert "generate: 1 sample in one.jsonl" in out.stderr

@@ -23,6 +23,7 @@ from safetensors.numpy import load_file, save
 from gpt_2_simple import download
 from gpt_2_simple.cli import main
 from gpt_2_simple.config import ALIASES, PRETRAINED, GPT2Config
+from gpt_2_simple.fileio import UnsafePathError
 from gpt_2_simple.download import DownloadError, Expected, download_gpt2, fetch_file, is_gpt2_downloaded
 from gpt_2_simple.tokenizer import BUNDLED_DIR, get_encoder
 
@@ -35,7 +36,8 @@ class Server:
 
     ``faults[path]`` is a list of actions, one used per request: ("cut", n) sends the full headers but
     only n body bytes, then closes; ("stall", n, s) sends n bytes then waits s seconds; ("status", code)
-    answers that status. ``redirects[path] = target`` answers 302 (with ``headers[path]``), as the HF
+    answers that status; ("206",) answers 206 Partial Content whatever was asked; ("endless", n) sends n
+    bytes of the file repeated, without a Content-Length. ``max_requests`` answers 503 past that many. ``redirects[path] = target`` answers 302 (with ``headers[path]``), as the HF
     hub does. ``md5=True`` adds Azure's MD5 headers. Every request is logged in ``log``.
     """
 
@@ -46,6 +48,7 @@ class Server:
         self.faults: dict[str, list[tuple]] = {}
         self.ignore_range = False
         self.md5 = False
+        self.max_requests: int | None = None
         self.log: list[dict] = []
         owner = self
 
@@ -72,6 +75,8 @@ class Server:
         faults = self.faults.get(h.path)
         fault = faults.pop(0) if faults else None
         extra = self.headers.get(h.path, {})
+        if self.max_requests is not None and len(self.log) > self.max_requests:
+            fault = ("status", 503)  # a client that never stops would otherwise hang the test
         if fault and fault[0] == "status":
             entry["status"] = fault[1]
             h.send_response(fault[1])
@@ -104,10 +109,13 @@ class Server:
                 h.end_headers()
                 return
         body = data[start:]
-        entry["status"] = 206 if start else 200
+        entry["status"] = 206 if start or (fault and fault[0] == "206") else 200
         h.send_response(entry["status"])
-        h.send_header("Content-Length", str(len(body)))
-        if start:
+        if fault and fault[0] == "endless":  # no Content-Length: the body ends when the connection closes
+            body = (body * (fault[1] // len(body) + 1))[: fault[1]]
+        else:
+            h.send_header("Content-Length", str(len(body)))
+        if entry["status"] == 206:
             h.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         if self.md5:
             digest = base64.b64encode(hashlib.md5(data).digest()).decode()
@@ -567,3 +575,78 @@ def test_cli_download_missing_model_on_mirror_is_one_line_exit_2(server, tmp_pat
     assert main(["download", "--model_name", "nosuch", "--model_dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "model 'nosuch' not found at" in err
+
+
+# ---- misbehaving servers: every loop is bounded, the error says what the server did wrong
+
+
+def test_server_ignoring_range_and_cutting_every_body_is_given_up(server, tmp_path):
+    """Each attempt restarts at byte 0 and is cut at the same place: no attempt makes progress. The
+    file is fetched from its start at most retries + 1 times (the old loop reset its failure count
+    whenever a byte arrived and never stopped: 900 requests in 15 s)."""
+    data = np.random.default_rng(11).bytes(300_000)
+    server.files["/f"] = data
+    server.ignore_range = True
+    server.faults["/f"] = [("cut", 100_000)] * 1000
+    server.max_requests = 60
+    with pytest.raises(DownloadError, match=r"after 4 attempts: .*ignores Range requests.*cuts every transfer short"):
+        fetch_file(server.url + "/f", tmp_path / "f", retries=3, **FAST)
+    assert len(server.log) == 4
+    assert sum(r["sent"] for r in server.log) == 4 * 100_000  # bounded bytes too
+    assert not (tmp_path / "f").exists()
+
+
+def test_server_ignoring_range_with_growing_cuts_is_fetched_at_most_retries_plus_1_times(server, tmp_path):
+    """Every attempt goes a little further (so it counts as progress) but restarts at 0: bounded by full fetches."""
+    data = np.random.default_rng(12).bytes(300_000)
+    server.files["/f"] = data
+    server.ignore_range = True
+    server.faults["/f"] = [("cut", 70_000 * (k + 1)) for k in range(1000)]  # above CHUNK_SIZE: each cut keeps more
+    server.max_requests = 60
+    with pytest.raises(DownloadError, match=r"fetched from its start 3 times without arriving whole: the server ignores Range"):
+        fetch_file(server.url + "/f", tmp_path / "f", retries=2, **FAST)
+    assert len(server.log) == 3
+
+
+def test_206_without_range_and_content_failing_the_hash_stops_at_once(server, tmp_path):
+    """The old loop took a 206 to a plain request as a resume, so a failed hash meant 'fetch it again':
+    1,590 requests in 15 s."""
+    data = np.random.default_rng(13).bytes(50_000)
+    server.files["/f"] = data
+    server.faults["/f"] = [("206",)] * 1000
+    server.max_requests = 60
+    with pytest.raises(DownloadError, match=r"answered 206 Partial Content to a request for the whole file \(no Range was sent\)"):
+        fetch_file(server.url + "/f", tmp_path / "f", Expected(sha256="0" * 64), retries=3, **FAST)
+    assert len(server.log) == 1
+    assert not (tmp_path / "f").exists()
+
+
+def test_resumed_content_failing_the_hash_is_refetched_once_then_refused(server, tmp_path):
+    data = np.random.default_rng(14).bytes(200_000)
+    server.files["/f"] = data
+    server.faults["/f"] = [("cut", 150_000)]
+    server.max_requests = 60
+    with pytest.raises(DownloadError, match=r"f from .* is damaged: its sha256 is [0-9a-f]{64}, expected 0{64}"):
+        fetch_file(server.url + "/f", tmp_path / "f", Expected(sha256="0" * 64), retries=3, **FAST)
+    # cut, resumed (fails the hash), one full fetch (fails again): refused
+    assert [(r["range"] is not None, r["status"]) for r in server.log] == [(False, 200), (True, 206), (False, 200)]
+
+
+def test_body_longer_than_the_file_is_cut_off(server, tmp_path):
+    """A server that streams without end (no Content-Length) stops at the file's known size."""
+    data = np.random.default_rng(15).bytes(50_000)
+    server.files["/f"] = data
+    server.faults["/f"] = [("endless", 20_000_000)] * 1000
+    server.max_requests = 60
+    with pytest.raises(DownloadError, match=r"sends more than the 50000 bytes the file has"):
+        fetch_file(server.url + "/f", tmp_path / "f", Expected(size=len(data)), retries=3, **FAST)
+    assert len(server.log) == 1
+    assert not (tmp_path / "f").exists() and (tmp_path / "f.part").stat().st_size <= 50_000
+
+
+@pytest.mark.parametrize("name", ["../escaped.txt", "/tmp/abs.txt", "sub/x.txt", ""])
+def test_download_file_with_progress_confines_the_file_name(server, tmp_path, name):
+    server.files["/models/m/hparams.json"] = b"{}"
+    with pytest.raises(UnsafePathError, match="file_name .* must stay inside"):
+        download.download_file_with_progress(server.url, str(tmp_path / "models" / "m"), "m", name)
+    assert server.log == [] and not (tmp_path / "escaped.txt").exists()

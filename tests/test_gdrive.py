@@ -10,6 +10,7 @@ import pytest
 
 import gpt_2_simple as gpt2
 from gpt_2_simple import gdrive
+from gpt_2_simple.fileio import UnsafePathError
 
 
 @pytest.fixture
@@ -145,3 +146,71 @@ def test_archive_that_escapes_is_refused(drive, name, kind, link):
     after = _tree(work.parent)
     assert set(after) - set(before) == {"work/checkpoint_run1.tar"}  # only the downloaded archive
     assert not Path("/tmp/gpt2s-absolute-escape.txt").exists()
+
+
+def _archive(path: Path, members: list[tuple[tarfile.TarInfo, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for member, data in members:
+            member.size = len(data) if member.isfile() else 0
+            tar.addfile(member, io.BytesIO(data) if member.isfile() else None)
+
+
+def _info(name: str, kind=tarfile.REGTYPE, link: str = "") -> tarfile.TarInfo:
+    member = tarfile.TarInfo(name)
+    member.type, member.linkname = kind, link
+    return member
+
+
+@pytest.mark.parametrize("name", ["checkpoint/run2/model-9.safetensors", "models/124M/hparams.json", "train.py", "checkpoint/counter"])
+def test_archive_writes_only_into_its_own_run_folder(drive, name):
+    """A restored tar may write checkpoint/run1 only, not other runs, models or the working directory."""
+    work, root = drive
+    _archive(root / "checkpoint_run1.tar", [(_info("checkpoint/run1/counter"), b"5\n"), (_info(name), b"pwned")])
+    before = _tree(work.parent)
+    with pytest.raises(UnsafePathError, match=f"member '{name}' would be written outside checkpoint/run1"):
+        gpt2.copy_checkpoint_from_gdrive()
+    assert set(_tree(work.parent)) - set(before) == {"work/checkpoint_run1.tar"}
+
+
+def test_a_chain_of_links_cannot_escape_even_without_data_filter(drive, monkeypatch):
+    """Links that each look harmless (a -> ., a/b -> ..) reach outside together; tarfile's own guard
+    exists only on newer Pythons. Restoring is ours on every Python: links are refused outright."""
+    work, root = drive
+    monkeypatch.delattr(tarfile, "data_filter", raising=False)  # as on Python < 3.10.12 / 3.11.4
+    _archive(root / "checkpoint_run1.tar", [
+        (_info("checkpoint/run1/a", tarfile.SYMTYPE, "."), b""),
+        (_info("checkpoint/run1/a/b", tarfile.SYMTYPE, ".."), b""),
+        (_info("checkpoint/run1/a/b/b/b/escaped.txt"), b"pwned"),
+    ])
+    with pytest.raises(UnsafePathError, match=r"member 'checkpoint/run1/a' is a link to '\.'"):
+        gpt2.copy_checkpoint_from_gdrive()
+    assert not (work.parent / "escaped.txt").exists() and not (work / "escaped.txt").exists()
+    assert not (work / "checkpoint" / "run1" / "a").exists()
+
+
+def test_a_link_already_on_disk_is_not_followed_out(drive, tmp_path):
+    work, root = drive
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (work / "checkpoint" / "run1" / "sub").symlink_to(outside)  # left by something else
+    _archive(root / "checkpoint_run1.tar", [(_info("checkpoint/run1/sub/x.txt"), b"pwned")])
+    with pytest.raises(UnsafePathError, match="would be written through a link to"):
+        gpt2.copy_checkpoint_from_gdrive()
+    assert list(outside.iterdir()) == []
+
+
+@pytest.mark.parametrize("run_name", ["../x", "/abs", ""])
+def test_run_names_are_confined(drive, run_name):
+    for call in (gpt2.copy_checkpoint_to_gdrive, gpt2.copy_checkpoint_from_gdrive):
+        with pytest.raises(UnsafePathError, match="run_name .* must stay inside checkpoint"):
+            call(run_name=run_name)
+
+
+def test_restored_files_keep_their_times(drive):
+    work, root = drive
+    model = work / "checkpoint" / "run1" / "model-5.safetensors"
+    os.utime(model, (1_600_000_000, 1_600_000_000))
+    gpt2.copy_checkpoint_to_gdrive()
+    shutil.rmtree(work / "checkpoint")
+    gpt2.copy_checkpoint_from_gdrive()
+    assert model.stat().st_mtime == 1_600_000_000

@@ -49,6 +49,7 @@ def test_jsonl_prompts_with_settings(tmp_path):
         ("", "has no prompts"),
         ("\n  \n", "has no prompts"),
         ('{"prompt": "a"}\n{"prompt": "b"\n', r"line 2: not valid JSON"),
+        ('{"prompt": "abc}\n', r"line 1: not valid JSON \(Unterminated string starting at column 12\)"),  # not "at at"
         ('{"prompt": "a"}\n\n{"prompt": "b", "temp": 1}\n', r"line 3: unknown field 'temp'"),
         ('{"prompt": "a"}\n["b"]\n', r"line 2: expected a JSON object"),
         ('{"prompt": "a"}\n{"length": 3}\n', r'line 2: missing the "prompt" field'),
@@ -161,7 +162,7 @@ def test_merge_orders_and_checks_completeness(tmp_path):
     part0, part1 = part_path(out, Shard(0, 2)), part_path(out, Shard(1, 2))
     part0.write_text(_record(2) + _record(0), encoding="utf-8")
     part1.write_text(_record(3) + _record(1) + _record(5)[:10], encoding="utf-8")  # torn tail ignored
-    with pytest.raises(ValueError, match=r"1 samples missing \(4\)"):
+    with pytest.raises(ValueError, match=r"1 sample missing \(4\)"):
         merge(out, total=5)
     assert part0.exists() and part1.exists() and not out.exists()
     assert merge(out) == 4

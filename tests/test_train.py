@@ -75,7 +75,7 @@ def test_run_folder_log_lines_and_learning(root, capsys):
     # TensorBoard event files, as the original wrote, when tensorboard is installed.
     events = [n for n in names if n.startswith("events.out.tfevents.")]
     assert len(events) == (importlib.util.find_spec("tensorboard") is not None)
-    assert [n for n in names if n not in events] == ["counter", "encoder.json", "hparams.json", "log.jsonl", "loss.png", "model-25.safetensors", "train_state-25.pt", "vocab.bpe"]
+    assert [n for n in names if n not in events] == ["counter", "encoder.json", "hparams.json", "log.jsonl", "loss.png", "model-25.safetensors", "train_state-25.safetensors", "vocab.bpe"]
     assert (folder / "counter").read_text() == "25\n"
     assert GPT2Config.from_file(folder / "hparams.json") == TINY
     for name in ("encoder.json", "vocab.bpe"):
@@ -120,7 +120,7 @@ def test_steps_add_to_the_run_and_max_checkpoints(root, capsys):
     run(root, steps=3, save_every=2, max_checkpoints=2)
     assert checkpoint_steps(folder) == [8, 9]
     assert (folder / "counter").read_text() == "9\n"
-    assert sorted(p.name for p in folder.glob("train_state-*")) == ["train_state-8.pt", "train_state-9.pt"]
+    assert sorted(p.name for p in folder.glob("train_state-*")) == ["train_state-8.safetensors", "train_state-9.safetensors"]
     out = capsys.readouterr().out
     assert "[7 | " in out and "Loading checkpoint" in out
     # overwrite (with 'latest'): the old checkpoints go at once

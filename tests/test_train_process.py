@@ -17,6 +17,7 @@ from safetensors.numpy import load_file
 
 import gpt_2_simple as gpt2
 from gpt_2_simple.train import checkpoint_steps
+from gpt_2_simple.train_state import load_train_state
 from gpt_2_simple.weights import latest_checkpoint
 from test_train import make_base_model, make_text, run, weights
 
@@ -25,6 +26,7 @@ SCRIPT = """
 import json, sys
 import gpt_2_simple as gpt2
 from gpt_2_simple.train import checkpoint_steps
+from gpt_2_simple.train_state import load_train_state
 from gpt_2_simple.weights import latest_checkpoint
 kw = json.loads(sys.argv[1])
 dataset = kw.pop("dataset")
@@ -107,7 +109,7 @@ def test_kill_9_during_saves_never_breaks_the_latest_checkpoint(root):
         latest = latest_checkpoint(folder)
         step = latest.step
         assert set(load_file(str(latest.path))) == set(load_file(str(root / "models/tt/model-0.safetensors")))
-        state = torch.load(folder / f"train_state-{step}.pt", weights_only=False)
+        state = load_train_state(folder / f"train_state-{step}.safetensors")
         assert state["step"] == step
         assert int((folder / "counter").read_text()) in (step, step - 1)  # counter is written last
     assert torn >= 1, "no kill landed inside a save: the test did not exercise what it claims"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import itertools
 import json
 import os
@@ -41,7 +42,10 @@ from .generate import (
 __all__ = ["Prompt", "read_prompts", "plan_samples", "read_records", "Shard", "part_path", "merge", "run_generate"]
 
 PROMPT_FIELDS = ("prompt", "temperature", "top_k", "top_p", "length", "seed")
-RECORD_FIELDS = ("index", "prompt", "text", "seed", "sample_index", "finish_reason", "tokens")
+# What decides a text besides its prompt and seed: recorded in every record, so --resume can refuse
+# to add texts made otherwise (a file holding rows of 597 tokens and rows of 21, with no reason given).
+SETTING_FIELDS = ("length", "temperature", "top_k", "top_p", "truncate", "include_prefix", "model")
+RECORD_FIELDS = ("index", "prompt", "text", "seed", "sample_index", "finish_reason", "tokens", *SETTING_FIELDS)
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
 
@@ -58,11 +62,17 @@ class Prompt:
     seed: int | None = None
 
 
+def _count(n: int, noun: str) -> str:
+    """'1 sample', '2 samples'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _json_prompt(line: str, where: str) -> Prompt:
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        at = "" if e.msg.endswith(" at") else " at"  # json's "Unterminated string starting at" ends in it already
+        raise ValueError(f"{where}: not valid JSON ({e.msg}{at} column {e.colno})") from None
     if not isinstance(row, dict):
         raise ValueError(f'{where}: expected a JSON object like {{"prompt": "..."}}, got {type(row).__name__}')
     unknown = [k for k in row if k not in PROMPT_FIELDS]
@@ -126,10 +136,30 @@ def plan_samples(prompts: list[Prompt], *, repeats: int, nsamples: int, length: 
 # ---- JSONL output -----------------------------------------------------------------------------
 
 
-def to_record(index: int, sample: GeneratedSample) -> dict:
+def model_fingerprint(path: str | os.PathLike) -> str:
+    """16 hex digits naming a model file's content: its config, dtype, tokenizer and every tensor's
+    name, shape and CRC-32 (from the file's table: no data is read). The same weights exported again
+    give the same fingerprint; other weights, another dtype or another tokenizer another one."""
+    from .export import inspect
+
+    info = inspect(path)
+    table = [(t["name"], list(t["shape"]), t["dtype"], t["crc32"]) for t in info["tensors"]]
+    h = hashlib.sha256(json.dumps([info["config"], info["dtype"], table], sort_keys=True).encode())
+    for token in info["token_bytes"]:
+        h.update(len(token).to_bytes(4, "little") + token)
+    h.update(info["merges"])
+    return h.hexdigest()[:16]
+
+
+def record_settings(spec: SampleSpec, settings: GenerateSettings, model: str) -> dict:
+    return dict(length=spec.length, temperature=spec.temperature, top_k=spec.top_k, top_p=spec.top_p,
+                truncate=settings.truncate, include_prefix=settings.include_prefix, model=model)
+
+
+def to_record(index: int, sample: GeneratedSample, recorded: dict) -> dict:
     spec = sample.spec
     return dict(index=index, prompt=spec.prompt, text=sample.text, seed=spec.seed, sample_index=spec.sample_index,
-                finish_reason=sample.finish_reason, tokens=sample.n_tokens)
+                finish_reason=sample.finish_reason, tokens=sample.n_tokens, **recorded)
 
 
 def _dump(record: dict) -> str:
@@ -248,7 +278,7 @@ def merge(output: str | os.PathLike, total: int | None = None) -> int:
     missing = [i for i in range(expected) if i not in records]
     if missing:
         shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
-        raise ValueError(f"{output}: {len(missing)} samples missing ({shown}); rerun the command with --resume to finish them")
+        raise ValueError(f"{output}: {_count(len(missing), 'sample')} missing ({shown}); rerun the command with --resume to finish them")
     _write_sorted(output, records)
     for part in parts:
         part.unlink()
@@ -334,12 +364,15 @@ class Progress:
         wall = time.perf_counter() - self.start
         rate = self.tokens / wall if wall > 0 else 0.0
         ms = 1000 * wall / self.tokens if self.tokens else 0.0
-        return (f"{self.label}{self.samples} samples, {self.tokens} tokens in {wall:.1f} s: "
+        return (f"{self.label}{_count(self.samples, 'sample')}, {_count(self.tokens, 'token')} in {wall:.1f} s: "
                 f"{rate:.1f} tokens/s, {ms:.2f} ms/token (seed {seed})")
 
 
-def _check_resumable(existing: dict[int, dict], specs: list[SampleSpec], output: Path) -> None:
-    for index, record in existing.items():
+def _check_resumable(existing: dict[int, dict], specs: list[SampleSpec], output: Path, settings: GenerateSettings,
+                     model: str | None = None) -> None:
+    """Refuse to add texts to an output made otherwise: other prompts, seed, settings or (when
+    ``model`` is given) another model. The error names the first setting that differs."""
+    for index, record in sorted(existing.items()):
         if index >= len(specs):
             raise ValueError(f"{output} holds sample {index} but this command makes {len(specs)}: "
                              "it was made by another command; choose another --output")
@@ -347,6 +380,20 @@ def _check_resumable(existing: dict[int, dict], specs: list[SampleSpec], output:
         if record.get("prompt") != spec.prompt or record.get("seed") != spec.seed:
             raise ValueError(f"{output} sample {index} was made with another prompt or seed than this command's; "
                              "resume with the same prompts and --seed, or choose another --output")
+        wanted = record_settings(spec, settings, model)
+        for name in SETTING_FIELDS:
+            if name == "model" and model is None:
+                continue
+            if name not in record:
+                raise ValueError(f"{output} sample {index} does not record its {name} (an output of an earlier gpt_2_simple): "
+                                 "it cannot be resumed safely; finish it with the version that started it, or choose another --output")
+            if record[name] != wanted[name]:
+                if name == "model":
+                    what, now, fix = "the model (its weights, dtype or tokenizer)", f"this command's model is {model}", "the run and --dtype"
+                else:
+                    what, now, fix = f"{name} {record[name]!r}", f"this command's {name} is {wanted[name]!r}", f"--{name} (or the prompts row's {name})"
+                raise ValueError(f"{output} sample {index} was made with {what} ({now}); resume with {fix} it was started with, "
+                                 "or choose another --output")
 
 
 def run_generate(args: argparse.Namespace) -> None:
@@ -354,8 +401,8 @@ def run_generate(args: argparse.Namespace) -> None:
     for name in ("nfiles", "nsamples", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    check_seed(args.seed)
-    check_settings(length=args.length, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    check_seed(args.seed, dashes="--")
+    check_settings(length=args.length, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, dashes="--")
     if args.prompts and args.prefix:
         raise ValueError("give either --prefix or --prompts, not both")
     output = Path(args.output) if args.output else None
@@ -385,7 +432,8 @@ def run_generate(args: argparse.Namespace) -> None:
         seed = random_seed()
     specs = plan_samples(prompts, repeats=args.nfiles, nsamples=args.nsamples, length=args.length,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=seed)
-    _check_resumable(existing, specs, output)
+    settings = GenerateSettings(args.truncate or None, args.include_prefix)
+    _check_resumable(existing, specs, output, settings)  # before the (maybe slow) model export
 
     per_file = len(prompts) * args.nsamples
     if output is None:  # gen/ files: each process writes whole files
@@ -401,7 +449,8 @@ def run_generate(args: argparse.Namespace) -> None:
         if n > engine.config.n_ctx:
             raise ValueError(f"{p.where}: the prompt is {n} tokens, longer than the model's context of "
                              f"{engine.config.n_ctx}; shorten it")
-    settings = GenerateSettings(args.truncate or None, args.include_prefix)
+    model = model_fingerprint(engine.path) if output is not None else None
+    _check_resumable(existing, specs, output, settings, model)
     progress = Progress(len(mine_idx), shard)
 
     if output is None:
@@ -417,7 +466,7 @@ def run_generate(args: argparse.Namespace) -> None:
 
         def on_sample(local: int, sample: GeneratedSample) -> None:
             # Written as each sample finishes, so an interruption loses nothing generated.
-            sink.write(_dump(to_record(mine_idx[local], sample)))
+            sink.write(_dump(to_record(mine_idx[local], sample, record_settings(sample.spec, settings, model))))
             sink.flush()
             progress.update(sample)
 
@@ -426,7 +475,7 @@ def run_generate(args: argparse.Namespace) -> None:
                          batch_size=args.batch_size, on_sample=on_sample)
     except KeyboardInterrupt:
         if output is not None:
-            print(f"gpt_2_simple generate: {len(existing) + progress.samples} samples saved in {mine}; "
+            print(f"gpt_2_simple generate: {_count(len(existing) + progress.samples, 'sample')} saved in {mine}; "
                   "rerun with --resume to finish", file=sys.stderr)
         raise
     finally:
@@ -437,7 +486,7 @@ def run_generate(args: argparse.Namespace) -> None:
         if shard.world > 1:
             _wait_for_ranks(output, len(specs))
         merge(output, len(specs))  # finishing order -> sample order, part files folded in
-        print(f"gpt_2_simple generate: {len(specs)} samples in {output}", file=sys.stderr)
+        print(f"gpt_2_simple generate: {_count(len(specs), 'sample')} in {output}", file=sys.stderr)
     elif output is None:
         for path in sink.paths:
             print(path)

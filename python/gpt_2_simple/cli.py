@@ -26,12 +26,12 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, multi_gpu_help: str = "data-parallel training on all GPUs (see also torchrun)") -> None:
     p.add_argument("--run_name", default="run1", help="run folder under --checkpoint_dir to save to / load from (default: run1)")
     p.add_argument("--checkpoint_dir", default="checkpoint", help="folder holding the runs (default: checkpoint)")
     p.add_argument("--model_name", default="124M", help="base model: 124M, 355M, 774M, 1558M (117M/345M aliases) or a from-scratch size: tiny, mini, small")
     p.add_argument("--model_dir", default="models", help="folder holding downloaded base models (default: models)")
-    p.add_argument("--multi_gpu", nargs="?", const=True, default=False, type=_bool, help="data-parallel training on all GPUs (see also torchrun)")
+    p.add_argument("--multi_gpu", nargs="?", const=True, default=False, type=_bool, help=multi_gpu_help)
 
 
 def _add_finetune_args(p: argparse.ArgumentParser) -> None:
@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_finetune)
 
     p = sub.add_parser("generate", help="generate texts into files")
-    _add_model_args(p)
+    _add_model_args(p, multi_gpu_help="accepted for the original's scripts; does nothing for generation (one GPU per "
+                    "process: run several with torchrun or RANK/WORLD_SIZE, see docs/generate.md)")
     _add_generate_args(p)
     p.set_defaults(handler=_cmd_generate, model_name=None)  # a run, unless --model_name names a base model
 
@@ -169,12 +170,13 @@ def _cmd_serve(args: argparse.Namespace) -> None:
 def _cmd_finetune(args: argparse.Namespace) -> None:
     from .tokenizer import BUNDLED_DIR
 
+    from .fileio import run_folder
     from .weights import latest_checkpoint
 
     dataset = args.dataset or args.dataset_opt
     if dataset is not None and not os.path.exists(dataset) and not any(c in dataset for c in "*?["):
         raise FileNotFoundError(f"dataset {dataset} not found: give a text/.csv/.npz file, a folder or a glob pattern")
-    if args.restore_from != "latest" or latest_checkpoint(os.path.join(args.checkpoint_dir, args.run_name)) is None:
+    if args.restore_from != "latest" or latest_checkpoint(run_folder(args.checkpoint_dir, args.run_name)) is None:
         _ensure_base_model(args.model_dir, args.model_name)  # a resumed run does not need its base model
     from .session import start_tf_sess
     from .train import finetune
@@ -280,8 +282,9 @@ def _cmd_merge(args: argparse.Namespace) -> None:
 
 def _cmd_export(args: argparse.Namespace) -> None:
     from .export import engine_file, export, export_hf
+    from .fileio import model_folder, run_folder
 
-    source = os.path.join(args.model_dir, args.model_name) if args.model_name else os.path.join(args.checkpoint_dir, args.run_name)
+    source = model_folder(args.model_dir, args.model_name) if args.model_name else run_folder(args.checkpoint_dir, args.run_name)
     if args.hf:
         path = export_hf(source, args.hf)
     elif args.output:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .config import ALIASES, PRETRAINED, SCRATCH, GPT2Config
-from .fileio import atomic_write, fsync_dir
+from .fileio import atomic_write, confined, fsync_dir
 from .tokenizer import BUNDLED_DIR, BUNDLED_SHA256
 
 __all__ = [
@@ -245,33 +245,58 @@ class _Transfer:
         self.served = _Served()
         self.bar: tqdm | None = None  # shown from the first byte on: a file that fails before gets none
         self.received = 0  # bytes of the current attempt
+        self.from_zero = 0  # transfers that (re)started the file at byte 0, over the whole fetch
+        self.ignored_range = False  # the server answered a resume with the whole file
+
+    def _restart(self, retries: int) -> None:
+        """Count a transfer from byte 0 (a full fetch): at most ``retries + 1`` per file."""
+        self.from_zero += 1
+        if self.from_zero > retries + 1:
+            raise DownloadError(
+                f"{self.url} was fetched from its start {retries + 1} times without arriving whole: the server "
+                + ("ignores Range requests (it answers 200 with the whole file to a resume) and " if self.ignored_range else "")
+                + "cuts the transfer short or sends bytes that do not fit what was resumed; try again later or use another mirror"
+            )
+
+    def _part_size(self) -> int:
+        return self.part.stat().st_size if self.part.exists() else 0
 
     def run(self, retries: int, backoff: float) -> _Served:
+        """Attempts until ``part`` holds the whole file. Bounded twice: ``retries`` attempts in a row
+        that do not extend the file beyond its longest so far (so a server that cuts every body and
+        ignores Range, restarting at 0 each time, is given up on), and ``retries + 1`` attempts that
+        start from byte 0 (each a full fetch)."""
+        self.served = _Served()
         failures = 0
+        longest = self._part_size()
         try:
             while True:
                 self.received = 0
                 try:
-                    if self._attempt():
+                    if self._attempt(retries):
                         return self.served
                 except requests.exceptions.SSLError as e:  # not transient: retrying cannot help
                     raise DownloadError(f"{self.url}: TLS error ({e}); check the system's certificates or proxy") from None
                 except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError, _Retryable) as e:
-                    # Count only attempts that brought nothing: a flaky but moving download goes on.
-                    failures = 1 if self.received else failures + 1
+                    # Count only attempts that brought the file no further: a flaky but moving download goes on.
+                    size = self._part_size()
+                    failures = 1 if size > longest else failures + 1
+                    longest = max(longest, size)
                     if failures > retries:
-                        raise DownloadError(
-                            f"downloading {self.url} failed after {failures} attempts: {e}; "
-                            "check your connection and run again (what was downloaded is kept and resumed)"
-                        ) from None
+                        cause = ("the server ignores Range requests, so every attempt restarts at byte 0, and it cuts "
+                                 "every transfer short: no attempt got further; use another mirror" if self.ignored_range else
+                                 "check your connection and run again (what was downloaded is kept and resumed)")
+                        raise DownloadError(f"downloading {self.url} failed after {failures} attempts: {e}; {cause}") from None
                     time.sleep(min(backoff * 2 ** (failures - 1), MAX_BACKOFF))
         finally:
             if self.bar is not None:
                 self.bar.close()
 
-    def _attempt(self) -> bool:
+    def _attempt(self, retries: int) -> bool:
         """One request. True: ``part`` holds the whole file; False: ask again at once."""
-        offset = self.part.stat().st_size if self.part.exists() else 0
+        offset = self._part_size()
+        if offset == 0 or self.ignored_range:  # this attempt fetches the file from its start
+            self._restart(retries)
         headers = {"Accept-Encoding": "identity", "User-Agent": f"gpt_2_simple/{__version__}"}
         if offset:
             headers["Range"] = f"bytes={offset}-"
@@ -285,6 +310,11 @@ class _Transfer:
                 return False
             _check_status(r, self.url)
             _server_hashes(r, self.served)
+            if r.status_code == 206 and not offset:
+                raise DownloadError(
+                    f"{self.url}: the server answered 206 Partial Content to a request for the whole file (no Range "
+                    "was sent); it is misconfigured or not a plain file server: use another mirror"
+                )
             if r.status_code == 206:
                 start, total = _content_range(r.headers.get("Content-Range"))
                 if start != offset:  # not the range asked for
@@ -292,6 +322,9 @@ class _Transfer:
                     return False
                 self.served.resumed = True
             else:  # 200: the whole file, also from a server that ignores Range
+                if offset and not self.ignored_range:
+                    self.ignored_range = True
+                    self._restart(retries)
                 offset = 0
                 length = r.headers.get("Content-Length", "")
                 total = int(length) if length.isdigit() else None
@@ -327,6 +360,11 @@ class _Transfer:
         self.bar.update(offset)
         with open(self.part, "ab" if offset else "wb") as f:
             for chunk in r.iter_content(chunk_size=CHUNK_SIZE):
+                if self.served.total is not None and offset + self.received + len(chunk) > self.served.total:
+                    raise DownloadError(
+                        f"{self.url}: the server sends more than the {self.served.total} bytes the file has "
+                        "(announced or known); it sends another file: check the URL or mirror"
+                    )
                 f.write(chunk)
                 self.received += len(chunk)
                 self.bar.update(len(chunk))
@@ -382,8 +420,9 @@ def fetch_file(
         os.replace(dest, part)
     dest.parent.mkdir(parents=True, exist_ok=True)
     with requests.Session() as http:
+        transfer = _Transfer(url, part, expected, http, timeout, progress)  # counts full fetches across the loop
         while True:
-            served = _Transfer(url, part, expected, http, timeout, progress).run(retries, backoff)
+            served = transfer.run(retries, backoff)
             problem = _verify(part, expected, served)
             if problem is None:
                 break
@@ -393,7 +432,8 @@ def fetch_file(
                     f"{dest.name} from {url} is damaged: {problem}. It was deleted; run again, "
                     "and if this repeats the server sends a different file (check the URL or mirror)"
                 )
-            # The bytes of an earlier attempt did not fit: download the whole file once more.
+            # The bytes of an earlier attempt did not fit: download the whole file once more (a
+            # fresh full fetch, counted against retries + 1 like every other).
     os.replace(part, dest)
     fsync_dir(dest.parent)
     return dest
@@ -519,7 +559,8 @@ def download_gpt2(
 def download_file_with_progress(url_base: str, sub_dir: str, model_name: str, file_name: str) -> None:
     """The original's helper: download ``url_base/models/<model_name>/<file_name>`` into
     ``sub_dir/<file_name>`` (now resumable and verified, like ``download_gpt2``)."""
-    fetch_file(f"{url_base.rstrip('/')}/models/{model_name}/{file_name}", Path(sub_dir) / file_name, _expected("openai", model_name, file_name))
+    dest = confined(sub_dir, file_name, what="file_name", fix="give the name of one of the model's files, such as 'hparams.json'", single=True)
+    fetch_file(f"{url_base.rstrip('/')}/models/{model_name}/{file_name}", dest, _expected("openai", model_name, file_name))
 
 
 def is_gpt2_downloaded(model_dir: str | os.PathLike = "models", model_name: str = "124M", source: str | None = None) -> bool:

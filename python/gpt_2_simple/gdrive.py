@@ -2,9 +2,9 @@
 restore it, as one ``checkpoint_<run>.tar`` archive or as a folder copy, and copy single files.
 
 What the original lacked: copies into Drive and back are atomic (an interrupted copy never
-replaces a good backup or a good local file with a torn one), restoring an archive refuses any
-member that would land outside the working directory (tar path traversal, links pointing out,
-devices), and the errors say what to do instead of a bare ``assert``.
+replaces a good backup or a good local file with a torn one), restoring an archive writes only
+inside ``checkpoint/<run>`` and refuses an archive with any member that would land elsewhere (tar
+path traversal), links or devices, on every Python version, and the errors say what to do instead of a bare ``assert``.
 
 The Drive folder is ``/content/drive/MyDrive`` (where ``mount_gdrive`` mounts it in Colab); the
 environment variable ``GPT2S_GDRIVE_ROOT`` points these helpers at another folder (a synced
@@ -18,7 +18,7 @@ import shutil
 import tarfile
 from pathlib import Path
 
-from .fileio import atomic_write
+from .fileio import UnsafePathError, atomic_write, confined, run_folder
 
 __all__ = [
     "mount_gdrive",
@@ -94,7 +94,7 @@ def copy_checkpoint_to_gdrive(run_name: str = "run1", copy_folder: bool = False)
     working directory, as the original did), or, with ``copy_folder``, as a folder copy that
     updates an earlier one in place."""
     is_mounted()
-    checkpoint_folder = os.path.join("checkpoint", run_name)
+    checkpoint_folder = os.fspath(run_folder("checkpoint", run_name))
     if not os.path.isdir(checkpoint_folder):
         raise FileNotFoundError(f"{checkpoint_folder} does not exist: train with run_name={run_name!r} first")
     if copy_folder:
@@ -114,7 +114,7 @@ def _copy_entry(source: str, destination: str) -> str:
 def copy_checkpoint_from_gdrive(run_name: str = "run1", copy_folder: bool = False) -> None:
     """Restore checkpoint/<run_name> from the backup ``copy_checkpoint_to_gdrive`` made."""
     is_mounted()
-    checkpoint_folder = os.path.join("checkpoint", run_name)
+    checkpoint_folder = os.fspath(run_folder("checkpoint", run_name))
     if copy_folder:
         source = _on_drive(checkpoint_folder)
         if not source.is_dir():
@@ -124,36 +124,51 @@ def copy_checkpoint_from_gdrive(run_name: str = "run1", copy_folder: bool = Fals
     file_path = get_tarfile_name(checkpoint_folder)
     _copy_file(_on_drive(file_path), Path(file_path))
     with tarfile.open(file_path, "r") as tar:
-        _check_members(tar, file_path)
-        if hasattr(tarfile, "data_filter"):  # Python >= 3.10.12 / 3.11.4: the library's own guard too
-            tar.extractall(filter="data")
-        else:
-            tar.extractall()
+        _extract(tar, file_path, Path(checkpoint_folder))
 
 
-def _check_members(tar: tarfile.TarFile, name: str) -> None:
-    """Refuse an archive any member of which would be written, or link, outside the working
-    directory, or is a device or FIFO."""
-    here = os.path.realpath(os.getcwd())
+def _extract(tar: tarfile.TarFile, name: str, folder: Path) -> None:
+    """Extract the archive of the run folder ``folder`` into it, and nowhere else.
 
-    def inside(path: str) -> bool:
-        return os.path.commonpath([here, os.path.realpath(os.path.join(here, path))]) == here
-
+    Checked before anything is written: every member is ``folder`` itself or inside it (no absolute
+    name, no '..'), and is a file or a folder (links, devices and FIFOs are refused: a chain of
+    links can lead anywhere, and a backup of a run folder holds none). While writing, each file's
+    real parent folder must still lie inside ``folder`` (a link already on disk is not followed out).
+    The extraction is our own, so this holds on every Python, with or without ``tarfile.data_filter``.
+    """
+    wanted = folder.parts
+    plan = []
     for member in tar.getmembers():
-        problem = None
-        if os.path.isabs(member.name) or not inside(member.name):
-            problem = "would be written outside the working directory"
-        elif member.issym() and not inside(os.path.join(os.path.dirname(member.name), member.linkname)):
-            problem = f"is a link to {member.linkname}, outside the working directory"
-        elif member.islnk() and not inside(member.linkname):
-            problem = f"is a hard link to {member.linkname}, outside the working directory"
-        elif not (member.isfile() or member.isdir() or member.issym() or member.islnk()):
-            problem = "is a device or FIFO"
-        if problem:
-            raise ValueError(
-                f"refusing to extract {name}: member {member.name!r} {problem}. It is not a backup made by "
-                "copy_checkpoint_to_gdrive; inspect it with 'tar tvf' before extracting it by hand"
-            )
+        try:
+            parts = confined(".", member.name, what="its name").parts
+        except UnsafePathError as e:
+            _refuse(name, member, f"would be written outside the working directory ({e})")
+        if parts[: len(wanted)] != wanted:
+            _refuse(name, member, f"would be written outside {os.fspath(folder)}")
+        if not (member.isfile() or member.isdir()):
+            kind = "a link" if member.issym() or member.islnk() else "a device or FIFO"
+            _refuse(name, member, f"is {kind}" + (f" to {member.linkname!r}" if member.linkname else ""))
+        plan.append((member, Path(*parts)))
+    folder.mkdir(parents=True, exist_ok=True)
+    root = os.path.realpath(folder)
+    for member, path in plan:
+        if member.isdir():
+            path.mkdir(parents=True, exist_ok=True)
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        real = os.path.realpath(path.parent)
+        if os.path.commonpath([root, real]) != root:
+            _refuse(name, member, f"would be written through a link to {real}")
+        with tar.extractfile(member) as src, atomic_write(path) as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        os.utime(path, (member.mtime, member.mtime))  # as tar does: a cached engine export stays current
+
+
+def _refuse(name: str, member: tarfile.TarInfo, problem: str):
+    raise UnsafePathError(
+        f"refusing to extract {name}: member {member.name!r} {problem}. It is not a backup made by "
+        "copy_checkpoint_to_gdrive; inspect it with 'tar tvf' before extracting it by hand"
+    )
 
 
 def copy_file_to_gdrive(file_path: str) -> None:

@@ -20,6 +20,7 @@ Never imports torch: generation runs on the exported flat binary (``export.engin
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import numbers
@@ -31,6 +32,7 @@ from typing import Callable, Sequence
 
 from tqdm.auto import tqdm
 
+from .fileio import atomic_write, run_folder
 from .tokenizer import Encoder
 
 __all__ = [
@@ -66,23 +68,24 @@ def _is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def check_settings(*, length, temperature, top_k, top_p, where: str = "") -> None:
-    """Raise ``ValueError`` naming the first bad sampling argument (``where`` prefixes the message)."""
+def check_settings(*, length, temperature, top_k, top_p, where: str = "", dashes: str = "") -> None:
+    """Raise ``ValueError`` naming the first bad sampling argument (``where`` prefixes the message;
+    ``dashes='--'`` names them as the command's flags)."""
     at = f"{where}: " if where else ""
     if not _is_int(length) or length < 0:
-        raise ValueError(f"{at}length must be an integer >= 0 (tokens per text, prefix included), got {length!r}")
+        raise ValueError(f"{at}{dashes}length must be an integer >= 0 (tokens per text, prefix included), got {length!r}")
     if not _is_number(temperature) or not 0 <= temperature < math.inf:
-        raise ValueError(f"{at}temperature must be a number >= 0 (0 picks the most likely token), got {temperature!r}")
+        raise ValueError(f"{at}{dashes}temperature must be a number >= 0 (0 picks the most likely token), got {temperature!r}")
     if not _is_int(top_k) or top_k < 0:
-        raise ValueError(f"{at}top_k must be an integer >= 0 (0 turns it off), got {top_k!r}")
+        raise ValueError(f"{at}{dashes}top_k must be an integer >= 0 (0 turns it off), got {top_k!r}")
     if not _is_number(top_p) or not 0.0 <= top_p <= 1.0:
-        raise ValueError(f"{at}top_p must be a number in [0, 1] (0 turns it off), got {top_p!r}")
+        raise ValueError(f"{at}{dashes}top_p must be a number in [0, 1] (0 turns it off), got {top_p!r}")
 
 
-def check_seed(seed, where: str = "") -> None:
+def check_seed(seed, where: str = "", dashes: str = "") -> None:
     at = f"{where}: " if where else ""
     if seed is not None and (not _is_int(seed) or not 0 <= seed < SEED_LIMIT):
-        raise ValueError(f"{at}seed must be None or an integer in [0, 2**64), got {seed!r}")
+        raise ValueError(f"{at}{dashes}seed must be " + ("" if dashes else "None or ") + f"an integer in [0, 2**64), got {seed!r}")
 
 
 def random_seed() -> int:
@@ -170,7 +173,7 @@ def model_source(sess, run_name: str = "run1", checkpoint_dir: str = "checkpoint
         return Path(sess.source)
     if model_name:
         return _model_folder(model_dir, model_name)
-    folder = Path(checkpoint_dir, run_name)
+    folder = run_folder(checkpoint_dir, run_name)
     if latest_checkpoint(folder) is None:
         raise FileNotFoundError(
             f"no checkpoint in {folder}: fine-tune one first (gpt2.finetune / `gpt_2_simple finetune`), "
@@ -336,16 +339,18 @@ def generate(sess,
 
     printing = not return_as_list and not destination_path
     bar = tqdm(total=len(specs), unit="text", leave=False, disable=printing or len(specs) == 1)
-    out = None  # opened at the first text, so a bad argument never empties an existing file
+    # The file is written beside its final name and renamed over it at the end: an error or a kill
+    # half-way leaves the previous file whole, never a file holding some of the texts.
+    files = contextlib.ExitStack()
+    out = None
 
     def emit(i: int, sample: GeneratedSample) -> None:
         nonlocal out
         block = f"{sample.text}\n{sample_delim}"
         if destination_path:
             if out is None:
-                out = open(destination_path, "w", encoding="utf-8", newline="\n")
+                out = files.enter_context(atomic_write(destination_path, "w"))
             out.write(block)
-            out.flush()
         elif printing:
             print(block, end="", flush=True)
 
@@ -356,11 +361,10 @@ def generate(sess,
         ordered(i, sample)
 
     try:
-        samples = generate_samples(engine, enc, specs, settings, batch_size=batch_size, on_sample=on_sample)
+        with files:
+            samples = generate_samples(engine, enc, specs, settings, batch_size=batch_size, on_sample=on_sample)
     finally:
         bar.close()
-        if out is not None:
-            out.close()
     if return_as_list:
         return [s.text for s in samples]
 

@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 from .config import ALIASES, GPT2Config
+from .fileio import model_folder, run_folder
 from .weights import Checkpoint, build_model, find_checkpoint, latest_checkpoint, load_weights
 
 __all__ = ["Session", "start_tf_sess", "start_session", "reset_session", "get_available_gpus", "load_gpt2"]
@@ -167,7 +168,7 @@ def _model_folder(model_dir: str, model_name: str) -> Path:
     """models/<name>, or the folder of the same model under its other name (117M <-> 124M)."""
     names = [model_name, ALIASES.get(model_name)] + [old for old, new in ALIASES.items() if new == model_name]
     for name in filter(None, names):
-        folder = Path(model_dir, name)
+        folder = model_folder(model_dir, name)
         if latest_checkpoint(folder) is not None:
             return folder
     raise FileNotFoundError(
@@ -201,7 +202,7 @@ def load_gpt2(
     if model_name:
         folder = _model_folder(model_dir, model_name)
     else:
-        folder = Path(checkpoint_dir, run_name)
+        folder = run_folder(checkpoint_dir, run_name)
         if latest_checkpoint(folder) is None:
             raise FileNotFoundError(
                 f"no checkpoint in {folder}: run gpt2.finetune(sess, ..., run_name={run_name!r}) first, or pass "

@@ -34,12 +34,13 @@ from tqdm.auto import tqdm
 
 from . import config as configs
 from .dataset import Windows, WindowSampler, load_dataset, split_chunks
-from .fileio import atomic_write
+from .fileio import atomic_write, model_folder, run_folder
 from .head_loss import IGNORE
 from .malloc import reuse_freed_memory
 from .model import GPT2
 from .plot import loss_png
 from .tokenizer import BUNDLED_DIR, get_encoder
+from .train_state import STATE_FILES, load_train_state, pickled_state_file, refuse_pickled, save_train_state, state_file
 from .weights import build_model, latest_checkpoint, load_weights, save_weights
 
 __all__ = ["finetune", "checkpoint_steps", "OPTIMIZERS"]
@@ -331,6 +332,8 @@ def finetune(
     On return the session holds the trained model, so ``generate(sess)`` uses it.
     """
     _check_args(steps, batch_size, learning_rate, accumulate_gradients, sample_every, sample_length, sample_num, save_every, print_every, max_checkpoints, optimizer, val_fraction, val_every)
+    run_folder(checkpoint_dir, run_name)  # a name that would leave its folder is refused here, before any work
+    model_folder(model_dir, model_name)
     if restore_from not in ("latest", "fresh") and not os.path.exists(restore_from):
         raise FileNotFoundError(f"restore_from={restore_from!r}: no such checkpoint; use 'latest', 'fresh' or a checkpoint path")
     if dataset is None:
@@ -395,7 +398,7 @@ def _inputs_and_targets(x, lengths):
 class _Trainer:
     def __init__(self, **kw):
         self.__dict__.update(kw)
-        self.run_dir = Path(self.checkpoint_dir) / self.run_name
+        self.run_dir = run_folder(self.checkpoint_dir, self.run_name)
 
     # --------------------------------------------------------------- model and state
 
@@ -415,9 +418,11 @@ class _Trainer:
                         "pass the model_name it was trained from, another run_name, or restore_from='fresh'"
                     )
                 train_state = None
-                state_path = self.run_dir / f"train_state-{step}.pt"
-                if latest.format == "safetensors" and state_path.is_file():
-                                train_state = torch.load(state_path, map_location="cpu", weights_only=False)
+                if latest.format == "safetensors":
+                    if state_file(self.run_dir, step).is_file():
+                        train_state = load_train_state(state_file(self.run_dir, step))
+                    elif pickled_state_file(self.run_dir, step).is_file():
+                        raise refuse_pickled(pickled_state_file(self.run_dir, step), latest.path)
                 self.say("Loading checkpoint", latest.path)
                 return config, state, step, train_state
         if restore not in ("latest", "fresh"):
@@ -454,16 +459,10 @@ class _Trainer:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.say("Saving", os.path.join(self.run_dir, f"model-{step}"))
-        state = {
-            "step": step,
-            "seed": self.seed,
-            "optimizer_name": self.optimizer,
-            "optimizer": self.opt.state_dict(),
-            "sampler": self.sampler.state(),
-            "torch_rng": torch.get_rng_state(),
-        }
-        with atomic_write(self.run_dir / f"train_state-{step}.pt") as f:
-            torch.save(state, f)
+        save_train_state(
+            state_file(self.run_dir, step), step=step, seed=self.seed, optimizer_name=self.optimizer,
+            optimizer=self.opt.state_dict(), sampler=self.sampler.state(), torch_rng=torch.get_rng_state(),
+        )
         weights = {k: v.detach().cpu().numpy() for k, v in self.model.state_dict().items()}
         save_weights(self.run_dir / f"model-{step}.safetensors", weights, self.config, {"format": "gpt_2_simple", "step": str(step)})
         _write_atomic(self.run_dir / "counter", f"{step}\n")
@@ -481,7 +480,7 @@ class _Trainer:
         order = [s for s in earlier if s <= newest] + self.saved
         drop = order[: -self.max_checkpoints] + [s for s in earlier if s > newest]
         for s in drop:
-            for name in (f"model-{s}.safetensors", f"train_state-{s}.pt"):
+            for name in (f"model-{s}.safetensors", *(f.format(step=s) for f in STATE_FILES)):
                 with contextlib.suppress(FileNotFoundError):
                     (self.run_dir / name).unlink()
 
@@ -638,7 +637,7 @@ class _Trainer:
         if self.overwrite and self.restore_from == "latest" and self.dist.main:
             # The original removed the run's old checkpoints and event files, then saved.
             for p in list(self.run_dir.iterdir()):
-                m = _CHECKPOINT.fullmatch(p.name) or re.fullmatch(r"train_state-(\d+)\.pt", p.name)
+                m = _CHECKPOINT.fullmatch(p.name) or re.fullmatch(r"train_state-(\d+)\.(?:safetensors|pt)", p.name)
                 if p.name.startswith("events") or (m and int(m.group(1)) != start_step):
                     p.unlink()
         self.log = _Log(self.run_dir, self.dist.main)

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import GPT2Config, HparamsError
-from .fileio import atomic_write
+from .fileio import atomic_write, confined
 from .tf_checkpoint import TFCheckpoint, read_checkpoint_state
 
 __all__ = [
@@ -174,10 +174,11 @@ def _tf_latest(folder: Path, found: list[Checkpoint]) -> list[Checkpoint]:
     state = read_checkpoint_state(folder)
     if state is None:
         return found
-    named = Path(state[0])
-    for prefix in (named if named.is_absolute() else folder / named, folder / named.name):
-        if Path(f"{prefix}.index").is_file():
-            return [Checkpoint(prefix, "tf", _tf_step(prefix))]
+    # By its last part only (it may be absolute, or relative to where TensorFlow ran): a file from
+    # someone else must not make the engine-file cache read, write or delete in another folder.
+    prefix = confined(folder, re.split(r"[/\\]", state[0])[-1], what=f"{folder / 'checkpoint'} names", single=True)
+    if Path(f"{prefix}.index").is_file():
+        return [Checkpoint(prefix, "tf", _tf_step(prefix))]
     if found:
         warnings.warn(
             f"{folder / 'checkpoint'} names {state[0]!r}, which is not in the folder; using the newest checkpoint there",
