@@ -128,7 +128,7 @@ ADVERSARIAL = EDGE_CASES + [
     "<|startoftext|>not special<|endoftext|>\n",
     " " * 40 + "x" + "\t" * 17 + "\n" * 9 + " \u3000\u2003 \x1c\x1d\x85 end   ",
     "'s 'S 'll 'LL 're've'd'm'tx don''t",
-    f"ideograph {NEWER_UNICODE} between words {NEWER_UNICODE}1 x",
+    f"ideograph {NEWER_UNICODE} between words {NEWER_UNICODE}1 x {NEWER_UNICODE}'ll",
     "\u200d\u200c\ufeff\u00ad soft hyphen, zero widths \U0001f3f3\ufe0f\u200d\U0001f308",
 ]
 
@@ -155,7 +155,9 @@ def test_fast_path_matches_reference_on_adversarial_text(fast_and_reference, tex
 def test_newer_unicode_takes_the_reference_path(fast_and_reference):
     fast, ref = fast_and_reference
     assert not tokenizer._settled(f"x {NEWER_UNICODE}") and tokenizer._settled("CJK 世界 emoji 👋🏽 ß")
-    text = f"word{NEWER_UNICODE}word"
+    # tiktoken 0.14 splits "\U000323fc'll" as symbol run + "ll" (it does not know the letter), where
+    # the reference keeps "'ll" whole: such a text must not reach tiktoken.
+    text = f"word {NEWER_UNICODE}'ll x\U000323fc's \U000107bf'd"
     assert fast.encode(text) == ref.encode(text)
 
 
