@@ -1,6 +1,9 @@
-"""Tokenizer ids against the reference GPT-2 BPE (HuggingFace's GPT2Tokenizer on GPT-2's own files)."""
+"""Tokenizer ids against the reference GPT-2 BPE (HuggingFace's GPT2Tokenizer on GPT-2's own files),
+and the tiktoken fast path against our pure-Python reference path."""
 
 import hashlib
+import json
+import pickle
 import shutil
 
 import pytest
@@ -80,7 +83,7 @@ def test_decode_rejects_unknown_ids():
 
 
 def test_bpe_cache_is_bounded(monkeypatch):
-    enc = tokenizer.Encoder(get_encoder().encoder, list(get_encoder().bpe_ranks))
+    enc = tokenizer.Encoder(get_encoder().encoder, list(get_encoder().bpe_ranks), fast=False)
     monkeypatch.setattr(tokenizer, "CACHE_LIMIT", 100)
     enc.encode(" ".join(f"word{i}x" for i in range(1000)))
     assert 0 < len(enc.cache) <= 100
@@ -112,3 +115,76 @@ def test_missing_folder_file_is_a_clear_error(tmp_path):
     shutil.copy(BUNDLED_DIR / "encoder.json", tmp_path / "encoder.json")
     with pytest.raises(TokenizerFileError, match="vocab.bpe is missing"):
         get_encoder(tmp_path)
+
+
+# --- the tiktoken fast path ------------------------------------------------------------------------
+
+# Characters assigned by Unicode 16/17 (a CJK Extension J ideograph, Kirat Rai and Garay letters):
+# letters to the regex module; tiktoken's own Unicode tables may not know them.
+NEWER_UNICODE = "\U000323fc\U00016d43\U00010d50"
+ADVERSARIAL = EDGE_CASES + [
+    f"{END_OF_TEXT}",
+    f"a{END_OF_TEXT}b {END_OF_TEXT}{END_OF_TEXT} c<|endoftext|",
+    "<|startoftext|>not special<|endoftext|>\n",
+    " " * 40 + "x" + "\t" * 17 + "\n" * 9 + " \u3000\u2003 \x1c\x1d\x85 end   ",
+    "'s 'S 'll 'LL 're've'd'm'tx don''t",
+    f"ideograph {NEWER_UNICODE} between words {NEWER_UNICODE}1 x {NEWER_UNICODE}'ll",
+    "\u200d\u200c\ufeff\u00ad soft hyphen, zero widths \U0001f3f3\ufe0f\u200d\U0001f308",
+]
+
+
+@pytest.fixture(scope="module")
+def fast_and_reference():
+    pytest.importorskip("tiktoken", reason="the fast path needs tiktoken (pip install tiktoken)")
+    enc = get_encoder()
+    assert enc.tiktoken_encoding() is not None, "GPT-2's bundled vocabulary takes the fast path"
+    return enc, tokenizer.Encoder(enc.encoder, list(enc.bpe_ranks), fast=False)
+
+
+def test_fast_path_matches_reference_on_shakespeare(fast_and_reference, shakespeare_text):
+    fast, ref = fast_and_reference
+    assert fast.encode(shakespeare_text) == ref.encode(shakespeare_text)
+
+
+@pytest.mark.parametrize("text", ADVERSARIAL)
+def test_fast_path_matches_reference_on_adversarial_text(fast_and_reference, text):
+    fast, ref = fast_and_reference
+    assert fast.encode(text) == ref.encode(text)
+
+
+def test_newer_unicode_takes_the_reference_path(fast_and_reference):
+    fast, ref = fast_and_reference
+    assert not tokenizer._settled(f"x {NEWER_UNICODE}") and tokenizer._settled("CJK 世界 emoji 👋🏽 ß")
+    # tiktoken 0.14 splits "\U000323fc'll" as symbol run + "ll" (it does not know the letter), where
+    # the reference keeps "'ll" whole: such a text must not reach tiktoken.
+    text = f"word {NEWER_UNICODE}'ll x\U000323fc's \U000107bf'd"
+    assert fast.encode(text) == ref.encode(text)
+
+
+def test_a_run_with_copies_of_gpt2s_files_is_fast(tmp_path):
+    pytest.importorskip("tiktoken", reason="the fast path needs tiktoken")
+    for name in ("encoder.json", "vocab.bpe"):
+        shutil.copy(BUNDLED_DIR / name, tmp_path / name)
+    assert get_encoder(tmp_path).tiktoken_encoding() is not None
+
+
+def test_custom_vocabulary_never_uses_gpt2s_ranks(tmp_path, shakespeare_text):
+    # GPT-2's files with two ids swapped: same merges, different ids. The encoder must follow them.
+    encoder = json.loads((BUNDLED_DIR / "encoder.json").read_text("utf-8"))
+    encoder["Ġthe"], encoder["Ġand"] = encoder["Ġand"], encoder["Ġthe"]
+    (tmp_path / "encoder.json").write_text(json.dumps(encoder), encoding="utf-8")
+    shutil.copy(BUNDLED_DIR / "vocab.bpe", tmp_path / "vocab.bpe")
+    enc = get_encoder(tmp_path)
+    assert enc.tiktoken_encoding() is None
+    gpt2 = get_encoder()
+    text = shakespeare_text[:5000]
+    swap = {gpt2.encoder["Ġthe"]: encoder["Ġthe"], gpt2.encoder["Ġand"]: encoder["Ġand"]}
+    assert enc.encode(text) == [swap.get(i, i) for i in gpt2.encode(text)]
+    assert gpt2.encoder["Ġthe"] in gpt2.encode(text)
+
+
+def test_encoder_pickles_for_worker_processes(fast_and_reference):
+    fast, _ = fast_and_reference
+    copy = pickle.loads(pickle.dumps(fast))
+    assert copy.encode("a pickled encoder, rebuilt") == fast.encode("a pickled encoder, rebuilt")
+    assert copy.tiktoken_encoding() is not None

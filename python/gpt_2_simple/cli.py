@@ -90,9 +90,11 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint_dir", default="checkpoint", help="folder holding the runs (default: checkpoint)")
     p.add_argument("--model_name", default=None, help="export the base model --model_dir/<name> (e.g. 124M) instead of a run")
     p.add_argument("--model_dir", default="models", help="folder holding downloaded base models (default: models)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weight type: fp32 (exact) or bf16 (half the size, faster)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "f32", "f16", "q8_0"],
+                   help="weight type: fp32 (exact) or bf16 (half the size, faster); with --gguf: f32 (= fp32), f16 or q8_0")
     p.add_argument("-o", "--output", default=None, help="file to write (default: model-<step>.<dtype>.bin beside the checkpoint, the file generate reuses)")
     p.add_argument("--hf", default=None, metavar="OUT_DIR", help="write a HuggingFace folder (config.json, model.safetensors, vocab.json, merges.txt) instead")
+    p.add_argument("--gguf", default=None, metavar="OUT.gguf", help="write a GGUF file for llama.cpp / ollama / LM Studio instead (needs pip install gguf)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -285,7 +287,11 @@ def _cmd_export(args: argparse.Namespace) -> None:
     from .fileio import model_folder, run_folder
 
     source = model_folder(args.model_dir, args.model_name) if args.model_name else run_folder(args.checkpoint_dir, args.run_name)
-    if args.hf:
+    if args.gguf:
+        from .export_gguf import export_gguf
+
+        path = export_gguf(source, args.gguf, args.dtype)
+    elif args.hf:
         path = export_hf(source, args.hf)
     elif args.output:
         path = export(source, args.output, args.dtype)

@@ -3,6 +3,15 @@
 Ids are identical to OpenAI's ``encoder.py`` with one deliberate difference: the literal text
 ``<|endoftext|>`` encodes to the single end-of-text token (50256), as GPT-2 was trained to see it,
 where the original split it into seven ordinary tokens.
+
+``Encoder._encode_ordinary`` below is the reference (pure Python, what the tests check everything
+against). When ``tiktoken`` is installed and the vocabulary is GPT-2's own (the bundled files, or a
+run folder holding copies of them), ``encode`` hands the text to a ``tiktoken.Encoding`` built here
+from those same ranks (no download): the same ids, several times faster. Any other vocabulary
+always takes the reference path (tiktoken merges by the rank of the merged token, which equals
+GPT-2's merge order for GPT-2's files but need not for a custom ``vocab.bpe``), and so does a text
+holding a character newer than this Python's Unicode tables, whose letter/number class the two
+regex engines may see differently.
 """
 
 from __future__ import annotations
@@ -11,8 +20,10 @@ import functools
 import hashlib
 import json
 import os
+import unicodedata
 from pathlib import Path
 
+import numpy as np
 import regex
 
 __all__ = ["Encoder", "get_encoder", "bytes_to_unicode", "END_OF_TEXT", "BUNDLED_DIR", "TokenizerFileError"]
@@ -48,13 +59,39 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-class Encoder:
-    """Byte-level BPE over ``encoder`` (token string -> id) and ranked ``merges``."""
+# Letters, numbers and spaces as the pre-tokenizer sees them.
+_CLASSED = regex.compile(r"[\p{L}\p{N}\s]")
 
-    def __init__(self, encoder: dict[str, int], merges: list[tuple[str, str]]):
+
+def _settled(text: str) -> bool:
+    """False when ``text`` holds a character the ``regex`` module classes as letter, number or space
+    but this Python's ``unicodedata`` does not know (assigned by a newer Unicode): tiktoken's Rust
+    regex carries its own Unicode tables, so only on such characters can its pre-tokenizer differ
+    from ours. One pass over the text in numpy, then a look at each distinct non-ASCII character."""
+    if text.isascii():
+        return True
+    code_points = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
+    seen = np.zeros(0x110000, dtype=bool)
+    seen[code_points[code_points >= 0x80]] = True
+    return not any(unicodedata.category(c) == "Cn" and _CLASSED.match(c) for c in map(chr, np.flatnonzero(seen)))
+
+
+@functools.lru_cache(maxsize=None)
+def _gpt2_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    return _parse_files(BUNDLED_DIR, verify=True)
+
+
+class Encoder:
+    """Byte-level BPE over ``encoder`` (token string -> id) and ranked ``merges``.
+
+    ``fast=False`` keeps every text on the pure-Python reference path (tests, benchmarks)."""
+
+    def __init__(self, encoder: dict[str, int], merges: list[tuple[str, str]], *, fast: bool = True):
         self.encoder = encoder
         self.decoder = {i: s for s, i in encoder.items()}
         self.bpe_ranks = {pair: rank for rank, pair in enumerate(merges)}
+        self.fast = fast
+        self._tiktoken = None  # built on first use (see tiktoken_encoding)
         self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
         # Raw bytes of every token, so decode is one join; the end-of-text token decodes to its text.
@@ -65,6 +102,28 @@ class Encoder:
     @property
     def n_vocab(self) -> int:
         return len(self.encoder)
+
+    def __getstate__(self) -> dict:
+        # Sent to dataset worker processes: they rebuild the tiktoken encoding themselves.
+        return {**self.__dict__, "_tiktoken": None, "cache": {}}
+
+    def tiktoken_encoding(self):
+        """The ``tiktoken.Encoding`` ``encode`` uses, or None when it takes the reference path
+        (``fast=False``, tiktoken not installed, or a vocabulary that is not GPT-2's)."""
+        if self._tiktoken is None:
+            self._tiktoken = False
+            if self.fast and self.eot_token is not None:
+                try:
+                    import tiktoken
+                except ImportError:
+                    return None
+                encoder, merges = _gpt2_vocabulary()
+                if self.encoder == encoder and sorted(self.bpe_ranks, key=self.bpe_ranks.__getitem__) == merges:
+                    # GPT-2's ranks are its ids: token i is the merge that made it (bytes first).
+                    ranks = {b: i for i, b in self.token_bytes.items() if i != self.eot_token}
+                    self._tiktoken = tiktoken.Encoding("gpt2-gpt_2_simple", pat_str=PATTERN.pattern, mergeable_ranks=ranks,
+                                                       special_tokens={END_OF_TEXT: self.eot_token})
+        return self._tiktoken or None
 
     def _bpe(self, word: str) -> list[int]:
         """Ids of one pre-tokenized piece (already mapped byte -> unicode)."""
@@ -109,14 +168,19 @@ class Encoder:
         except UnicodeEncodeError:
             # Lone surrogates cannot be UTF-8: replace them with U+FFFD (as tiktoken does).
             text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        fast = self.tiktoken_encoding()
+        encode_ordinary = fast.encode_ordinary if fast is not None and _settled(text) else self._encode_ordinary
         if self.eot_token is None:
-            return self._encode_ordinary(text)
+            return encode_ordinary(text)
+        parts = text.split(END_OF_TEXT)
+        if len(parts) == 1:
+            return encode_ordinary(text)
         ids: list[int] = []
-        for i, part in enumerate(text.split(END_OF_TEXT)):
+        for i, part in enumerate(parts):
             if i:
                 ids.append(self.eot_token)
             if part:
-                ids.extend(self._encode_ordinary(part))
+                ids.extend(encode_ordinary(part))
         return ids
 
     def decode_bytes(self, ids) -> bytes:
@@ -135,6 +199,10 @@ def _sha256(path: Path) -> str:
 
 
 def _read_files(folder: Path, verify: bool) -> Encoder:
+    return Encoder(*_parse_files(folder, verify))
+
+
+def _parse_files(folder: Path, verify: bool) -> tuple[dict[str, int], list[tuple[str, str]]]:
     enc_path, bpe_path = folder / "encoder.json", folder / "vocab.bpe"
     for path in (enc_path, bpe_path):
         if not path.is_file():
@@ -155,7 +223,7 @@ def _read_files(folder: Path, verify: bool) -> Encoder:
         if len(pair) != 2:
             raise TokenizerFileError(f"{bpe_path} line {lineno}: expected two symbols, got {line!r}")
         merges.append((pair[0], pair[1]))
-    return Encoder(encoder, merges)
+    return encoder, merges
 
 
 @functools.lru_cache(maxsize=8)

@@ -467,6 +467,16 @@ class ModelFiles:
             export((self.config, self.state), path, dtype, progress=False)
         return path
 
+    def gguf(self, dtype: str) -> Path:
+        """The GGUF export (``f32``, ``f16`` or ``q8_0``) that llama.cpp loads."""
+        from ..export_gguf import export_gguf
+
+        path = self.folder / f"model.{dtype}.gguf"
+        if not path.exists():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            export_gguf((self.config, self.state), path, dtype)
+        return path
+
     def hf(self) -> Path:
         """A HuggingFace folder (``model.safetensors`` + ``config.json`` + tokenizer files): what
         transformers' ``from_pretrained`` and our ``load_weights`` both read."""

@@ -1,5 +1,7 @@
 """Generation speed: our C++ engine (fp32 and bf16) against a plain PyTorch KV-cached loop with our
-model (``torch_generate``) and HuggingFace transformers' ``generate``, on the same random weights.
+model (``torch_generate``), HuggingFace transformers' ``generate`` and llama.cpp (f32, f16, q8_0 on
+the GGUF export; ``benchmark/llama_cpp.py``), on the same random weights. Every row of a batch has
+its own prompt (no shared prefix for any peer to reuse).
 
 Each peer lives in its own worker process; one configuration (batch, prompt length) runs them
 interleaved, median of ``reps`` runs after one warm-up each. Timed: one whole generate call as the
@@ -18,14 +20,17 @@ import statistics
 import time
 
 from .common import Options, Worker, case_records, gemm_gflops, log, memory_bandwidth, run_peers, set_torch_threads
+from .llama_cpp import PEERS as LLAMA_PEERS
+from .llama_cpp import usable as llama_cpp_usable
 
 SUITE = "generation"
-PEERS = ("engine-fp32", "engine-bf16", "torch", "transformers")
-COMPARE_TO = ("transformers", "torch")
+PEERS = ("engine-fp32", "engine-bf16", "torch", "transformers", *LLAMA_PEERS)
+COMPARE_TO = ("transformers", "torch", *LLAMA_PEERS)
 
 
-def _prompt(length: int) -> list[int]:
-    return list(range(1000, 1000 + length))
+def prompt_tokens(length: int, row: int) -> list[int]:
+    """Row ``row``'s prompt: distinct from every other row's from the first token on."""
+    return [1000 + (row * 7919 + i) % 40000 for i in range(length)]
 
 
 def engine_peer(path: str, threads: int | None):
@@ -35,7 +40,7 @@ def engine_peer(path: str, threads: int | None):
     engine = Engine(path, backend="cpu", threads=threads)
 
     def run(batch: int, prompt: int, new_tokens: int, top_k: int) -> dict:
-        requests = [Request(_prompt(prompt), new_tokens, temperature=1.0, top_k=top_k, seed=1234, sample_index=i) for i in range(batch)]
+        requests = [Request(prompt_tokens(prompt, i), new_tokens, temperature=1.0, top_k=top_k, seed=1234, sample_index=i) for i in range(batch)]
         start = time.perf_counter()
         results = engine.generate(requests, batch_size=batch)
         seconds = time.perf_counter() - start
@@ -59,7 +64,7 @@ def torch_peer(folder: str, threads: int | None):
     model = build_model(*load_weights(folder))
 
     def run(batch: int, prompt: int, new_tokens: int, top_k: int) -> dict:
-        requests = [Request(_prompt(prompt), new_tokens, temperature=1.0, top_k=top_k, seed=1234, sample_index=i) for i in range(batch)]
+        requests = [Request(prompt_tokens(prompt, i), new_tokens, temperature=1.0, top_k=top_k, seed=1234, sample_index=i) for i in range(batch)]
         start = time.perf_counter()
         results = generate_tokens(model, requests, batch_size=batch)
         seconds = time.perf_counter() - start
@@ -80,7 +85,7 @@ def transformers_peer(folder: str, threads: int | None):
     model = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
 
     def run(batch: int, prompt: int, new_tokens: int, top_k: int) -> dict:
-        ids = torch.tensor([_prompt(prompt)] * batch)
+        ids = torch.tensor([prompt_tokens(prompt, i) for i in range(batch)])
         start = time.perf_counter()
         with torch.no_grad():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=top_k, temperature=1.0,
@@ -129,6 +134,10 @@ def measure(opts: Options, *, new_tokens: int | None = None, top_k: int = 40, pe
     if "transformers" in peers and importlib.util.find_spec("transformers") is None:
         opts.note("transformers is not installed: generation compares the engine with the PyTorch loop only (pip install transformers)")
         peers = tuple(p for p in peers if p != "transformers")
+    if any(p in LLAMA_PEERS for p in peers) and (why := llama_cpp_usable()):
+        opts.note(f"generation runs without llama.cpp: {why}")
+        peers = tuple(p for p in peers if p not in LLAMA_PEERS)
+    ggufs = {p: opts.models.gguf(p.split("-", 1)[1]) for p in peers if p in LLAMA_PEERS}
     files = {dtype: opts.models.engine(dtype) for dtype in ("fp32", "bf16") if f"engine-{dtype}" in peers}
     gemm = {dtype: gemm_gflops(dtype, opts.threads) for dtype in files}
     log(f"{SUITE}: {opts.model} geometry, random weights, peers {', '.join(peers)}; "
@@ -140,13 +149,16 @@ def measure(opts: Options, *, new_tokens: int | None = None, top_k: int = 40, pe
         for peer in peers:
             if peer.startswith("engine-"):
                 workers[peer] = Worker(f"{__name__}:engine_peer", name=peer, threads=opts.threads, path=str(files[peer[7:]]))
+            elif peer in LLAMA_PEERS:
+                workers[peer] = Worker("gpt_2_simple.benchmark.llama_cpp:llama_peer", name=peer, threads=opts.threads, path=str(ggufs[peer]))
             else:
                 target = "torch_peer" if peer == "torch" else "transformers_peer"
                 workers[peer] = Worker(f"{__name__}:{target}", name=peer, threads=opts.threads, folder=str(opts.models.hf()))
         for prompt in prompts:
             for batch in batches:
                 case = f"batch {batch}, prompt {prompt}"
-                cfg = {"batch": batch, "prompt": prompt, "new_tokens": new_tokens, "top_k": top_k, "temperature": 1.0, "model": opts.model}
+                cfg = {"batch": batch, "prompt": prompt, "new_tokens": new_tokens, "top_k": top_k, "temperature": 1.0, "model": opts.model,
+                       "prompts": "distinct"}
                 job = {"batch": batch, "prompt": prompt, "new_tokens": new_tokens, "top_k": top_k}
                 # The memory bandwidth is probed in every round too: on a shared VM it moves by half
                 # within minutes, and a batch-1 step is compared with it.
@@ -158,6 +170,7 @@ def measure(opts: Options, *, new_tokens: int | None = None, top_k: int = 40, pe
                 samples = {p: [batch * new_tokens / r["seconds"] for r in rs] for p, rs in replies.items()}
                 details = {p: _engine_details(replies[p], files[p[7:]], config, batch, prompt, new_tokens, bandwidth, gemm[p[7:]])
                            for p in replies if p.startswith("engine-")}
+                details.update({p: _prefill_rate(replies[p]) for p in replies if p in LLAMA_PEERS})
                 records += case_records(SUITE, case, cfg, samples, metric="tokens/s", ours={p for p in peers if p.startswith("engine-")},
                                         compare_to=[p for p in COMPARE_TO if p in peers], peak_rss=peaks, details=details,
                                         load_average=load, headline={"engine-bf16"})
@@ -167,6 +180,13 @@ def measure(opts: Options, *, new_tokens: int | None = None, top_k: int = 40, pe
     return records
 
 
+def _prefill_rate(replies: list[dict]) -> dict:
+    """Prompt tokens per second of the prefill alone (median over rounds)."""
+    t = [r["timings"] for r in replies]
+    return {"prefill_ms": 1e3 * statistics.median(x["prefill_seconds"] for x in t),
+            "prefill_tokens_per_s": statistics.median(x["prefill_tokens"] / x["prefill_seconds"] for x in t)}
+
+
 def _engine_details(replies: list[dict], path, config, batch: int, prompt: int, new_tokens: int, bandwidth: float, gemm: float) -> dict:
     """Where the engine's time went and how close it came to the machine's limit."""
     timings = [r["timings"] for r in replies]
@@ -174,6 +194,7 @@ def _engine_details(replies: list[dict], path, config, batch: int, prompt: int, 
     out = {
         "decode_ms_per_step": 1e3 * step,
         "prefill_ms": 1e3 * statistics.median(t["prefill_seconds"] for t in timings),
+        "prefill_tokens_per_s": statistics.median(t["prefill_tokens"] / t["prefill_seconds"] for t in timings),
         "sampling_share_of_decode": statistics.median(t["decode_sample_seconds"] / t["decode_seconds"] for t in timings),
         "kv_cache_bytes": timings[0]["kv_cache_bytes"],
         "file_bytes": path.stat().st_size,

@@ -1,5 +1,6 @@
 """Tokenizer speed: MB/s of GPT-2 encoding of the bundled Shakespeare corpus by our tokenizer
-(pure Python, BPE cache emptied before each run: one pass over a new text), by ``load_dataset``
+(``get_encoder()``: the tiktoken fast path when tiktoken is installed), by our pure-Python
+reference encoder (BPE cache emptied before each run: one pass over a new text), by ``load_dataset``
 (the same tokenizer in worker processes, what ``finetune`` runs), by ``tiktoken`` (Rust) built
 offline from our bundled ``encoder.json``/``vocab.bpe``, and by HuggingFace's ``GPT2TokenizerFast``
 (Rust) on the same files (under HF's names). Each in its own worker process, interleaved; the ids of ours, tiktoken
@@ -36,6 +37,14 @@ def encoder(kind: str, path: str, threads: int | None):
         from ..tokenizer import get_encoder
 
         enc = get_encoder()
+
+        def encode():
+            return enc.encode(text)
+    elif kind == "reference":
+        from ..tokenizer import Encoder, get_encoder
+
+        gpt2 = get_encoder()
+        enc = Encoder(gpt2.encoder, list(gpt2.bpe_ranks), fast=False)
 
         def encode():
             enc.cache.clear()  # a new text: no word seen before
@@ -91,7 +100,7 @@ def measure(opts: Options) -> list[dict]:
         text = text[:QUICK_BYTES].decode("utf-8", "ignore").encode("utf-8")
     path = opts.workdir / "tokenizer-corpus.txt"
     path.write_bytes(text)
-    kinds = ["ours", "load_dataset"]
+    kinds = ["ours", "reference", "load_dataset"]
     for peer, module in (("tiktoken", "tiktoken"), ("transformers", "transformers")):
         if importlib.util.find_spec(module) is not None:
             kinds.append(peer)
@@ -113,5 +122,5 @@ def measure(opts: Options) -> list[dict]:
     details = {kind: {"tokens": rs[0]["tokens"]} if "tokens" in rs[0] else {"processes": processes} for kind, rs in replies.items()}
     config = {"corpus": CORPUS.name, "bytes": len(text), "ids_identical": len(set(digests.values())) == 1}
     return case_records(SUITE, f"encode {len(text) / 1e6:.2f} MB", config, {k: [len(text) / 1e6 / r["seconds"] for r in rs] for k, rs in replies.items()},
-                        metric="MB/s", ours={"ours", "load_dataset"}, compare_to=[c for c in COMPARE_TO if c in kinds], peak_rss=peaks,
+                        metric="MB/s", ours={"ours", "reference", "load_dataset"}, compare_to=[c for c in COMPARE_TO if c in kinds], peak_rss=peaks,
                         details=details, load_average=load, headline={"ours"})

@@ -1,0 +1,95 @@
+"""llama.cpp as a generation peer, through llama-cpp-python's C API bindings, on the GGUF export
+(``export_gguf``) of the same random weights our engine runs: f32, f16 and q8_0.
+
+One generate call, as ours: every row's prompt prefilled in one ``llama_decode`` (distinct
+sequences, no shared prefix), then one decode per step for all rows at once, each row drawing
+its token with llama.cpp's own sampler chain (top-k, then a seeded draw), so no Python sampling
+code is timed. llama-cpp-python is built from source (docs/bench.md shows how).
+"""
+
+from __future__ import annotations
+
+import time
+
+PEERS = ("llama.cpp-f32", "llama.cpp-f16", "llama.cpp-q8_0")
+
+
+def usable() -> str | None:
+    """None when llama-cpp-python imports with its library, else why not (one line)."""
+    try:
+        import llama_cpp  # noqa: F401
+    except (ImportError, OSError, FileNotFoundError) as e:  # not installed, or its libllama missing
+        return f"llama-cpp-python is not usable ({type(e).__name__}: {e}); build it as docs/bench.md shows"
+    return None
+
+
+def llama_peer(path: str, threads: int | None):
+    """Worker side: llama.cpp on the GGUF file ``path``."""
+    import os
+
+    import llama_cpp as L
+
+    from .generation import prompt_tokens
+
+    L.llama_backend_init()
+    model = L.llama_model_load_from_file(path.encode(), L.llama_model_default_params())
+    if not model:
+        raise RuntimeError(f"llama.cpp could not load {path}")
+    n_threads = threads or os.cpu_count() or 1
+    contexts: dict = {}
+
+    def context(batch: int, tokens: int):
+        key = (batch, tokens)
+        if key not in contexts:
+            for ctx, _ in contexts.values():
+                L.llama_free(ctx)
+            contexts.clear()
+            p = L.llama_context_default_params()
+            p.n_ctx = batch * tokens
+            p.n_batch = max(batch * tokens, 512)  # the whole prefill in one llama_decode call
+            p.n_ubatch = 512
+            p.n_seq_max = batch
+            p.kv_unified = True
+            p.n_threads = p.n_threads_batch = n_threads
+            ctx = L.llama_init_from_model(model, p)
+            if not ctx:
+                raise RuntimeError(f"llama.cpp could not make a context for {batch} x {tokens} tokens")
+            contexts[key] = (ctx, L.llama_batch_init(p.n_batch, 0, batch))
+        return contexts[key]
+
+    def fill(b, rows: list[tuple[int, int, int, bool]]) -> None:
+        for i, (token, pos, seq, logits) in enumerate(rows):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, pos, 1, logits
+            b.seq_id[i][0] = seq
+        b.n_tokens = len(rows)
+
+    def run(batch: int, prompt: int, new_tokens: int, top_k: int) -> dict:
+        ctx, b = context(batch, prompt + new_tokens)
+        L.llama_memory_clear(L.llama_get_memory(ctx), True)
+        samplers = []
+        for row in range(batch):
+            chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_k(top_k))
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(1234 + row))
+            samplers.append(chain)
+        try:
+            start = time.perf_counter()
+            rows = [(t, pos, seq, pos == prompt - 1) for seq in range(batch) for pos, t in enumerate(prompt_tokens(prompt, seq))]
+            fill(b, rows)
+            if L.llama_decode(ctx, b) != 0:
+                raise RuntimeError("llama_decode failed on the prompts")
+            last = [i for i, r in enumerate(rows) if r[3]]
+            tokens = [L.llama_sampler_sample(samplers[s], ctx, last[s]) for s in range(batch)]
+            prefill = time.perf_counter() - start
+            for step in range(1, new_tokens):
+                fill(b, [(tokens[s], prompt + step - 1, s, True) for s in range(batch)])
+                if L.llama_decode(ctx, b) != 0:
+                    raise RuntimeError(f"llama_decode failed at step {step}")
+                tokens = [L.llama_sampler_sample(samplers[s], ctx, s) for s in range(batch)]
+            seconds = time.perf_counter() - start
+        finally:
+            for chain in samplers:
+                L.llama_sampler_free(chain)
+        return {"seconds": seconds, "timings": {"prefill_seconds": prefill, "prefill_tokens": batch * prompt}}
+
+    return run
