@@ -4,8 +4,8 @@ Every engine test runs twice: on the real module with a GPU (marked ``cuda``, sk
 and on the CPU emulation of the same CUDA sources (tests/cuda_emulation/README.md: the kernels,
 cuBLAS calls and CUDA graphs run on host threads), skipped unless that test build exists. The
 emulation is slow, so the cases are small; the GPU-only test at the end uses GPT-2's real size.
-Without either, the tests of the backend choice still run: 'auto' falls back to the CPU silently
-and 'cuda' says what is missing.
+Without either, the tests of the backend choice still run: 'auto' falls back to the CPU (with a
+one-line notice when a CUDA build exists but cannot run) and 'cuda' says what is missing.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
+import subprocess
 import sys
 import types
 
@@ -351,23 +352,42 @@ def test_bad_arguments(cuda_module, small):
 # ---- the backend choice, here and everywhere ---------------------------------------------------
 
 
-def test_auto_falls_back_to_the_cpu_without_noise(small, capfd):
-    # Whatever this machine has: no GPU means the CPU, with nothing printed or warned.
+def test_auto_falls_back_to_the_cpu_here(small, capfd, caplog, monkeypatch):
+    # Whatever this machine has: no GPU means the CPU; a CUDA build that cannot run says so (once),
+    # without a CUDA build nothing is printed, logged or warned.
     import warnings
 
+    from gpt_2_simple import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_fallback_noticed", set())
     _, files = small
     try:
         from gpt_2_simple import _engine_cuda
 
-        has_gpu = _engine_cuda.cuda_status()[0] > 0
-    except ImportError:
-        has_gpu = False
+        built, has_gpu = True, _engine_cuda.cuda_status()[0] > 0
+    except ImportError as e:  # not built, or built but cuBLAS or the driver library is missing
+        built, has_gpu = e.name == "gpt_2_simple._engine_cuda" and not isinstance(e, ModuleNotFoundError), False
     capfd.readouterr()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), caplog.at_level("WARNING", logger="gpt_2_simple.engine"):
         warnings.simplefilter("error")
         engine = Engine(files["fp32"], backend="auto")
+        Engine(files["fp32"], backend="auto")
     assert engine.backend == ("cuda" if has_gpu else "cpu")
     assert capfd.readouterr() == ("", "")
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == (["gpt_2_simple: the CUDA engine is built but cannot run here"] if built and not has_gpu else [])
+
+
+def test_auto_fallback_notice_is_one_line_on_stderr(small):
+    # A CUDA build without a usable GPU (the module's status says so), in a plain Python process.
+    _, files = small
+    code = ("import sys, types; sys.modules['gpt_2_simple._engine_cuda'] = types.SimpleNamespace(cuda_status=lambda: (0, 'no CUDA driver'))\n"
+            "from gpt_2_simple.engine import Engine\n"
+            f"print(Engine({str(files['fp32'])!r}).backend, Engine({str(files['fp32'])!r}, backend='auto').backend)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "cpu cpu\n"
+    assert out.stderr == ("gpt_2_simple: the CUDA engine is built but cannot run here (no CUDA driver): generating on the CPU "
+                          "(backend='cpu' says this is intended and silences this line)\n")
 
 
 def _fake_cuda(monkeypatch, module):
@@ -378,19 +398,48 @@ def _fake_cuda(monkeypatch, module):
         monkeypatch.setattr(gpt_2_simple, "_engine_cuda", module, raising=False)
 
 
-def test_forced_cuda_says_what_is_missing(small, monkeypatch):
+def test_forced_cuda_says_what_is_missing_and_auto_notices(small, monkeypatch, caplog):
+    from gpt_2_simple import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_fallback_noticed", set())
     _, files = small
-    # Not built (sys.modules[name] = None makes the import fail as for a missing module).
+    # Not built (sys.modules[name] = None makes the import fail as for a missing module): 'auto'
+    # takes the CPU without a word.
     _fake_cuda(monkeypatch, None)
     with pytest.raises(RuntimeError, match=r"built without its CUDA engine.*backend='cpu'"):
         Engine(files["fp32"], backend="cuda")
-    assert Engine(files["fp32"], backend="auto").backend == "cpu"
-    # Built, but no driver or no GPU: the module's own reason.
+    with caplog.at_level("WARNING", logger="gpt_2_simple.engine"):
+        assert Engine(files["fp32"], backend="auto").backend == "cpu"
+    assert caplog.records == []
+    # Built, but no driver or no GPU: the module's own reason, and 'auto' says it falls back, once.
     fake = types.SimpleNamespace(cuda_status=lambda: (0, "no CUDA GPU is visible (CUDA_VISIBLE_DEVICES=)"))
     _fake_cuda(monkeypatch, fake)
     with pytest.raises(RuntimeError, match=r"no CUDA GPU is visible \(CUDA_VISIBLE_DEVICES=\); or use backend='cpu'"):
         Engine(files["fp32"], backend="cuda")
-    assert Engine(files["fp32"], backend="auto").backend == "cpu"
+    with caplog.at_level("WARNING", logger="gpt_2_simple.engine"):
+        assert Engine(files["fp32"], backend="auto").backend == "cpu"
+        assert Engine(files["fp32"], backend="auto").backend == "cpu"
+        assert Engine(files["fp32"], backend="cpu").backend == "cpu"
+    (record,) = caplog.records
+    assert record.getMessage().startswith("gpt_2_simple: the CUDA engine is built but cannot run here "
+                                          "(no CUDA GPU is visible (CUDA_VISIBLE_DEVICES=)): generating on the CPU")
+    assert "\n" not in record.getMessage()
+    # Built, but cuBLAS does not load: the same notice with that reason.
+    caplog.clear()
+    monkeypatch.delitem(sys.modules, "gpt_2_simple._engine_cuda", raising=False)
+    monkeypatch.delattr(gpt_2_simple, "_engine_cuda", raising=False)
+    real_import = __import__
+
+    def failing_import(name, globals=None, locals=None, fromlist=(), level=0):
+        if fromlist and "_engine_cuda" in fromlist:  # as Python's loader reports a library dlopen cannot find
+            raise ImportError("libcublas.so.13: cannot open shared object file", name="gpt_2_simple._engine_cuda", path="/x/_engine_cuda.so")
+        return real_import(name, globals, locals, fromlist, level)
+
+    monkeypatch.setattr("builtins.__import__", failing_import)
+    with caplog.at_level("WARNING", logger="gpt_2_simple.engine"):
+        assert Engine(files["fp32"], backend="auto").backend == "cpu"
+    (record,) = caplog.records
+    assert "cuBLAS cannot be loaded (libcublas.so.13" in record.getMessage()
 
 
 def test_forced_cuda_here(small):

@@ -167,10 +167,50 @@ def test_default_dtype_is_bf16_and_generation_never_imports_torch(workdir):
         "sess = gpt2.start_tf_sess()\n"
         "gpt2.load_gpt2(sess)\n"
         "texts = gpt2.generate(sess, return_as_list=True, nsamples=2, length=8, seed=1)\n"
-        "print(json.dumps([texts, sess.cache['engine'].dtype, 'torch' in sys.modules]))\n"
+        "print(json.dumps([texts, sess.cache['engine'].dtype, 'torch' in sys.modules or 'matplotlib' in sys.modules]))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=workdir, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert out.returncode == 0, out.stderr
-    texts, dtype, torch_loaded = json.loads(out.stdout.splitlines()[-1])
-    assert len(texts) == 2 and dtype == "bf16" and not torch_loaded
+    texts, dtype, torch_or_matplotlib_loaded = json.loads(out.stdout.splitlines()[-1])
+    assert len(texts) == 2 and dtype == "bf16" and not torch_or_matplotlib_loaded
+
+
+def test_backend_and_dtype_arguments(workdir, models, monkeypatch):
+    monkeypatch.chdir(workdir)
+    sess = gpt2.start_tf_sess(threads=2)
+    gpt2.load_gpt2(sess, run_name="run1")
+    kwargs = dict(return_as_list=True, nsamples=2, length=10, seed=1)
+    # dtype="fp32" is the PyTorch reference's arithmetic: the same texts
+    assert gpt2.generate(sess, backend="cpu", dtype="fp32", **kwargs) == reference(models[1], [None] * 2, length=10, seed=1)
+    assert (sess.cache["engine"].dtype, sess.cache["engine"].backend) == ("fp32", "cpu")
+    gpt2.generate(sess, **kwargs)  # neither given nor set on the session: bf16 on 'auto'
+    assert sess.cache["engine"].dtype == "bf16"
+    sess.dtype = "fp32"
+    gpt2.generate(sess, dtype="bf16", **kwargs)  # the argument wins over the session's setting
+    assert sess.cache["engine"].dtype == "bf16"
+    gpt2.generate_to_file(sess, destination_path="fp32.txt", dtype="fp32", seed=1, length=10)
+    assert sess.cache["engine"].dtype == "fp32"
+    # bad values: a ValueError naming the choices, before any file is touched
+    for bad, match in ((dict(backend="gpu"), r"backend must be one of 'auto', 'cpu', 'cuda'.*got 'gpu'"),
+                       (dict(dtype="fp16"), r"dtype must be one of 'fp32', 'bf16'.*got 'fp16'"),
+                       (dict(dtype=["bf16"]), r"dtype must be one of .*got \['bf16'\]")):
+        with pytest.raises(ValueError, match=match):
+            gpt2.generate(sess, destination_path="bad.txt", **bad)
+        assert not (workdir / "bad.txt").exists()
+
+
+def test_backend_cuda_without_a_usable_gpu_says_why(workdir, monkeypatch):
+    try:
+        from gpt_2_simple import _engine_cuda
+
+        usable = _engine_cuda.cuda_status()[0] > 0
+    except ImportError:
+        usable = False
+    if usable:
+        pytest.skip("a GPU is usable here")
+    monkeypatch.chdir(workdir)
+    sess = gpt2.start_tf_sess()
+    gpt2.load_gpt2(sess, run_name="run1")
+    with pytest.raises(RuntimeError, match=r"backend='cuda' is not available: .*; or use backend='cpu'"):
+        gpt2.generate(sess, backend="cuda", length=4, seed=1)

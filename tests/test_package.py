@@ -14,10 +14,10 @@ def _python(code: str, env: dict | None = None) -> str:
     return out.stdout
 
 
-def test_import_does_not_load_torch():
+def test_import_does_not_load_torch_or_matplotlib():
     loaded = json.loads(_python("import sys, json, gpt_2_simple as gpt2; gpt2.get_encoder; print(json.dumps(sorted(sys.modules)))"))
     assert "gpt_2_simple" in loaded
-    assert "torch" not in loaded
+    assert "torch" not in loaded and "matplotlib" not in loaded
 
 
 def test_version_matches_extension():

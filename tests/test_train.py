@@ -2,18 +2,19 @@
 accumulation, frozen layers, validation and the loss plot, on a tiny model in-process."""
 
 import importlib.util
+import io
 import json
 import re
-import struct
-import zlib
 from pathlib import Path
 
+import matplotlib.image
 import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
 import gpt_2_simple as gpt2
+from gpt_2_simple import plot
 from gpt_2_simple.train import checkpoint_steps
 from gpt_2_simple.weights import latest_checkpoint
 from gpt_2_simple.config import GPT2Config
@@ -180,22 +181,33 @@ def test_validation_and_loss_png(root, capsys):
     assert [v["step"] for v in val] == [3, 6]
     assert all(abs(v["val_ppl"] - np.exp(v["val_loss"])) < 1e-6 * v["val_ppl"] for v in val)
     assert re.search(r"^\[6 \| \d+\.\d\d\] val_loss=\d+\.\d\d val_ppl=\d+\.\d\d$", out, re.M)
-    # loss.png is a well-formed PNG (signature, chunk CRCs, IHDR, inflatable image data)
-    data = (folder / "loss.png").read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, chunks = 8, {}
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos : pos + 4])
-        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
-        assert struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])[0] == zlib.crc32(kind + body)
-        chunks[kind] = chunks.get(kind, b"") + body
-        pos += 12 + length
-    w, h, depth, color = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
-    raw = zlib.decompress(chunks[b"IDAT"])
-    assert (depth, color) == (8, 2) and len(raw) == h * (1 + 3 * w)
-    pixels = np.frombuffer(raw, np.uint8).reshape(h, 1 + 3 * w)[:, 1:].reshape(h, w, 3)
-    assert ((pixels == (31, 119, 180)).all(-1)).sum() > 100  # the training curve is drawn
-    assert ((pixels == (255, 127, 14)).all(-1)).sum() > 10  # and the validation one
+    # loss.png decodes to an 800 x 450 image with both curves in it
+    image = matplotlib.image.imread(folder / "loss.png")  # (H, W, 4) floats in [0, 1]
+    assert image.shape == (plot.HEIGHT_IN * plot.DPI, plot.WIDTH_IN * plot.DPI, 4)
+    rgb = np.rint(image[..., :3] * 255).astype(int)
+    assert len(np.unique(rgb.reshape(-1, 3), axis=0)) > 20  # not blank: text, axes, lines
+    assert (np.abs(rgb - (31, 119, 180)).sum(-1) < 30).sum() > 300  # the training curve (and its legend entry)
+    assert (np.abs(rgb - (255, 127, 14)).sum(-1) < 30).sum() > 50  # the validation one
+    # what it shows is log.jsonl: its steps and losses, axis names, legend, the run name
+    entries = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+    fig = plot.loss_figure(*plot.read_log(folder / "log.jsonl"), "run1")
+    ax = fig.axes[0]
+    train_line, val_line = ax.get_lines()
+    assert train_line.get_xydata().tolist() == [[e["step"], e["loss"]] for e in entries if "loss" in e]
+    assert val_line.get_xydata().tolist() == [[e["step"], e["val_loss"]] for e in entries if "val_loss" in e]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["train", "validation"]
+    assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) == ("step", "loss", "run1")
+    assert np.array_equal(matplotlib.image.imread(io.BytesIO(plot.png_of(fig))), image)  # the file is this figure
+
+
+def test_loss_png_reads_only_complete_log_entries(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "loss": NaN}\n{"step": 3, "val_loss": 4.5}\nnot json\n{"step": 4, "loss": 4.0}\n{"step": 5, "lo', encoding="utf-8")
+    assert plot.read_log(log) == ([(1, 5.0), (4, 4.0)], [(3, 4.5)])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("", encoding="utf-8")
+    image = matplotlib.image.imread(io.BytesIO(plot.loss_png(empty, "run1")))  # a run saved before its first log line
+    assert image.shape[:2] == (450, 800)
 
 
 def test_short_dataset_trains_on_shorter_windows(root, capsys):

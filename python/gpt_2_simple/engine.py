@@ -7,6 +7,7 @@ docs/sampling.md. Token ids only: text lives in tokenizer.py and generate.py. No
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 import os
@@ -115,28 +116,50 @@ BACKENDS = ("auto", "cpu", "cuda")
 def _cuda_module(required: bool):
     """The CUDA engine module (``_engine_cuda``) when it is built, loads, and sees a usable GPU.
 
-    Otherwise None, silently, for backend="auto"; for backend="cuda" (``required``) a RuntimeError
-    naming what is missing (the module, cuBLAS, the driver, a GPU) and the fix.
+    Otherwise, for backend="auto", None: silently when there is no CUDA build, with a one-line
+    notice (``_notice_cpu_fallback``) when there is one that cannot run; for backend="cuda"
+    (``required``) a RuntimeError naming what is missing (the module, cuBLAS, the driver, a GPU)
+    and the fix.
     """
     try:
         from . import _engine_cuda
     except ImportError as e:
-        if not required:
-            return None
-        if isinstance(e, ModuleNotFoundError) and e.name and e.name.endswith("_engine_cuda"):
+        # A missing module is a ModuleNotFoundError, or "cannot import name" from the package; a
+        # module that exists but fails to load (cuBLAS, the driver library) names itself.
+        built = not isinstance(e, ModuleNotFoundError) and e.name == f"{__package__}._engine_cuda"
+        if not built:
             why = ("gpt_2_simple was built without its CUDA engine: reinstall it where the CUDA toolkit (nvcc) and "
                    "cuBLAS are found (docs/cuda.md)")
         elif "cublas" in str(e).lower():
             why = f"cuBLAS cannot be loaded ({e}): pip install nvidia-cublas, or put the CUDA toolkit's lib64 on LD_LIBRARY_PATH"
         else:
             why = f"the CUDA engine cannot be loaded ({e})"
-        raise RuntimeError(f"backend='cuda' is not available: {why}; or use backend='cpu'") from None
+        if required:
+            raise RuntimeError(f"backend='cuda' is not available: {why}; or use backend='cpu'") from None
+        if built:
+            _notice_cpu_fallback(why)
+        return None
     devices, reason = _engine_cuda.cuda_status()
     if devices < 1:
         if required:
             raise RuntimeError(f"backend='cuda' is not available: {reason}; or use backend='cpu'")
+        _notice_cpu_fallback(reason)
         return None
     return _engine_cuda
+
+
+_fallback_noticed: set[str] = set()
+
+
+def _notice_cpu_fallback(reason: str) -> None:
+    """One line on stderr (a logging warning), once per process and reason, when backend="auto"
+    finds a CUDA build that cannot run: a user who installed it for the GPU learns why generation
+    is slow instead of guessing. Without a CUDA build the CPU is the expected choice: no notice."""
+    if reason in _fallback_noticed:
+        return
+    _fallback_noticed.add(reason)
+    logging.getLogger(__name__).warning("gpt_2_simple: the CUDA engine is built but cannot run here (%s): generating on the CPU "
+                                        "(backend='cpu' says this is intended and silences this line)", reason)
 
 
 def _default_device() -> int:

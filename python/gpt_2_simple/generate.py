@@ -50,6 +50,7 @@ __all__ = [
     "InOrder",
     "generate_samples",
     "DEFAULT_DTYPE",
+    "engine_choice",
 ]
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,21 @@ def check_settings(*, length, temperature, top_k, top_p, where: str = "", dashes
         raise ValueError(f"{at}{dashes}top_k must be an integer >= 0 (0 turns it off), got {top_k!r}")
     if not _is_number(top_p) or not 0.0 <= top_p <= 1.0:
         raise ValueError(f"{at}{dashes}top_p must be a number in [0, 1] (0 turns it off), got {top_p!r}")
+
+
+def engine_choice(sess, backend: str | None, dtype: str | None) -> tuple[str, str]:
+    """The (backend, dtype) a ``generate`` call asks for: the arguments, else ``sess.backend`` /
+    ``sess.dtype`` when set, else "auto" / DEFAULT_DTYPE; ``ValueError`` naming a bad value."""
+    from .engine import BACKENDS
+    from .export import DTYPES
+
+    backend = backend if backend is not None else getattr(sess, "backend", None) or "auto"
+    dtype = dtype if dtype is not None else getattr(sess, "dtype", None) or DEFAULT_DTYPE
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))} ('auto': the GPU when one is usable), got {backend!r}")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(map(repr, DTYPES))} (the engine's weight type; bf16 is faster), got {dtype!r}")
+    return backend, dtype
 
 
 def check_seed(seed, where: str = "", dashes: str = "") -> None:
@@ -299,7 +315,10 @@ def generate(sess,
              temperature=0.7,
              top_k=0,
              top_p=0.0,
-             include_prefix=True):
+             include_prefix=True,
+             *,
+             backend=None,
+             dtype=None):
     """Generate ``nsamples`` texts from the session's model (or ``run_name`` / ``model_name``).
 
     Texts are printed, or returned as a list (``return_as_list=True``), or written to
@@ -309,8 +328,9 @@ def generate(sess,
     stops generating it there. ``temperature`` 0 is greedy; ``top_k``/``top_p`` 0 are off, and a
     nonzero ``top_p`` overrides ``top_k``. With a ``seed`` the texts are reproducible and do not
     depend on ``batch_size``; without one a random seed is drawn (logged, and kept in
-    ``sess.cache['seed']``). The engine's weight dtype and backend are ``sess.dtype`` and
-    ``sess.backend`` when set (default bf16, auto). ``sample_dir`` is unused, as in the original.
+    ``sess.cache['seed']``). ``backend`` ("auto", "cpu", "cuda") and ``dtype`` ("bf16", "fp32":
+    the engine's weight type) choose the engine; None takes ``sess.backend`` / ``sess.dtype`` when
+    set, else "auto" and "bf16". ``sample_dir`` is unused, as in the original.
     """
     if batch_size is None:
         batch_size = 1
@@ -319,6 +339,7 @@ def generate(sess,
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     check_settings(length=length, temperature=temperature, top_k=top_k, top_p=top_p)
     check_seed(seed)
+    backend, dtype = engine_choice(sess, backend, dtype)
     if truncate is not None and not isinstance(truncate, str):
         raise ValueError(f"truncate must be a string or None, got {truncate!r}")
     prompts = _prompts(prefix, nsamples)
@@ -330,8 +351,7 @@ def generate(sess,
         cache["seed"] = seed
 
     source = model_source(sess, run_name, checkpoint_dir, model_name, model_dir)
-    engine, enc = load_engine(source, sess=sess, dtype=getattr(sess, "dtype", None),
-                              backend=getattr(sess, "backend", None) or "auto")
+    engine, enc = load_engine(source, sess=sess, dtype=dtype, backend=backend)
     specs = [SampleSpec(p, length, temperature, top_k, top_p, seed, i) for i, p in enumerate(prompts)]
     settings = GenerateSettings(truncate or None, bool(include_prefix))
     if len(prompts) == 1:
@@ -385,10 +405,14 @@ def generate_to_file(sess,
                      temperature=0.7,
                      top_k=0,
                      top_p=0.0,
-                     include_prefix=True):
+                     include_prefix=True,
+                     *,
+                     backend=None,
+                     dtype=None):
     """Generate the texts into ``destination_path`` (UTF-8, '\\n' line ends), each followed by
     ``sample_delim``: set it to '' when each text is a small document. Arguments as ``generate``."""
     generate(sess, run_name=run_name, checkpoint_dir=checkpoint_dir, model_name=model_name, model_dir=model_dir,
              return_as_list=False, truncate=truncate, destination_path=destination_path,
              sample_delim=sample_delim, prefix=prefix, seed=seed, nsamples=nsamples, batch_size=batch_size,
-             length=length, temperature=temperature, top_k=top_k, top_p=top_p, include_prefix=include_prefix)
+             length=length, temperature=temperature, top_k=top_k, top_p=top_p, include_prefix=include_prefix,
+             backend=backend, dtype=dtype)

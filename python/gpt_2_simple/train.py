@@ -25,7 +25,7 @@ import signal
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -161,13 +161,11 @@ class _StopSignal:
 
 @dataclass
 class _Log:
-    """``log.jsonl`` (one JSON object per printed step and per validation), ``loss.png`` and, when
-    TensorBoard is installed, event files in the run folder (the original wrote those)."""
+    """``log.jsonl`` (one JSON object per printed step and per validation), ``loss.png`` drawn from
+    it and, when TensorBoard is installed, event files in the run folder (the original wrote those)."""
 
     folder: Path
     enabled: bool
-    train: list = field(default_factory=list)
-    val: list = field(default_factory=list)
     writer: object = None
 
     def open(self, resume_step: int | None) -> None:
@@ -181,10 +179,6 @@ class _Log:
                     entry = json.loads(line)
                     if entry["step"] <= resume_step:  # later entries belong to steps being redone
                         kept.append(line)
-                        if "loss" in entry:
-                            self.train.append((entry["step"], entry["loss"]))
-                        if "val_loss" in entry:
-                            self.val.append((entry["step"], entry["val_loss"]))
         _write_atomic(path, "".join(line + "\n" for line in kept))
         self._file = open(path, "a", encoding="utf-8")
         try:
@@ -197,19 +191,21 @@ class _Log:
         if not self.enabled:
             return
         self._file.write(json.dumps(entry) + "\n")
-        self._file.flush()
-        if "loss" in entry:
-            self.train.append((entry["step"], entry["loss"]))
-        if "val_loss" in entry:
-            self.val.append((entry["step"], entry["val_loss"]))
+        self._file.flush()  # loss.png is drawn from the file
         if self.writer is not None:
             for key in ("loss", "val_loss"):
                 if key in entry:
                     self.writer.add_scalar(key, entry[key], entry["step"])
 
     def plot(self) -> None:
-        if self.enabled:
-            _write_atomic(self.folder / "loss.png", loss_png(self.train, self.val))
+        if not self.enabled:
+            return
+        try:
+            image = loss_png(self.folder / "log.jsonl", self.folder.name)
+        except ImportError:  # a training dependency; a broken install must not stop the run at a save
+            print("loss.png not drawn: matplotlib is not installed (pip install matplotlib)")
+            return
+        _write_atomic(self.folder / "loss.png", image)
 
     def close(self) -> None:
         if self.enabled:

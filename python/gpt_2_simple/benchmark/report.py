@@ -8,10 +8,11 @@ the results file, so the same file always gives the same text and image.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
-from ..plot import bar_chart_png
+from ..plot import png_of
 from .gpu import records as gpu_records
 from .gpu import reproduce_command
 
@@ -340,6 +341,36 @@ def chart_panels(results: dict) -> list[dict]:
     return panels
 
 
-def chart_png(results: dict) -> bytes:
+def chart_figure(results: dict):
+    """A matplotlib Figure with one grouped bar chart per panel of ``chart_panels``: bars grow from
+    1 (the reference peer, a darker line) up or down on a log scale, one colour per peer."""
+    from matplotlib.figure import Figure
+
     panels = chart_panels(results)
-    return bar_chart_png(panels or [{"title": "no comparisons in this results file", "groups": [], "series": [], "values": []}])
+    fig = Figure(figsize=(10, 3.6 * max(1, len(panels))), dpi=100, layout="constrained")
+    if not panels:
+        fig.text(0.5, 0.5, "no comparisons in this results file", ha="center", va="center")
+        return fig
+    for ax, panel in zip(fig.subplots(len(panels), 1, squeeze=False)[:, 0], panels):
+        groups, series = panel["groups"], panel["series"]
+        width = 0.8 / len(series)
+        for s, name in enumerate(series):
+            xs = [g + (s - (len(series) - 1) / 2) * width for g in range(len(groups))]
+            values = [row[s] for row in panel["values"]]
+            shown = [(x, v) for x, v in zip(xs, values) if v is not None and v > 0 and math.isfinite(v)]
+            if shown:
+                x, v = zip(*shown)
+                ax.bar(x, [vi - 1.0 for vi in v], width=width, bottom=1.0, label=name, color=f"C{s}")
+        ax.set_yscale("log")
+        ax.axhline(1.0, color="#404040", linewidth=1.0)
+        ax.set_xticks(range(len(groups)), groups, rotation=20 if len(groups) > 4 else 0, ha="right" if len(groups) > 4 else "center")
+        ax.set_ylabel("ratio (> 1: better)")
+        ax.set_title(panel["title"], fontsize=10)
+        ax.grid(True, axis="y", which="both", color="#e8e8e8", linewidth=0.6)
+        ax.set_axisbelow(True)
+        ax.legend(fontsize=8, loc="best")
+    return fig
+
+
+def chart_png(results: dict) -> bytes:
+    return png_of(chart_figure(results))
