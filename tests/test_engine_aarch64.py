@@ -22,11 +22,14 @@ from test_engine import ODD, WIDE, _check_logits, _check_shape, files, model  # 
 SOURCES = Path(__file__).resolve().parents[1] / "python"
 PYTHON = os.environ.get("GPT2S_AARCH64_PYTHON", "")
 
-pytestmark = [
-    pytest.mark.skipif(not PYTHON, reason="GPT2S_AARCH64_PYTHON (an arm64 Python under qemu-aarch64) is not set"),
-    pytest.mark.skipif(not list(SOURCES.glob("gpt_2_simple/_engine.*aarch64*.so")),
-                       reason="no AArch64 build of _engine in python/gpt_2_simple (cmake/aarch64-linux-gnu.cmake)"),
-]
+pytestmark = pytest.mark.skipif(not PYTHON, reason="GPT2S_AARCH64_PYTHON (an arm64 Python under qemu-aarch64) is not set")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _arm64_module():
+    # Asked for (GPT2S_AARCH64_PYTHON set) but not built: a failure, never a silent skip in CI.
+    assert list(SOURCES.glob("gpt_2_simple/_engine.*aarch64*.so")), (
+        f"no AArch64 build of _engine in {SOURCES / 'gpt_2_simple'}: build it with cmake/aarch64-linux-gnu.cmake (docs/engine.md)")
 # How _run_in_subprocess (test_engine.py) starts the arm64 engine: only the sources and the arm64
 # module on its path, never this interpreter's x86 site-packages.
 ARM = dict(python=tuple(shlex.split(PYTHON)), pythonpath=str(SOURCES))
@@ -62,9 +65,10 @@ def test_logits_match_pytorch_at_every_step(model, files, isa, dtype):  # noqa: 
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("shape", [WIDE, ODD], ids=["wide", "odd"])
-def test_shapes(tmp_path, shape, isa, dtype):
+def test_shapes_on_neon(tmp_path, shape, dtype):
     # test_engine.py's wide matrices (several slices, row groups, a partial row block) and odd
     # widths (bf16 pairs padded with a zero, a partial last panel: NEON's panel is 20 outputs).
-    _check_shape(tmp_path, *shape, isa, dtype, **ARM)
+    # NEON only, to bound the time under emulation: the portable kernels are the same source as
+    # x86's scalar table, which test_engine.py runs on these shapes.
+    _check_shape(tmp_path, *shape, "neon", dtype, **ARM)
