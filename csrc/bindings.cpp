@@ -591,6 +591,9 @@ PYBIND11_MODULE(GPT2S_MODULE_NAME, m) {
         d["avx512vl"] = f.avx512vl;
         d["avx512bf16"] = f.avx512bf16;
         d["avx512vnni"] = f.avx512vnni;
+        d["asimd"] = f.asimd;
+        d["asimddp"] = f.asimddp;
+        d["bf16"] = f.bf16;
         d["isa"] = gpt2s::best_isa();
         d["kernels"] = gpt2s::best_kernels().isa;
         return d;

@@ -5,17 +5,37 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/reference.py and friends
 
-# Kernel families from the least to the most capable. GPT2S_ISA caps the engine to one at or below
-# what the CPU has (csrc/engine/cpu_features.cpp), never above, so a test of a family the host (or
-# the cap this process runs under) lacks is skipped rather than failed.
-_ISA_ORDER = ("scalar", "avx2", "avx512")
+# Kernel families from the least to the most capable, per architecture. GPT2S_ISA caps the engine
+# to one at or below what the CPU has (csrc/engine/cpu_features.cpp), never above, so a test of a
+# family the host (or the cap this process runs under) lacks is skipped rather than failed.
+_ISA_ORDERS = (("scalar", "avx2", "avx512"), ("scalar", "neon"))
 
 
 def needs_isa(isa: str):
     from gpt_2_simple import _engine
 
     have = _engine.cpu_features()["isa"]
-    return pytest.mark.skipif(_ISA_ORDER.index(isa) > _ISA_ORDER.index(have), reason=f"this CPU's best kernels are {have}, not {isa}")
+    runs = any(isa in order and have in order and order.index(isa) <= order.index(have) for order in _ISA_ORDERS)
+    return pytest.mark.skipif(not runs, reason=f"this CPU's best kernels are {have}, not {isa}")
+
+
+def pytest_report_header(config):
+    """The kernel tables this session exercises: the host's best (the per-ISA tests cap it lower),
+    and the AArch64 build's under qemu where test_engine_aarch64.py runs."""
+    from gpt_2_simple import _engine
+
+    features = _engine.cpu_features()
+    lines = [f"gpt_2_simple kernels: {features['kernels']} ({features})"]
+    aarch64 = os.environ.get("GPT2S_AARCH64_PYTHON")
+    if aarch64:
+        try:
+            from test_engine_aarch64 import aarch64_features
+
+            features = aarch64_features()
+            lines.append(f"gpt_2_simple aarch64 kernels under qemu: {features['kernels']} ({features})")
+        except Exception as e:  # the tests themselves report it
+            lines.append(f"gpt_2_simple aarch64 kernels under qemu: unavailable ({e})")
+    return lines
 
 
 def pytest_collection_modifyitems(config, items):

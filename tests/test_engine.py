@@ -119,9 +119,9 @@ def _draw_args(params, rng):
     return t, k, p, rng.integers(0, 2**63, B), rng.integers(0, 2**40, B), rng.integers(0, 2**33, B)
 
 
-def _isa_env(isa: str) -> dict:
+def _isa_env(isa: str, pythonpath: str | None = None) -> dict:
     """The environment of a subprocess whose engine uses `isa` (the cap is read once per process)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env = {**os.environ, "PYTHONPATH": pythonpath or os.pathsep.join(sys.path)}
     if isa != "native":
         env["GPT2S_ISA"] = isa
     else:
@@ -129,9 +129,10 @@ def _isa_env(isa: str) -> dict:
     return env
 
 
-def _run_in_subprocess(path, isa: str, requests: list[dict], batch_size: int) -> dict:
+def _run_in_subprocess(path, isa: str, requests: list[dict], batch_size: int, python=(sys.executable,), pythonpath=None) -> dict:
     """Engine.generate in a fresh process with GPT2S_ISA=isa (the cap is read once per process);
-    returns its results and every step's logits."""
+    returns its results and every step's logits. `python`: the interpreter's command line, and
+    `pythonpath` its module path (test_engine_aarch64.py: an arm64 Python under qemu-aarch64)."""
     code = f"""
 import json, sys, numpy as np
 from gpt_2_simple import _engine
@@ -144,8 +145,8 @@ np.savez(sys.argv[1], **logits)
 print(json.dumps({{"tokens": [r.tokens for r in res], "isa": e.device}}))
 """
     out_npz = os.path.join(os.path.dirname(path), f"logits_{isa}.npz")
-    proc = subprocess.run([sys.executable, "-c", code, out_npz], input=json.dumps(requests), capture_output=True, text=True, timeout=300,
-                          env=_isa_env(isa))
+    proc = subprocess.run([*python, "-c", code, out_npz], input=json.dumps(requests), capture_output=True, text=True, timeout=300,
+                          env=_isa_env(isa, pythonpath))
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     with np.load(out_npz) as z:
@@ -156,11 +157,15 @@ print(json.dumps({{"tokens": [r.tokens for r in res], "isa": e.device}}))
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("isa", ISAS)
 def test_logits_match_pytorch_at_every_step(model, files, isa, dtype):
+    _check_logits(model, files, isa, dtype)
+
+
+def _check_logits(model, files, isa, dtype, **python):
     # Four prompts of different lengths prefilled together, then decoded together; the 33-token
     # prompt is longer than a SIMD vector and not a multiple of one.
     prompts = _prompts([1, 7, 20, 33])
     requests = [dict(prompt=p, max_new_tokens=12, temperature=1.0, seed=3, sample_index=i) for i, p in enumerate(prompts)]
-    out = _run_in_subprocess(files[dtype], isa, requests, batch_size=4)
+    out = _run_in_subprocess(files[dtype], isa, requests, batch_size=4, **python)
     if isa != "native":
         assert out["isa"].startswith(f"cpu {isa},")
     reference = model if dtype == "fp32" else _bf16_model(model)
@@ -172,19 +177,25 @@ def test_logits_match_pytorch_at_every_step(model, files, isa, dtype):
             np.testing.assert_allclose(out["logits"][f"{i}_{step}"], expected[step], **TOLERANCE[dtype], err_msg=f"{isa} {dtype} row {i} step {step}")
 
 
-def _check_shape(tmp_path, config, lengths, isa, dtype, new_tokens=4):
+def _check_shape(tmp_path, config, lengths, isa, dtype, new_tokens=4, **python):
     """Prompts of these lengths prefilled together, then decoded together, on a random model of
     this geometry: the engine's logits against model.py's at every step."""
     model = random_gpt2(config, seed=4)
     prompts = _prompts(lengths, seed=8)
     requests = [dict(prompt=p, max_new_tokens=new_tokens, temperature=1.0, seed=1, sample_index=i) for i, p in enumerate(prompts)]
-    out = _run_in_subprocess(export(model, tmp_path / f"model.{dtype}.bin", dtype, progress=False), isa, requests, batch_size=len(prompts))
+    out = _run_in_subprocess(export(model, tmp_path / f"model.{dtype}.bin", dtype, progress=False), isa, requests, batch_size=len(prompts),
+                             **python)
     reference = model if dtype == "fp32" else _bf16_model(model, config)
     for i, (prompt, tokens) in enumerate(zip(prompts, out["tokens"])):
         with torch.no_grad():
             expected = reference(torch.tensor([prompt + tokens]))[0, len(prompt) - 1 :].numpy()
         for step in range(new_tokens):
             np.testing.assert_allclose(out["logits"][f"{i}_{step}"], expected[step], **TOLERANCE[dtype], err_msg=f"{isa} {dtype} row {i} step {step}")
+
+
+# (geometry, prompt lengths) of the two shape tests below.
+WIDE = (GPT2Config(n_ctx=48, n_embd=192, n_head=2, n_layer=1), [9, 17, 30])
+ODD = (GPT2Config(n_ctx=32, n_embd=45, n_head=3, n_layer=2), [5, 11])
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -195,7 +206,7 @@ def test_wide_matrices_at_every_batch_shape(tmp_path, isa, dtype):
     # rows spans several row groups of every ISA (at most 32 rows each) and a partial row block;
     # then three rows decode together. wte of 50257 x 192 (37 MiB fp32, 18 MiB bf16) is also
     # repacked in several slices (cpu_backend.cpp).
-    _check_shape(tmp_path, GPT2Config(n_ctx=48, n_embd=192, n_head=2, n_layer=1), [9, 17, 30], isa, dtype)
+    _check_shape(tmp_path, *WIDE, isa, dtype)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -204,7 +215,7 @@ def test_odd_widths(tmp_path, isa, dtype):
     # n_embd 45 (3 heads of 15): every matmul but mlp.c_proj has an odd number of inputs, whose
     # bf16 pairs end with a padding zero (kernels_impl.h, pack), and no width is a multiple of a
     # SIMD vector; 45 x 4 = 180 outputs of mlp.c_fc leave a partial last panel.
-    _check_shape(tmp_path, GPT2Config(n_ctx=32, n_embd=45, n_head=3, n_layer=2), [5, 11], isa, dtype)
+    _check_shape(tmp_path, *ODD, isa, dtype)
 
 
 def test_greedy_equals_pytorch_past_the_context(small, engine):

@@ -30,7 +30,7 @@ def test_cpu_features_and_isa_cap():
     from gpt_2_simple import _engine
 
     features = _engine.cpu_features()
-    assert features["isa"] in {"avx512", "avx2", "scalar"}
+    assert features["isa"] in {"avx512", "avx2", "neon", "scalar"}
     if features["isa"] == "avx512":
         assert features["avx512f"] and features["avx2"]
     # The kernel table: the family, with native BF16 dot products where the CPU has them.

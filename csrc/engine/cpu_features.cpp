@@ -3,6 +3,10 @@
 #include <cstdlib>
 #include <cstring>
 
+#if defined(__aarch64__) && defined(__linux__)
+#include <sys/auxv.h>
+#endif
+
 namespace gpt2s {
 
 namespace {
@@ -19,6 +23,14 @@ CpuFeatures detect() {
   f.avx512vl = __builtin_cpu_supports("avx512vl");
   f.avx512bf16 = __builtin_cpu_supports("avx512bf16");
   f.avx512vnni = __builtin_cpu_supports("avx512vnni");
+#elif defined(__aarch64__) && defined(__linux__)
+  // The bits of the Linux arm64 ABI (asm/hwcap.h), spelled out: older libc headers lack HWCAP2_BF16.
+  const unsigned long hwcap = getauxval(AT_HWCAP), hwcap2 = getauxval(AT_HWCAP2);
+  f.asimd = (hwcap & (1ul << 1)) != 0;     // HWCAP_ASIMD
+  f.asimddp = (hwcap & (1ul << 20)) != 0;  // HWCAP_ASIMDDP
+  f.bf16 = (hwcap2 & (1ul << 14)) != 0;    // HWCAP2_BF16
+#elif defined(__aarch64__)
+  f.asimd = true;  // Advanced SIMD is part of every AArch64 CPU
 #endif
   // Lower the reported level on request (tests of the fallback paths, or a misbehaving CPU).
   const char* cap = std::getenv("GPT2S_ISA");
@@ -31,6 +43,7 @@ CpuFeatures detect() {
     }
     if (std::strcmp(cap, "scalar") == 0) {
       f.avx2 = f.fma = f.f16c = false;
+      f.asimd = f.asimddp = f.bf16 = false;
     }
   }
   return f;
@@ -47,6 +60,7 @@ std::string best_isa() {
   const CpuFeatures& f = cpu_features();
   if (f.avx512f && f.avx512bw && f.avx512vl && f.fma) return "avx512";
   if (f.avx2 && f.fma && f.f16c) return "avx2";
+  if (f.asimd) return "neon";
   return "scalar";
 }
 

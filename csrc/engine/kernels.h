@@ -48,7 +48,7 @@ struct ScreenMatrix {
 ScreenMatrix screen_matrix(void* panels, float* arrays, int64_t N, int64_t K, int64_t panel);
 
 struct Kernels {
-  const char* isa;  // "avx512bf16", "avx512", "avx2" or "scalar"
+  const char* isa;  // "avx512bf16", "avx512", "avx2", "neon" or "scalar"
 
   // Outputs per packed panel: packing rows [r, r + n) of a matrix, r a multiple of this, writes
   // the bytes at packed_bytes(r, K, dtype) of the whole matrix's packed form.
@@ -107,7 +107,8 @@ struct Kernels {
 };
 
 // The table for the best ISA this CPU allows, after the GPT2S_ISA cap (cpu_features.h): AVX-512
-// with native BF16 dot products where present, else AVX-512, AVX2 + FMA, or portable C++.
+// with native BF16 dot products where present, else AVX-512, AVX2 + FMA; AArch64 Advanced SIMD
+// (NEON); or portable C++.
 const Kernels& best_kernels();
 
 }  // namespace gpt2s

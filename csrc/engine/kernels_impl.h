@@ -55,6 +55,10 @@ inline void parallel_chunks(ThreadPool& pool, int64_t n, int64_t work, void (*fn
 constexpr int kRowBlock = 4, kPanelVecs = 6;  // 24 accumulators + 4 broadcasts + 1 weight of 32 registers
 #elif defined(__AVX2__)
 constexpr int kRowBlock = 3, kPanelVecs = 4;  // 12 accumulators + 3 broadcasts + 1 weight of 16 registers
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+// 20 accumulators of 32 registers; bf16 splits each broadcast pair and weight vector in two (8 +
+// 2) plus the mask: 31. Chosen by register count alone (no ARM hardware to time it on here).
+constexpr int kRowBlock = 4, kPanelVecs = 5;
 #else
 constexpr int kRowBlock = 2, kPanelVecs = 4;
 #endif

@@ -2,11 +2,13 @@
 // GPT2S_ISA=<name> and that ISA's compiler flags; kernels.cpp picks a table at run time.
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#elif defined(__aarch64__)
+#include <arm_neon.h>
 #endif
 #include "engine/kernels.h"
 
 #ifndef GPT2S_ISA
-#error "compile with -DGPT2S_ISA=<scalar|avx2|avx512|avx512bf16>"
+#error "compile with -DGPT2S_ISA=<scalar|avx2|avx512|avx512bf16|neon>"
 #endif
 #define GPT2S_STR2(x) #x
 #define GPT2S_STR(x) GPT2S_STR2(x)

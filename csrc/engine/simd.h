@@ -1,6 +1,6 @@
 // The few vector operations the kernels are written in, for the instruction set this translation
 // unit is compiled for (kernels_isa.cpp, built once per ISA with its flags). Included inside namespace
-// gpt2s::<isa>, after <immintrin.h>: every function here must stay in that namespace, because a
+// gpt2s::<isa>, after <immintrin.h> or <arm_neon.h>: every function here must stay in that namespace, because a
 // shared inline function compiled with AVX-512 flags could be the copy the linker keeps for the
 // scalar path (and crash an older CPU).
 //
@@ -127,6 +127,62 @@ inline void vstore_bf16(uint16_t* p, Vf a) {
   // u32 lanes (all < 2^16) to u16: pack within 128-bit halves, then gather the halves' low parts.
   const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+
+// AArch64 Advanced SIMD (every AArch64 CPU has it): 4 lanes, fused multiply-add, and the same
+// integer tricks as AVX2 for bf16 (widening by a 16-bit shift, the products exact in fp32).
+constexpr int kLanes = 4;
+struct Vf { float32x4_t v; };
+struct Vb { uint32x4_t v; };
+
+inline Vf vzero() { return {vdupq_n_f32(0.0f)}; }
+inline Vf vset1(float a) { return {vdupq_n_f32(a)}; }
+inline Vf vload(const float* p) { return {vld1q_f32(p)}; }
+inline void vstore(float* p, Vf a) { vst1q_f32(p, a.v); }
+inline Vf vadd(Vf a, Vf b) { return {vaddq_f32(a.v, b.v)}; }
+inline Vf vsub(Vf a, Vf b) { return {vsubq_f32(a.v, b.v)}; }
+inline Vf vmul(Vf a, Vf b) { return {vmulq_f32(a.v, b.v)}; }
+inline Vf vdiv(Vf a, Vf b) { return {vdivq_f32(a.v, b.v)}; }
+inline Vf vfma(Vf a, Vf b, Vf c) { return {vfmaq_f32(c.v, a.v, b.v)}; }
+// fmax/fmin would return the number of a NaN pair; x86's maxps returns b, and so do these.
+inline Vf vmax(Vf a, Vf b) { return {vbslq_f32(vcgtq_f32(a.v, b.v), a.v, b.v)}; }
+inline Vf vmin(Vf a, Vf b) { return {vbslq_f32(vcltq_f32(a.v, b.v), a.v, b.v)}; }
+inline float vhsum(Vf a) { return vaddvq_f32(a.v); }
+inline float vhmax(Vf a) { return vmaxvq_f32(a.v); }
+inline Vf vscale2(Vf a, Vf n) {
+  // Add n to the exponent field; callers keep n within the normal range.
+  return {vreinterpretq_f32_s32(vaddq_s32(vreinterpretq_s32_f32(a.v), vshlq_n_s32(vcvtq_s32_f32(n.v), 23)))};
+}
+inline Vf vround(Vf a) { return {vrndnq_f32(a.v)}; }  // nearest, ties to even
+inline Vf vzero_below(Vf a, Vf x, Vf limit) {
+  return {vreinterpretq_f32_u32(vandq_u32(vcgeq_f32(x.v, limit.v), vreinterpretq_u32_f32(a.v)))};
+}
+inline uint32_t vmask_above(Vf a, Vf t) {
+  const uint32x4_t bit = {1, 2, 4, 8};
+  return vaddvq_u32(vandq_u32(vcgtq_f32(a.v, t.v), bit));
+}
+
+inline Vb vload_bf16(const uint16_t* p) { return {vreinterpretq_u32_u16(vld1q_u16(p))}; }
+inline Vb vbcast_pair(const uint16_t* p) {
+  uint32_t v;
+  __builtin_memcpy(&v, p, 4);
+  return {vdupq_n_u32(v)};
+}
+inline Vf vdot_bf16(Vf acc, Vb x, Vb w) {
+  const uint32x4_t hi = vdupq_n_u32(0xFFFF0000u);
+  acc.v = vfmaq_f32(acc.v, vreinterpretq_f32_u32(vandq_u32(x.v, hi)), vreinterpretq_f32_u32(vandq_u32(w.v, hi)));
+  return {vfmaq_f32(acc.v, vreinterpretq_f32_u32(vshlq_n_u32(x.v, 16)), vreinterpretq_f32_u32(vshlq_n_u32(w.v, 16)))};
+}
+inline Vf vload_bf16_f32(const uint16_t* p) { return {vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16))}; }
+inline void vstore_bf16(uint16_t* p, Vf a) {
+  const uint32x4_t bits = vreinterpretq_u32_f32(a.v);
+  const uint32x4_t lsb = vandq_u32(vshrq_n_u32(bits, 16), vdupq_n_u32(1));
+  uint32x4_t r = vshrq_n_u32(vaddq_u32(bits, vaddq_u32(lsb, vdupq_n_u32(0x7FFF))), 16);
+  const uint32x4_t number = vceqq_f32(a.v, a.v);  // false for NaN
+  r = vbslq_u32(number, r, vorrq_u32(vshrq_n_u32(bits, 16), vdupq_n_u32(0x40)));
+  vst1_u16(p, vmovn_u32(r));
 }
 
 #else  // portable C++: small fixed-size arrays the compiler may map onto whatever SIMD the target has
