@@ -47,11 +47,14 @@ import gpt_2_simple as gpt2
 kw = json.loads(sys.argv[1])
 gpt2.finetune(gpt2.start_tf_sess(), kw.pop("dataset"), **kw)
 """
+# The weights are read once: the loop is then mostly writing, so random kills land inside writes.
 EXPORT_CHILD = """
 import sys
 from gpt_2_simple.export import export
+from gpt_2_simple.weights import find_checkpoint, load_weights
+config, state = load_weights(find_checkpoint(sys.argv[1]).path)
 while True:
-    export(sys.argv[1], sys.argv[2], "fp32", progress=False)
+    export((config, state), sys.argv[2], "fp32", tokenizer_dir=sys.argv[1], progress=False)
     print("exported", flush=True)
 """
 
