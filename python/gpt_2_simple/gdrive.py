@@ -4,7 +4,8 @@ restore it, as one ``checkpoint_<run>.tar`` archive or as a folder copy, and cop
 What the original lacked: copies into Drive and back are atomic (an interrupted copy never
 replaces a good backup or a good local file with a torn one), restoring an archive writes only
 inside ``checkpoint/<run>`` and refuses an archive with any member that would land elsewhere (tar
-path traversal), links or devices, on every Python version, and the errors say what to do instead of a bare ``assert``.
+path traversal), links or devices, on every Python version, and the errors say what to do
+instead of a bare ``assert``.
 
 The Drive folder is ``/content/drive/MyDrive`` (where ``mount_gdrive`` mounts it in Colab); the
 environment variable ``GPT2S_GDRIVE_ROOT`` points these helpers at another folder (a synced
