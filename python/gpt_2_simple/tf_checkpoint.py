@@ -35,8 +35,8 @@ __all__ = ["TFCheckpoint", "TFCheckpointError", "BundleEntry", "LIMITS", "crc32c
 
 _DAMAGED_FIX = "the checkpoint is damaged or incomplete: download the model again or restore the run folder from a backup"
 
-# What an index may hold. GPT-2 1558M's index with Adam slots is ~150 KB of ~1,800 entries with
-# names under 60 bytes; these bounds are far above that and keep a crafted index to milliseconds
+# What an index may hold. GPT-2 1558M has 580 variables (about 1,740 entries with Adam's two slots
+# each) named in under 60 bytes; these bounds are far above that and keep a crafted index to milliseconds
 # and megabytes (a key grown by one byte per entry, or one block listed a thousand times, used to
 # cost gigabytes and minutes).
 LIMITS = {
