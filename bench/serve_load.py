@@ -95,7 +95,7 @@ def load(port: int, prompts: list[str], args, extra: dict | None = None) -> dict
     threads = []
     start = time.perf_counter()
     for k, prompt in enumerate(prompts):
-        body = {"model": "bench", "prompt": prompt, "max_tokens": args.max_tokens, "temperature": 1.0, "top_k": 40,
+        body = {"prompt": prompt, "max_tokens": args.max_tokens, "temperature": 1.0, "top_k": 40,
                 "seed": 1000 + k, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True, **(extra or {})}
         t = threading.Thread(target=stream_one, args=(port, body, results[k]))
         t.start()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import signal
 import threading
 import time
 
@@ -240,7 +241,7 @@ def test_a_full_queue_answers_429_and_sigterm_drains_running_requests(tmp_path, 
         status, headers, answer = server.request("POST", "/v1/completions", {"prompt": "x", "max_tokens": 2})
         assert status == 429 and headers["retry-after"] == "1" and json.loads(answer)["error"]["code"] == "queue_full"
         # SIGTERM while both run or wait: both finish in full, then the server exits.
-        server.proc.send_signal(__import__("signal").SIGTERM)
+        server.proc.send_signal(signal.SIGTERM)
         rest = [json.loads(x) for x in lines1 if x != "[DONE]"]
         text = first["choices"][0]["text"] + "".join(c["choices"][0]["text"] for c in rest)
         assert rest[-1]["choices"][0]["finish_reason"] == "length"

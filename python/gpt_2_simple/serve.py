@@ -22,11 +22,8 @@ import bisect
 import codecs
 import hmac
 import json
-import logging
 import math
 import numbers
-import os
-import threading
 import time
 import uuid
 from collections import deque
@@ -39,8 +36,6 @@ from .generate import SEED_LIMIT, random_seed
 from .tokenizer import Encoder
 
 __all__ = ["APIError", "CompletionJob", "parse_completion", "build_app", "run_server", "PLAYGROUND"]
-
-log = logging.getLogger(__name__)
 
 PLAYGROUND = Path(__file__).with_name("playground.html")
 MAX_N = 128  # choices per prompt
