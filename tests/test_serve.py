@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import signal
 import threading
 import time
@@ -255,3 +256,11 @@ def test_a_full_queue_answers_429_and_sigterm_drains_running_requests(tmp_path, 
             server.get("/health")
     finally:
         server.close()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads the server's memory map from Linux's /proc")
+def test_the_server_never_loads_torch(served, client):
+    client.completions.create(model=_model_id(client), prompt="Hi", max_tokens=3)
+    with open(f"/proc/{served[3].proc.pid}/maps") as f:
+        maps = f.read()
+    assert "_engine" in maps and "libtorch" not in maps
