@@ -73,7 +73,7 @@ def stream_one(port: int, body: dict, out: dict) -> None:
     if response.status != 200:
         out["error"] = f"{response.status} {response.read()[:200]!r}"
         return
-    first, tokens = None, 0
+    first, tokens, pieces = None, 0, 0
     for raw in response:
         line = raw.strip()
         if not line.startswith(b"data: ") or line == b"data: [DONE]":
@@ -81,11 +81,11 @@ def stream_one(port: int, body: dict, out: dict) -> None:
         chunk = json.loads(line[6:])
         if first is None and chunk.get("choices"):
             first = time.perf_counter() - t0
+        pieces += sum(1 for c in chunk.get("choices", ()) if c.get("text"))
         if chunk.get("usage"):
             tokens = chunk["usage"]["completion_tokens"]
-        elif chunk.get("tokens_predicted"):  # llama-server's own field, when usage is absent
-            tokens = chunk["tokens_predicted"]
-    out.update(ttft=first, tokens=tokens, end=time.perf_counter())
+    # A server that sends no usage: its text chunks (llama-server streams one token per chunk).
+    out.update(ttft=first, tokens=tokens or pieces, end=time.perf_counter())
     conn.close()
 
 
@@ -95,7 +95,7 @@ def load(port: int, prompts: list[str], args, extra: dict | None = None) -> dict
     threads = []
     start = time.perf_counter()
     for k, prompt in enumerate(prompts):
-        body = {"model": "bench", "prompt": prompt, "max_tokens": args.max_tokens, "temperature": 1.0, "top_k": 40,
+        body = {"prompt": prompt, "max_tokens": args.max_tokens, "temperature": 1.0, "top_k": 40,
                 "seed": 1000 + k, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True, **(extra or {})}
         t = threading.Thread(target=stream_one, args=(port, body, results[k]))
         t.start()

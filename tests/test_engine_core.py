@@ -1,7 +1,8 @@
 """The engine core (EngineCore: requests join a running batch) against running each request alone
 and against the PyTorch reference (torch_generate): requests added while others generate, tokens
 streamed per request, aborts freeing their slot at the next step, Engine.generate by turns with the
-core, bad input. The same cases run on the CUDA sources' CPU emulation when it is built."""
+core, bad input. The same cases run on a GPU (marked cuda) and on the CUDA sources' CPU emulation
+when it is built."""
 
 from __future__ import annotations
 
@@ -16,10 +17,15 @@ from test_engine import BYTES, _mixed_requests, _prompts, small  # noqa: F401  (
 from test_engine_cuda import _emulated_module
 
 
-@pytest.fixture(params=["cpu", "cuda-emulated"])
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda), "cuda-emulated"])
 def engine(request, small, monkeypatch):  # noqa: F811
     if request.param == "cpu":
         return Engine(small[1], backend="cpu")
+    if request.param == "cuda":
+        try:
+            return Engine(small[1], backend="cuda")
+        except RuntimeError as e:
+            pytest.skip(str(e))
     module = _emulated_module()
     if module is None:
         pytest.skip("the CUDA emulation is not built (tests/cuda_emulation/README.md)")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import signal
 import threading
 import time
 
@@ -240,7 +242,7 @@ def test_a_full_queue_answers_429_and_sigterm_drains_running_requests(tmp_path, 
         status, headers, answer = server.request("POST", "/v1/completions", {"prompt": "x", "max_tokens": 2})
         assert status == 429 and headers["retry-after"] == "1" and json.loads(answer)["error"]["code"] == "queue_full"
         # SIGTERM while both run or wait: both finish in full, then the server exits.
-        server.proc.send_signal(__import__("signal").SIGTERM)
+        server.proc.send_signal(signal.SIGTERM)
         rest = [json.loads(x) for x in lines1 if x != "[DONE]"]
         text = first["choices"][0]["text"] + "".join(c["choices"][0]["text"] for c in rest)
         assert rest[-1]["choices"][0]["finish_reason"] == "length"
@@ -254,3 +256,11 @@ def test_a_full_queue_answers_429_and_sigterm_drains_running_requests(tmp_path, 
             server.get("/health")
     finally:
         server.close()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads the server's memory map from Linux's /proc")
+def test_the_server_never_loads_torch(served, client):
+    client.completions.create(model=_model_id(client), prompt="Hi", max_tokens=3)
+    with open(f"/proc/{served[3].proc.pid}/maps") as f:
+        maps = f.read()
+    assert "_engine" in maps and "libtorch" not in maps

@@ -22,11 +22,8 @@ import bisect
 import codecs
 import hmac
 import json
-import logging
 import math
 import numbers
-import os
-import threading
 import time
 import uuid
 from collections import deque
@@ -39,8 +36,6 @@ from .generate import SEED_LIMIT, random_seed
 from .tokenizer import Encoder
 
 __all__ = ["APIError", "CompletionJob", "parse_completion", "build_app", "run_server", "PLAYGROUND"]
-
-log = logging.getLogger(__name__)
 
 PLAYGROUND = Path(__file__).with_name("playground.html")
 MAX_N = 128  # choices per prompt
@@ -329,9 +324,9 @@ class _Rows:
             handler = lambda tokens, finish, i=i: self.loop.call_soon_threadsafe(self.events.put_nowait, (i, tokens, finish))  # noqa: E731
             try:
                 self.ids.append(self.state.core.add(request, handler))
-            except RuntimeError:  # closing
+            except RuntimeError:  # closing, or the engine failed
                 self.cancel()
-                raise _draining() from None
+                raise _engine_failed(self.state.core) if self.state.core.error is not None else _draining() from None
             self.open.add(i)
         self.state.metrics.prompt_tokens += self.job.prompt_tokens
 
@@ -348,6 +343,10 @@ class _Rows:
             self.state.core.abort(self.ids[i])
             self.state.metrics.cancelled_rows += 1
         self.open.clear()
+
+
+def _engine_failed(core: EngineCore) -> APIError:
+    return APIError(500, f"the engine failed: {core.error}; see the server's log", type="server_error", code="engine_error")
 
 
 def _draining() -> APIError:
@@ -487,6 +486,8 @@ def build_app(engine: Engine, enc: Encoder, *, model_id: str, api_key: str | Non
                 rows.cancel()
         if not work.done() or work.cancelled():
             return PlainTextResponse("", status_code=499)
+        if any(t.finish == "error" for t in texts):
+            raise _engine_failed(s.core)
         s.metrics.request(200)
         return JSONResponse({
             "id": cid, "object": "text_completion", "created": created, "model": s.model_id,
