@@ -605,8 +605,11 @@ void screen_chunk(void* job_ptr, int64_t c, int /*thread*/) {
         for (int64_t i = 0; upper == spare && i < valid; ++i) j.upper[m * N + n0 + i] = spare[i];
         const float best = vhmax(lower_max);
         int64_t at = n0;  // (a row whose bounds are not finite may match no lane: its outputs are unused)
-        for (int64_t i = kPanel - 1; i >= 0; --i) {
-          if (lower[i] == best) at = n0 + i;
+        for (int64_t i = 0; i < kPanel; ++i) {
+          if (lower[i] == best) {
+            at = n0 + i;
+            break;
+          }
         }
         j.panel_lower[m * n_panels + p] = best;
         j.panel_best[m * n_panels + p] = int32_t(at);
@@ -655,9 +658,6 @@ void screen(ThreadPool& pool, const float* x, int64_t M, int64_t K, bool bf16, c
 // The logits of tokens ids[0..n) for one row x, each computed as matmul() computes it: one lane
 // per token, the same multiply-adds in the same order, on vectors that hold word j of every token
 // as a panel row does (an odd K's last bf16 pairs with a zero, as in pack()).
-#if defined(__AVX512F__)
-// 16 tokens at a time, 16 words of their stored rows at a time (masked past the row's end),
-// transposed in registers.
 template <class W>
 void exact_lanes(const typename W::T* xw, const TensorView& w, const int32_t* ids, int64_t n, float* out) {
   const bool f32 = W::kStep == 1;
@@ -667,6 +667,8 @@ void exact_lanes(const typename W::T* xw, const TensorView& w, const int32_t* id
     const uint8_t* rows[kLanes];
     for (int l = 0; l < kLanes; ++l) rows[l] = base + int64_t(ids[i0 + l < n ? i0 + l : i0]) * row_bytes;
     Vf acc = vzero();
+#if defined(__AVX512F__)
+    // 16 words of the 16 rows at a time (masked past the row's end), transposed in registers.
     for (int64_t q0 = 0; q0 < words; q0 += 16) {
       __m512i r[16];
       for (int l = 0; l < kLanes; ++l) r[l] = row_words(rows[l], q0, K, f32);
@@ -680,34 +682,19 @@ void exact_lanes(const typename W::T* xw, const TensorView& w, const int32_t* id
         }
       }
     }
-    alignas(64) float lanes[kLanes];
-    vstore(lanes, acc);
-    for (int l = 0; l < kLanes && i0 + l < n; ++l) out[i0 + l] = lanes[l];
-  }
-}
-
 #else
-// kLanes tokens at a time, a word of each gathered into a vector.
-template <class W>
-void exact_lanes(const typename W::T* xw, const TensorView& w, const int32_t* ids, int64_t n, float* out) {
-  const bool f32 = W::kStep == 1;
-  const int64_t K = w.cols, words = (K + W::kStep - 1) / W::kStep, row_bytes = K * (f32 ? 4 : 2);
-  const uint8_t* base = static_cast<const uint8_t*>(w.data);
-  for (int64_t i0 = 0; i0 < n; i0 += kLanes) {
-    const uint8_t* rows[kLanes];
-    for (int l = 0; l < kLanes; ++l) rows[l] = base + int64_t(ids[i0 + l < n ? i0 + l : i0]) * row_bytes;
-    Vf acc = vzero();
+    // A word of each row at a time, gathered into a vector.
     for (int64_t q = 0; q < words; ++q) {
       alignas(64) uint32_t column[kLanes];
       for (int l = 0; l < kLanes; ++l) column[l] = pack_word(rows[l], q, K, f32);
       acc = W::madd(acc, W::broadcast(xw + W::kStep * q), W::load(reinterpret_cast<const typename W::T*>(column)));
     }
+#endif
     alignas(64) float lanes[kLanes];
     vstore(lanes, acc);
     for (int l = 0; l < kLanes && i0 + l < n; ++l) out[i0 + l] = lanes[l];
   }
 }
-#endif
 
 void exact_logits(const float* x, const TensorView& w, const int32_t* ids, int64_t n, float* out, uint16_t* xb) {
   if (w.dtype == DType::F32) {

@@ -69,11 +69,7 @@ inline Vf vload_bf16_f32(const uint16_t* p) {
 constexpr int kQuantOffset = 128;  // vpdpbusd multiplies unsigned by signed bytes
 struct Vq { __m512i v; };
 inline Vq vload_q(const uint8_t* p) { return {_mm512_loadu_si512(p)}; }
-inline Vq vbcast_quad(const uint8_t* p) {
-  int32_t v;
-  __builtin_memcpy(&v, p, 4);
-  return {_mm512_set1_epi32(v)};
-}
+inline Vq vbcast_quad(const uint8_t* p) { return {vbcast_pair(reinterpret_cast<const uint16_t*>(p)).v}; }
 inline Vf vdot_q(Vf acc, Vq x, Vq w) { return {_mm512_castsi512_ps(_mm512_dpbusd_epi32(_mm512_castps_si512(acc.v), x.v, w.v))}; }
 // sum (q_x + 128) q_w - 128 sum q_w = sum q_x q_w, exact in int32 (and in float below 2^24).
 inline Vf vdot_q_value(Vf acc, const int32_t* sum_w) {
@@ -146,11 +142,7 @@ inline Vf vload_bf16_f32(const uint16_t* p) {
 constexpr int kQuantOffset = 0;
 struct Vq { __m256i v; };
 inline Vq vload_q(const uint8_t* p) { return {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))}; }
-inline Vq vbcast_quad(const uint8_t* p) {
-  int32_t v;
-  __builtin_memcpy(&v, p, 4);
-  return {_mm256_set1_epi32(v)};
-}
+inline Vq vbcast_quad(const uint8_t* p) { return {vbcast_pair(reinterpret_cast<const uint16_t*>(p)).v}; }
 // vpmaddubsw multiplies unsigned by signed bytes into saturating int16 pair sums: with |x| and
 // w carrying x's sign, each pair is at most 2 * 127 * 127 < 2^15 (q is within [-127, 127]), so
 // nothing saturates; vpmaddwd by ones then sums the pairs of a quad into int32.
@@ -224,11 +216,7 @@ inline Vf vload_bf16_f32(const uint16_t* p) { return {vreinterpretq_f32_u32(vshl
 constexpr int kQuantOffset = 0;  // sdot multiplies signed by signed bytes
 struct Vq { int8x16_t v; };
 inline Vq vload_q(const uint8_t* p) { return {vreinterpretq_s8_u8(vld1q_u8(p))}; }
-inline Vq vbcast_quad(const uint8_t* p) {
-  uint32_t v;
-  __builtin_memcpy(&v, p, 4);
-  return {vreinterpretq_s8_u32(vdupq_n_u32(v))};
-}
+inline Vq vbcast_quad(const uint8_t* p) { return {vreinterpretq_s8_u32(vbcast_pair(reinterpret_cast<const uint16_t*>(p)).v)}; }
 inline Vf vdot_q(Vf acc, Vq x, Vq w) { return {vreinterpretq_f32_s32(vdotq_s32(vreinterpretq_s32_f32(acc.v), x.v, w.v))}; }
 inline Vf vdot_q_value(Vf acc, const int32_t*) { return {vcvtq_f32_s32(vreinterpretq_s32_f32(acc.v))}; }
 #endif
