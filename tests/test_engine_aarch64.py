@@ -1,6 +1,7 @@
 """The engine built for AArch64 (its NEON kernels, and the portable ones) run by an arm64 Python under
 qemu-aarch64, against PyTorch on this host: the same logits checks as test_engine.py, the engine in
-the emulated process, the reference here (PyTorch has no Debian arm64 package to run under qemu).
+the emulated process, the reference here (PyTorch has no Debian arm64 package to run under qemu);
+and test_engine_screen.py's checks of the screened head on NEON's sdot (the neondot table).
 
 Runs where GPT2S_AARCH64_PYTHON holds the arm64 Python's command line, e.g.
 "qemu-aarch64 -L <root> <root>/usr/bin/python3.11", and the cross build put
@@ -32,6 +33,8 @@ def _arm64_module():
     # Asked for (GPT2S_AARCH64_PYTHON set) but not built: a failure, never a silent skip in CI.
     assert list(SOURCES.glob("gpt_2_simple/_engine.*aarch64*.so")), (
         f"no AArch64 build of _engine in {SOURCES / 'gpt_2_simple'}: build it with cmake/aarch64-linux-gnu.cmake (docs/engine.md)")
+
+
 # How _run_in_subprocess (test_engine.py) starts the arm64 engine: only the sources and the arm64
 # module on its path, never this interpreter's x86 site-packages.
 ARM = dict(python=tuple(shlex.split(PYTHON)), pythonpath=str(SOURCES))
