@@ -421,7 +421,7 @@ void bind_cpu_sampler(py::module_& m) {
       [](const py::array& w, const py::array_t<float, py::array::c_style | py::array::forcecast>& x) {
         // The screened head's parts on a matrix of one's own (docs/engine.md), for tests.
         const gpt2s::Kernels& k = gpt2s::best_kernels();
-        if (k.screen == nullptr) throw py::value_error("this CPU's kernels have no screen (AVX512-VNNI and -BF16)");
+        if (k.screen == nullptr) throw py::value_error("this CPU's kernels have no screen (it needs an int8 dot product: AVX512-VNNI with -BF16, AVX2, or NEON's sdot)");
         const bool bf16 = py::dtype::of<uint16_t>().is(w.dtype());
         if ((!bf16 && !py::dtype::of<float>().is(w.dtype())) || w.ndim() != 2 || !(w.flags() & py::array::c_style) ||
             x.ndim() != 2 || x.shape(1) != w.shape(1)) {

@@ -14,8 +14,10 @@ from gpt_2_simple.engine import Engine, Request
 from gpt_2_simple.export import export
 from reference import TINY, random_gpt2
 
-pytestmark = pytest.mark.skipif(_engine.cpu_features()["kernels"] != "avx512bf16",
-                                reason="the screen needs AVX512-VNNI and AVX512-BF16")
+# The kernel tables with an int8 dot product (csrc/engine/simd.h, GPT2S_INT8_DOT).
+SCREENED = {"avx512bf16", "avx2", "neondot"}
+pytestmark = pytest.mark.skipif(_engine.cpu_features()["kernels"] not in SCREENED,
+                                reason="the screen needs an int8 dot product: AVX512-VNNI with -BF16, AVX2, or NEON with sdot")
 
 # Greedy, top-k 1 / 40 / 128 (the largest screened), with top-p, a tiny temperature (the sampler's
 # argmax fallback), and a k the 50257-token head has too few panels for (not screened).
@@ -136,8 +138,16 @@ def _bf16_values(a):
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(torch.bfloat16).float().numpy()
 
 
-@pytest.mark.parametrize("dtype,K", [("fp32", 100), ("bf16", 77), ("bf16", 64)])
+BOUND_CASES = [("fp32", 100), ("bf16", 77), ("bf16", 64)]
+
+
+@pytest.mark.parametrize("dtype,K", BOUND_CASES)
 def test_bounds_hold_where_cauchy_schwarz_is_tight(dtype, K):
+    check_bounds(_engine.screen_probe, dtype, K)
+
+
+def check_bounds(probe, dtype, K):
+    """probe(w, x): _engine.screen_probe here, or in another process (test_engine_aarch64.py)."""
     # Rows x along a token's quantization error d_v = w_v - s_v q_v make the screen's main error
     # term nearly exact (x . d_v ~ ||x|| ||d_v||): its bound must still hold, from above for w and,
     # through -w, from below. exact_logits must be the matmul's logits bit for bit, over odd widths.
@@ -157,7 +167,7 @@ def test_bounds_hold_where_cauchy_schwarz_is_tight(dtype, K):
         x = _bf16_values(x)
     for sign in (1.0, -1.0):
         ws = (sign * w).astype(np.float32)
-        out = _engine.screen_probe(_bf16_bits(ws) if dtype == "bf16" else ws, x)
+        out = probe(_bf16_bits(ws) if dtype == "bf16" else ws, x)
         assert out["ok"] and all(out["row_ok"])
         exact, full, upper = out["exact"], out["full"], out["upper"]
         assert np.array_equal(exact.view(np.uint32), full.view(np.uint32))
@@ -173,4 +183,4 @@ def test_bounds_hold_where_cauchy_schwarz_is_tight(dtype, K):
             assert ((tokens // P == panel_of) & (tokens < V)).all()
             assert (np.take_along_axis(exact, tokens, 1) >= out["panel_lower"]).all()
     # A row the bound cannot cover (an infinite input) is flagged, not screened.
-    assert _engine.screen_probe(w if dtype == "fp32" else _bf16_bits(w), np.full((1, K), np.inf, np.float32))["row_ok"] == [False]
+    assert list(probe(w if dtype == "fp32" else _bf16_bits(w), np.full((1, K), np.inf, np.float32))["row_ok"]) == [False]

@@ -33,8 +33,10 @@ def test_cpu_features_and_isa_cap():
     assert features["isa"] in {"avx512", "avx2", "neon", "scalar"}
     if features["isa"] == "avx512":
         assert features["avx512f"] and features["avx2"]
-    # The kernel table: the family, with native BF16 dot products where the CPU has them.
-    assert features["kernels"] == features["isa"] + ("bf16" if features["isa"] == "avx512" and features["avx512bf16"] else "")
+    # The kernel table: the family, with native BF16 dot products (x86) or the int8 dot product
+    # (AArch64) where the CPU has them.
+    extra = {"avx512": "avx512bf16" if features["avx512bf16"] else "avx512", "neon": "neondot" if features["asimddp"] else "neon"}
+    assert features["kernels"] == extra.get(features["isa"], features["isa"])
     capped = json.loads(_python("import json; from gpt_2_simple import _engine; print(json.dumps(_engine.cpu_features()))", {"GPT2S_ISA": "scalar"}))
     assert capped["isa"] == capped["kernels"] == "scalar" and not capped["avx2"] and not capped["avx512f"]
     assert _engine.max_threads() >= 1

@@ -35,6 +35,9 @@ CpuFeatures detect() {
   // Lower the reported level on request (tests of the fallback paths, or a misbehaving CPU).
   const char* cap = std::getenv("GPT2S_ISA");
   if (cap != nullptr) {
+    if (std::strcmp(cap, "neon") == 0) {
+      f.asimddp = f.bf16 = false;  // "neon": Advanced SIMD alone (no sdot, so no screened head)
+    }
     if (std::strcmp(cap, "avx512") == 0 || std::strcmp(cap, "avx2") == 0 || std::strcmp(cap, "scalar") == 0) {
       f.avx512bf16 = f.avx512vnni = false;  // "avx512": AVX-512 without BF16 (the emulated bf16 dot-product path)
     }

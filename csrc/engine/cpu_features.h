@@ -26,7 +26,7 @@ struct CpuFeatures {
 // Detected once (thread-safe static); the environment variable GPT2S_ISA=scalar|avx2|avx512
 // (x86) or scalar|neon (AArch64) caps what is reported, so every kernel path can be tested on one
 // machine (any cap turns off AVX512-BF16: "avx512" selects AVX-512 with emulated bf16 dot
-// products).
+// products; "neon" turns off the dot product and BF16 extensions).
 const CpuFeatures& cpu_features();
 
 // The best kernel family usable here: "avx512", "avx2", "neon" or "scalar" (after the GPT2S_ISA

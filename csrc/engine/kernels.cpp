@@ -16,6 +16,7 @@ namespace avx512bf16 { extern const Kernels table; }
 #endif
 #if defined(GPT2S_ARM_KERNELS)
 namespace neon { extern const Kernels table; }
+namespace neondot { extern const Kernels table; }
 #endif
 
 ScreenMatrix screen_matrix(void* panels, float* arrays, int64_t N, int64_t K, int64_t panel) {
@@ -27,12 +28,13 @@ ScreenMatrix screen_matrix(void* panels, float* arrays, int64_t N, int64_t K, in
 const Kernels& best_kernels() {
   const std::string isa = best_isa();
 #if defined(GPT2S_X86_KERNELS)
-  // Every CPU with AVX512-BF16 so far also has AVX512-VNNI (the screened head's int8 products).
+  // Every CPU with AVX512-BF16 so far also has AVX512-VNNI (the screened head's int8 products;
+  // AVX2 and NEON with sdot have theirs too: simd.h, GPT2S_INT8_DOT).
   if (isa == "avx512") return cpu_features().avx512bf16 && cpu_features().avx512vnni ? avx512bf16::table : avx512::table;
   if (isa == "avx2") return avx2::table;
 #endif
 #if defined(GPT2S_ARM_KERNELS)
-  if (isa == "neon") return neon::table;
+  if (isa == "neon") return cpu_features().asimddp ? neondot::table : neon::table;
 #endif
   return scalar::table;
 }

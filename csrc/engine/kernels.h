@@ -48,7 +48,7 @@ struct ScreenMatrix {
 ScreenMatrix screen_matrix(void* panels, float* arrays, int64_t N, int64_t K, int64_t panel);
 
 struct Kernels {
-  const char* isa;  // "avx512bf16", "avx512", "avx2", "neon" or "scalar"
+  const char* isa;  // "avx512bf16", "avx512", "avx2", "neondot", "neon" or "scalar"
 
   // Outputs per packed panel: packing rows [r, r + n) of a matrix, r a multiple of this, writes
   // the bytes at packed_bytes(r, K, dtype) of the whole matrix's packed form.
@@ -64,7 +64,8 @@ struct Kernels {
   void (*matmul)(ThreadPool& pool, const float* x, int64_t M, int64_t K, const PackedMatrix& w, const float* bias,
                  float* y, Epilogue epilogue, uint16_t* xb);
 
-  // The screened head, or four nulls where the ISA lacks it (AVX512-VNNI and -BF16 only).
+  // The screened head, or four nulls where the ISA lacks an int8 dot product (simd.h,
+  // GPT2S_INT8_DOT: AVX512-VNNI with -BF16, AVX2, NEON with sdot).
   // screen_bytes: bytes of a ScreenMatrix's panels. pack_screen: fills s's panels, arrays and
   // max_norm from the stored (N, K) matrix w; false if w has a weight or a norm that is not
   // finite (no screen).
@@ -108,7 +109,7 @@ struct Kernels {
 
 // The table for the best ISA this CPU allows, after the GPT2S_ISA cap (cpu_features.h): AVX-512
 // with native BF16 dot products where present, else AVX-512, AVX2 + FMA; AArch64 Advanced SIMD
-// (NEON); or portable C++.
+// (NEON) with its int8 dot product where present, else without; or portable C++.
 const Kernels& best_kernels();
 
 }  // namespace gpt2s

@@ -377,7 +377,8 @@ void matmul(ThreadPool& pool, const float* x, int64_t M, int64_t K, const Packed
 // only its k best tokens needs only their exact logits: an int8 copy of wte gives every logit
 // within a proven error bound at a quarter of the fp32 bytes, and the logits whose upper bound
 // can reach the k-th best lower bound are then computed exactly, lane for lane as the matmul.
-// Only the AVX512-VNNI build has it (vpdpbusd: 64 int8 products per instruction).
+// The builds with an int8 dot product have it (simd.h, GPT2S_INT8_DOT): AVX512-VNNI with -BF16
+// (vpdpbusd), AVX2 (vpmaddubsw + vpmaddwd) and AArch64 with the dot product extension (sdot).
 
 // The smallest float >= d.
 inline float round_up(double d) {
@@ -388,21 +389,18 @@ inline float round_up(double d) {
 
 inline int64_t quads(int64_t K) { return (K + 3) / 4; }
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BF16__)
+#if defined(GPT2S_INT8_DOT)
 
-// x rows: u8 values q + 128 (stride a multiple of 4, 128 past K); panel: (quads(K), kPanel, 4)
-// s8 weights. Lane i gains four u8 x s8 products, exactly, in int32 (held in a float vector's bits).
+// x rows: bytes q + kQuantOffset (stride a multiple of 4, kQuantOffset past K); panel:
+// (quads(K), kPanel, 4) s8 weights. Lane i gains four products, exactly, in int32 (held in a
+// float vector's bits; simd.h, vdot_q).
 struct WeightsI8 {
   using T = uint8_t;
-  using Vx = __m512i;
+  using Vx = Vq;
   static constexpr int kStep = 4;
-  static __m512i broadcast(const uint8_t* x) {
-    int32_t v;
-    __builtin_memcpy(&v, x, 4);
-    return _mm512_set1_epi32(v);
-  }
-  static __m512i load(const uint8_t* w) { return _mm512_loadu_si512(w); }
-  static Vf madd(Vf acc, __m512i x, __m512i w) { return {_mm512_castsi512_ps(_mm512_dpbusd_epi32(_mm512_castps_si512(acc.v), x, w))}; }
+  static Vq broadcast(const uint8_t* x) { return vbcast_quad(x); }
+  static Vq load(const uint8_t* w) { return vload_q(w); }
+  static Vf madd(Vf acc, Vq x, Vq w) { return vdot_q(acc, x, w); }
 };
 
 int64_t screen_bytes(int64_t N, int64_t K) { return (N + kPanel - 1) / kPanel * quads(K) * kPanel * 4; }
@@ -413,17 +411,24 @@ struct ScreenPackJob {
   int bad;  // set when a weight or a norm is not finite
 };
 
-// 16 weights of a stored fp32 or bf16 row from k, widened; zeros past K.
-inline __m512 row_floats(const void* row, bool f32, int64_t k, int64_t K) {
+// kLanes weights of a stored fp32 or bf16 row from k, widened; zeros past K.
+#if defined(__AVX512F__)
+inline Vf row_floats(const void* row, bool f32, int64_t k, int64_t K) {
   const __mmask16 m = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K > k ? K - k : 0)) - 1);
-  if (f32) return _mm512_maskz_loadu_ps(m, static_cast<const float*>(row) + k);
+  if (f32) return {_mm512_maskz_loadu_ps(m, static_cast<const float*>(row) + k)};
   const __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(row) + k);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))};
 }
-
-// Lanes 0-7 and 8-15 of x in double (exact).
-inline __m512d widen_low(__m512 x) { return _mm512_cvtps_pd(_mm512_castps512_ps256(x)); }
-inline __m512d widen_high(__m512 x) { return _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1))); }
+#else
+inline Vf row_floats(const void* row, bool f32, int64_t k, int64_t K) {
+  if (k + kLanes <= K) return f32 ? vload(static_cast<const float*>(row) + k) : vload_bf16_f32(static_cast<const uint16_t*>(row) + k);
+  float tail[kLanes];
+  for (int64_t i = 0; i < kLanes; ++i) {
+    tail[i] = k + i >= K ? 0.0f : f32 ? static_cast<const float*>(row)[k + i] : bf16_to_f32(static_cast<const uint16_t*>(row)[k + i]);
+  }
+  return vload(tail);
+}
+#endif
 
 struct Quantized {
   float scale;  // s
@@ -433,17 +438,22 @@ struct Quantized {
   bool finite;  // every v finite
 };
 
+#if defined(__AVX512F__)
+// Lanes 0-7 and 8-15 of x in double (exact).
+inline __m512d widen_low(__m512 x) { return _mm512_cvtps_pd(_mm512_castps512_ps256(x)); }
+inline __m512d widen_high(__m512 x) { return _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1))); }
+
 // The int8 quantization of one row, the same for wte's rows and for the activations: s = max |v|
 // / 127 (1 for a zero row), q = round(v / s) clamped to [-127, 127] (any q is sound: the bound
-// uses the error of the q stored), written as bytes (q, or q + 128 with `offset`) in quads of four
-// inputs at out + j * quad_stride; the sums of squares in double lanes. load(k): v[k, k + 16),
-// zeros past K.
+// uses the error of the q stored), written as bytes (q, or q + kQuantOffset with `offset`) in
+// quads of four inputs at out + j * quad_stride; the sums of squares in double lanes. load(k):
+// v[k, k + kLanes), zeros past K.
 template <class Load>
 Quantized quantize_row(Load load, int64_t K, uint8_t* out, int64_t quad_stride, bool offset) {
   __m512 amax = _mm512_setzero_ps();
   __mmask16 bad = 0;
   for (int64_t k = 0; k < K; k += 16) {
-    const __m512 a = _mm512_abs_ps(load(k));
+    const __m512 a = _mm512_abs_ps(load(k).v);
     bad |= _mm512_cmp_ps_mask(a, _mm512_set1_ps(3.0e38f), _CMP_NLE_UQ);  // inf and NaN
     amax = _mm512_max_ps(amax, a);
   }
@@ -455,7 +465,7 @@ Quantized quantize_row(Load load, int64_t K, uint8_t* out, int64_t quad_stride, 
   __m512i q_sum = _mm512_setzero_si512();
   const int64_t Q = quads(K);
   for (int64_t k = 0; k < Q * 4; k += 16) {
-    const __m512 v = load(k);
+    const __m512 v = load(k).v;
     __m512 q = _mm512_roundscale_ps(_mm512_div_ps(v, s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     q = _mm512_min_ps(_mm512_max_ps(q, _mm512_set1_ps(-127.0f)), _mm512_set1_ps(127.0f));
     const __m512d vd[2] = {widen_low(v), widen_high(v)}, qd[2] = {widen_low(q), widen_high(q)};
@@ -476,6 +486,43 @@ Quantized quantize_row(Load load, int64_t K, uint8_t* out, int64_t quad_stride, 
   return {scale, _mm512_reduce_add_epi32(q_sum), __builtin_sqrt(_mm512_reduce_add_pd(e)),
           __builtin_sqrt(_mm512_reduce_add_pd(n)), bad == 0};
 }
+#else
+// quantize_row as above, a vector of kLanes values at a time, each value's arithmetic in scalar
+// (double for the sums of squares, as above).
+template <class Load>
+Quantized quantize_row(Load load, int64_t K, uint8_t* out, int64_t quad_stride, bool offset) {
+  float top = 0.0f;
+  bool finite = true;
+  for (int64_t k = 0; k < K; k += kLanes) {
+    float v[kLanes];
+    vstore(v, load(k));
+    for (int i = 0; i < kLanes; ++i) {
+      const float a = __builtin_fabsf(v[i]);
+      finite = finite && a <= 3.0e38f;  // inf and NaN fail
+      top = a > top ? a : top;
+    }
+  }
+  if (!finite) return {1.0f, 0, 0.0, 0.0, false};
+  const float scale = top > 0.0f ? float(double(top) / 127.0) : 1.0f;
+  const int64_t Q = quads(K);
+  double e = 0.0, n = 0.0;
+  int32_t q_sum = 0;
+  for (int64_t k = 0; k < Q * 4; k += kLanes) {
+    float v[kLanes];
+    vstore(v, load(k));
+    for (int64_t i = 0; i < kLanes && k + i < Q * 4; ++i) {
+      float q = __builtin_nearbyintf(v[i] / scale);  // nearest, ties to even (the default rounding)
+      q = q < -127.0f ? -127.0f : q > 127.0f ? 127.0f : q;
+      const double d = double(v[i]) - double(scale) * double(q);  // s q exact in double
+      e += d * d;
+      n += double(v[i]) * double(v[i]);
+      q_sum += int32_t(q);
+      out[(k + i) / 4 * quad_stride + (k + i) % 4] = uint8_t(int32_t(q) + (offset ? kQuantOffset : 0));
+    }
+  }
+  return {scale, q_sum, __builtin_sqrt(e), __builtin_sqrt(n), finite};
+}
+#endif
 
 bool pack_screen(ThreadPool& pool, const TensorView& w, ScreenMatrix& out) {
   ScreenPackJob job{&w, &out, 0};
@@ -541,28 +588,28 @@ void screen_chunk(void* job_ptr, int64_t c, int /*thread*/) {
         const Vf sh = vset1(t[0]), A = vset1(t[1]), B = vset1(t[2]), G = vset1(t[3]), T = vset1(t[4]);
         float spare[kPanel];  // the last panel's upper bounds, of which `valid` are kept
         float* upper = valid == kPanel ? j.upper + m * N + n0 : spare;
-        const Vf none = vset1(-__builtin_inff());
-        Vf lower[kPanelVecs], lower_max = none;
+        float lower[kPanel];  // each output's lower bound; -inf past N
+        Vf lower_max = vset1(-__builtin_inff());
 #pragma GCC unroll 8
         for (int v = 0; v < kPanelVecs; ++v) {
           const int64_t n = n0 + v * kLanes;
-          // sum (q_x + 128) q_w - 128 sum q_w = sum q_x q_w, exact in int32 and in float (< 2^24).
-          const __m512i dot = _mm512_sub_epi32(_mm512_castps_si512(_mm512_load_ps(acc + (m - m0) * kPanel + v * kLanes)),
-                                               _mm512_slli_epi32(_mm512_loadu_si512(j.s->sum + n), 7));
-          const Vf a = vmul(Vf{_mm512_cvtepi32_ps(dot)}, vmul(sh, vload(j.s->scale + n)));
+          const Vf a = vmul(vdot_q_value(vload(acc + (m - m0) * kPanel + v * kLanes), j.s->sum + n), vmul(sh, vload(j.s->scale + n)));
           const Vf err = vload(j.s->err + n), norm = vload(j.s->norm + n);
           const Vf e = vfma(A, err, vfma(B, vadd(norm, err), vfma(G, norm, T)));
           vstore(upper + v * kLanes, vadd(a, e));
-          const __mmask16 real = n + kLanes <= N ? __mmask16(0xFFFF) : __mmask16((1u << (N > n ? N - n : 0)) - 1);
-          lower[v] = Vf{_mm512_mask_mov_ps(none.v, real, vsub(a, e).v)};
-          lower_max = vmax(lower_max, lower[v]);
+          vstore(lower + v * kLanes, vsub(a, e));
         }
+        for (int64_t i = valid; i < kPanel; ++i) lower[i] = -__builtin_inff();
+#pragma GCC unroll 8
+        for (int v = 0; v < kPanelVecs; ++v) lower_max = vmax(lower_max, vload(lower + v * kLanes));
         for (int64_t i = 0; upper == spare && i < valid; ++i) j.upper[m * N + n0 + i] = spare[i];
         const float best = vhmax(lower_max);
         int64_t at = n0;  // (a row whose bounds are not finite may match no lane: its outputs are unused)
-        for (int v = kPanelVecs - 1; v >= 0; --v) {
-          const __mmask16 hit = _mm512_cmp_ps_mask(lower[v].v, vset1(best).v, _CMP_EQ_OQ);
-          if (hit != 0) at = n0 + v * kLanes + __builtin_ctz(hit);
+        for (int64_t i = 0; i < kPanel; ++i) {
+          if (lower[i] == best) {
+            at = n0 + i;
+            break;
+          }
         }
         j.panel_lower[m * n_panels + p] = best;
         j.panel_best[m * n_panels + p] = int32_t(at);
@@ -580,11 +627,11 @@ void screen_chunk(void* job_ptr, int64_t c, int /*thread*/) {
 // Returns false for a row whose bound is not finite (the caller computes that row in full).
 bool screen_terms(const float* x, int64_t K, bool bf16, float max_norm, uint8_t* xq, float* t) {
   const Quantized q = quantize_row([&](int64_t k) {  // h as the matmul multiplies it
-    const __m512 v = row_floats(x, true, k, K);
+    const Vf v = row_floats(x, true, k, K);
     if (!bf16) return v;
-    alignas(32) uint16_t rounded[16];
-    vstore_bf16(rounded, Vf{v});  // as round_bf16 rounds the matmul's input
-    return vload_bf16_f32(rounded).v;
+    alignas(64) uint16_t rounded[kLanes];
+    vstore_bf16(rounded, v);  // as round_bf16 rounds the matmul's input
+    return vload_bf16_f32(rounded);
   }, K, xq, 4, true);
   if (!q.finite) return false;
   const double hn = q.norm, dn = q.err;
@@ -609,9 +656,8 @@ void screen(ThreadPool& pool, const float* x, int64_t M, int64_t K, bool bf16, c
 }
 
 // The logits of tokens ids[0..n) for one row x, each computed as matmul() computes it: one lane
-// per token, the same multiply-adds in the same order. 16 tokens at a time, 16 words of their
-// stored rows at a time (masked past the row's end: an odd K's last bf16 pairs with a zero, as in
-// pack()), transposed so that vector j holds word j of every token, as a panel row does.
+// per token, the same multiply-adds in the same order, on vectors that hold word j of every token
+// as a panel row does (an odd K's last bf16 pairs with a zero, as in pack()).
 template <class W>
 void exact_lanes(const typename W::T* xw, const TensorView& w, const int32_t* ids, int64_t n, float* out) {
   const bool f32 = W::kStep == 1;
@@ -621,6 +667,8 @@ void exact_lanes(const typename W::T* xw, const TensorView& w, const int32_t* id
     const uint8_t* rows[kLanes];
     for (int l = 0; l < kLanes; ++l) rows[l] = base + int64_t(ids[i0 + l < n ? i0 + l : i0]) * row_bytes;
     Vf acc = vzero();
+#if defined(__AVX512F__)
+    // 16 words of the 16 rows at a time (masked past the row's end), transposed in registers.
     for (int64_t q0 = 0; q0 < words; q0 += 16) {
       __m512i r[16];
       for (int l = 0; l < kLanes; ++l) r[l] = row_words(rows[l], q0, K, f32);
@@ -634,6 +682,14 @@ void exact_lanes(const typename W::T* xw, const TensorView& w, const int32_t* id
         }
       }
     }
+#else
+    // A word of each row at a time, gathered into a vector.
+    for (int64_t q = 0; q < words; ++q) {
+      alignas(64) uint32_t column[kLanes];
+      for (int l = 0; l < kLanes; ++l) column[l] = pack_word(rows[l], q, K, f32);
+      acc = W::madd(acc, W::broadcast(xw + W::kStep * q), W::load(reinterpret_cast<const typename W::T*>(column)));
+    }
+#endif
     alignas(64) float lanes[kLanes];
     vstore(lanes, acc);
     for (int l = 0; l < kLanes && i0 + l < n; ++l) out[i0 + l] = lanes[l];

@@ -8,7 +8,7 @@
 #include "engine/kernels.h"
 
 #ifndef GPT2S_ISA
-#error "compile with -DGPT2S_ISA=<scalar|avx2|avx512|avx512bf16|neon>"
+#error "compile with -DGPT2S_ISA=<scalar|avx2|avx512|avx512bf16|neon|neondot>"
 #endif
 #define GPT2S_STR2(x) #x
 #define GPT2S_STR(x) GPT2S_STR2(x)

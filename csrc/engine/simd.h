@@ -8,6 +8,13 @@
 // step: lane i gains x.pair[i] . w.pair[i], odd element first). bf16 conversions
 // round to nearest even exactly like kernels_impl.h's scalar f32_to_bf16, lane for lane, so a value
 // converts the same whether it falls in a vector or in a tail.
+//
+// Where the ISA has an int8 dot product (GPT2S_INT8_DOT: the screened head, kernels_impl.h), Vq
+// is 4 * kLanes int8 values, a quad per 32-bit lane: vdot_q(acc, x, w) adds to each lane (an int32
+// held in a Vf's bits) the four products x.quad[i] . w.quad[i], exactly. w is signed; x is signed,
+// or unsigned q + kQuantOffset where the instruction wants it (AVX512-VNNI's vpdpbusd);
+// vdot_q_value(acc, sum_w) is then the exact sum of x q . w q as floats (sum_w: each output's
+// sum of its w q, which the offset multiplies).
 
 #if defined(__AVX512F__)
 
@@ -57,6 +64,18 @@ inline Vf vdot_bf16(Vf acc, Vb x, Vb w) {
 inline Vf vload_bf16_f32(const uint16_t* p) {
   return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16))};
 }
+#if defined(__AVX512VNNI__) && defined(__AVX512BF16__)
+#define GPT2S_INT8_DOT 1
+constexpr int kQuantOffset = 128;  // vpdpbusd multiplies unsigned by signed bytes
+struct Vq { __m512i v; };
+inline Vq vload_q(const uint8_t* p) { return {_mm512_loadu_si512(p)}; }
+inline Vq vbcast_quad(const uint8_t* p) { return {vbcast_pair(reinterpret_cast<const uint16_t*>(p)).v}; }
+inline Vf vdot_q(Vf acc, Vq x, Vq w) { return {_mm512_castsi512_ps(_mm512_dpbusd_epi32(_mm512_castps_si512(acc.v), x.v, w.v))}; }
+// sum (q_x + 128) q_w - 128 sum q_w = sum q_x q_w, exact in int32 (and in float below 2^24).
+inline Vf vdot_q_value(Vf acc, const int32_t* sum_w) {
+  return {_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_castps_si512(acc.v), _mm512_slli_epi32(_mm512_loadu_si512(sum_w), 7)))};
+}
+#endif
 // kLanes floats rounded to bf16, nearest even, NaN kept quiet: bit for bit the scalar f32_to_bf16
 // of kernels_impl.h (not vcvtneps2bf16, which flushes denormals).
 inline void vstore_bf16(uint16_t* p, Vf a) {
@@ -118,6 +137,21 @@ inline Vf vdot_bf16(Vf acc, Vb x, Vb w) {
 inline Vf vload_bf16_f32(const uint16_t* p) {
   return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16))};
 }
+
+#define GPT2S_INT8_DOT 1
+constexpr int kQuantOffset = 0;
+struct Vq { __m256i v; };
+inline Vq vload_q(const uint8_t* p) { return {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))}; }
+inline Vq vbcast_quad(const uint8_t* p) { return {vbcast_pair(reinterpret_cast<const uint16_t*>(p)).v}; }
+// vpmaddubsw multiplies unsigned by signed bytes into saturating int16 pair sums: with |x| and
+// w carrying x's sign, each pair is at most 2 * 127 * 127 < 2^15 (q is within [-127, 127]), so
+// nothing saturates; vpmaddwd by ones then sums the pairs of a quad into int32.
+inline Vf vdot_q(Vf acc, Vq x, Vq w) {
+  const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(x.v, x.v), _mm256_sign_epi8(w.v, x.v));
+  const __m256i quads = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+  return {_mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(acc.v), quads))};
+}
+inline Vf vdot_q_value(Vf acc, const int32_t*) { return {_mm256_cvtepi32_ps(_mm256_castps_si256(acc.v))}; }
 inline void vstore_bf16(uint16_t* p, Vf a) {
   const __m256i bits = _mm256_castps_si256(a.v);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
@@ -176,6 +210,16 @@ inline Vf vdot_bf16(Vf acc, Vb x, Vb w) {
   return {vfmaq_f32(acc.v, vreinterpretq_f32_u32(vshlq_n_u32(x.v, 16)), vreinterpretq_f32_u32(vshlq_n_u32(w.v, 16)))};
 }
 inline Vf vload_bf16_f32(const uint16_t* p) { return {vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16))}; }
+
+#if defined(__ARM_FEATURE_DOTPROD)
+#define GPT2S_INT8_DOT 1
+constexpr int kQuantOffset = 0;  // sdot multiplies signed by signed bytes
+struct Vq { int8x16_t v; };
+inline Vq vload_q(const uint8_t* p) { return {vreinterpretq_s8_u8(vld1q_u8(p))}; }
+inline Vq vbcast_quad(const uint8_t* p) { return {vreinterpretq_s8_u32(vbcast_pair(reinterpret_cast<const uint16_t*>(p)).v)}; }
+inline Vf vdot_q(Vf acc, Vq x, Vq w) { return {vreinterpretq_f32_s32(vdotq_s32(vreinterpretq_s32_f32(acc.v), x.v, w.v))}; }
+inline Vf vdot_q_value(Vf acc, const int32_t*) { return {vcvtq_f32_s32(vreinterpretq_s32_f32(acc.v))}; }
+#endif
 inline void vstore_bf16(uint16_t* p, Vf a) {
   const uint32x4_t bits = vreinterpretq_u32_f32(a.v);
   const uint32x4_t lsb = vandq_u32(vshrq_n_u32(bits, 16), vdupq_n_u32(1));
