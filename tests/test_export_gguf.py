@@ -232,9 +232,10 @@ def test_llama_cpp_generates_what_our_engine_generates(model, files, tmp_path, d
             theirs = np.array(llm.scores[len(prompt) - 1 : llm.n_tokens], dtype=np.float32)
             want = np.stack(our_logits[i])
             spread = want.std()
-            # f16 keeps 11 bits of each weight, q8_0 about 8: errors stay a small fraction of the logits' spread.
-            assert np.abs(theirs - want).max() < (0.02 if dtype == "f16" else 0.1) * spread * 10
-            assert np.corrcoef(theirs.ravel(), want.ravel())[0, 1] > (0.9999 if dtype == "f16" else 0.999)
+            # f16 keeps 11 bits of each weight, q8_0 about 8 (measured here: 0.2% and 5% of the spread;
+            # a wrong tensor or layout gives errors of the order of the spread itself).
+            assert np.abs(theirs - want).max() < (0.01 if dtype == "f16" else 0.15) * spread
+            assert np.corrcoef(theirs.ravel(), want.ravel())[0, 1] > (0.99999 if dtype == "f16" else 0.9995)
 
 
 def test_llama_cpp_tokenizes_like_our_encoder(files, shakespeare_text):

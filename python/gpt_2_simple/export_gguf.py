@@ -18,9 +18,7 @@ Tensor types follow llama.cpp's own converter (``convert_hf_to_gguf.py``): biase
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -29,7 +27,7 @@ import numpy as np
 from . import __version__
 from .config import GPT2Config
 from .export import _check_finite, _check_state, _load_source, _tokenizer_files
-from .fileio import fsync_dir
+from .fileio import atomic_write
 from .tokenizer import BUNDLED_DIR, END_OF_TEXT, bytes_to_unicode, get_encoder
 from .weights import expected_shapes
 
@@ -163,48 +161,39 @@ def export_gguf(source: Any, out_path: str | os.PathLike, dtype: str = "f32", *,
     layout = list(_tensors(cfg, dtype, gguf))
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
 
+    writer = gguf.GGUFWriter(None, "gpt2")
+    writer.add_name(name)
+    writer.add_string("general.generator", f"gpt_2_simple {__version__}")
+    writer.add_file_type(int(file_type))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_context_length(cfg.n_ctx)
+    writer.add_embedding_length(cfg.n_embd)
+    writer.add_feed_forward_length(4 * cfg.n_embd)
+    writer.add_block_count(cfg.n_layer)
+    writer.add_head_count(cfg.n_head)
+    writer.add_layer_norm_eps(1e-5)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    if eot is not None:
+        writer.add_bos_token_id(eot)
+        writer.add_eos_token_id(eot)
+    writer.add_add_bos_token(False)  # GPT-2 never saw a BOS token in front of its text
+    writer.add_add_eos_token(False)
+    for _, target, stored, qtype in layout:
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        writer.add_tensor_info(target, stored, np.dtype(np.float32), int(np.prod(stored)) // block * size, raw_dtype=qtype)
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    os.close(fd)
-    try:
-        writer = gguf.GGUFWriter(tmp, "gpt2")
-        writer.add_name(name)
-        writer.add_string("general.generator", f"gpt_2_simple {__version__}")
-        writer.add_file_type(int(file_type))
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        writer.add_context_length(cfg.n_ctx)
-        writer.add_embedding_length(cfg.n_embd)
-        writer.add_feed_forward_length(4 * cfg.n_embd)
-        writer.add_block_count(cfg.n_layer)
-        writer.add_head_count(cfg.n_head)
-        writer.add_layer_norm_eps(1e-5)
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre("gpt-2")
-        writer.add_token_list(tokens)
-        writer.add_token_types(types)
-        writer.add_token_merges(merges)
-        if eot is not None:
-            writer.add_bos_token_id(eot)
-            writer.add_eos_token_id(eot)
-        writer.add_add_bos_token(False)  # GPT-2 never saw a BOS token in front of its text
-        writer.add_add_eos_token(False)
-        for _, target, stored, qtype in layout:
-            block, size = gguf.GGML_QUANT_SIZES[qtype]
-            nbytes = int(np.prod(stored)) // block * size
-            writer.add_tensor_info(target, stored, np.dtype(np.float32), nbytes, raw_dtype=qtype)
+    with atomic_write(out_path) as f:
+        # The writer writes into our temporary file (its own would open the final path directly);
+        # tensors are converted one at a time as they are written.
+        writer.fout, writer.state = [f], gguf.WriterState.EMPTY
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for ours, _, _, qtype in layout:
             writer.write_tensor_data(_convert(ours, state[ours], qtype, gguf))
-        writer.close()
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out_path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(out_path.parent)
+        writer.fout = None  # atomic_write flushes, syncs, closes and renames it
     return out_path

@@ -117,7 +117,10 @@ class Encoder:
                     import tiktoken
                 except ImportError:
                     return None
-                encoder, merges = _gpt2_vocabulary()
+                try:
+                    encoder, merges = _gpt2_vocabulary()
+                except TokenizerFileError:  # damaged bundled files: nothing to compare with, stay exact
+                    return None
                 if self.encoder == encoder and sorted(self.bpe_ranks, key=self.bpe_ranks.__getitem__) == merges:
                     # GPT-2's ranks are its ids: token i is the merge that made it (bytes first).
                     ranks = {b: i for i, b in self.token_bytes.items() if i != self.eot_token}
