@@ -153,12 +153,12 @@ def estimate_bytes(config, n_params: int, trainable: list[torch.Size], *, optimi
                    in_backward: bool, checkpointing: bool, n_ctx: int | None = None) -> int:
     """Peak training memory, estimated: fp32 weights, gradients (one tensor's with the step in
     backward and no accumulation), optimizer states, activations of a micro-batch (Korthikanti et
-    al.'s 34 C + 5 NH T values per token and layer, at 4 bytes; one block's when checkpointed) and
-    the chunked loss's 512-token logits."""
+    al.'s 34 C + 5 NH T bytes per token and layer in 16-bit training, twice that in fp32; one
+    block's when checkpointed, plus each block's input) and the chunked loss's 512-token logits."""
     T, C, L, NH = n_ctx or config.n_ctx, config.n_embd, config.n_layer, config.n_head
     weights = 4 * n_params
     grads = 4 * (max(s.numel() for s in trainable) if in_backward and accumulate == 1 else sum(s.numel() for s in trainable))
-    per_layer = 4 * batch_size * T * (34 * C + 5 * NH * T)
+    per_layer = 2 * batch_size * T * (34 * C + 5 * NH * T)
     activations = (4 * batch_size * T * C * L + per_layer) if checkpointing else per_layer * L
     head = 3 * 4 * 512 * config.n_vocab
     return weights + grads + _state_bytes(optimizer, trainable) + activations + head
