@@ -42,7 +42,7 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample_every", type=int, default=1000000, help="print and save a sample every N steps")
     p.add_argument("--save_every", type=int, default=100, help="save a checkpoint every N steps")
     p.add_argument("--print_every", type=int, default=10, help="print the loss every N steps")
-    p.add_argument("--optimizer", default="adam", help="adam, adamw or sgd")
+    p.add_argument("--optimizer", default="adam", help="adam, adamw, sgd, adafactor (factored states) or adam8bit (8-bit states, CUDA, bitsandbytes)")
     p.add_argument("--overwrite", nargs="?", const=True, default=False, type=_bool, help="replace the run's checkpoints instead of keeping the old ones")
     p.add_argument("--batch_size", type=int, default=1, help="windows per step (per process under DDP)")
     p.add_argument("--learning_rate", type=float, default=0.0001)
@@ -52,6 +52,8 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample_length", type=int, default=1023, help="tokens per sample")
     p.add_argument("--sample_num", type=int, default=1, help="samples each time")
     p.add_argument("--use_memory_saving_gradients", nargs="?", const=True, default=False, type=_bool, help="activation checkpointing: less memory, ~30%% slower")
+    p.add_argument("--optimizer_in_backward", nargs="?", const=True, default=None, type=_bool,
+                   help="update each weight in the backward pass: whole-model gradients never exist (default: when the model would not fit otherwise)")
     p.add_argument("--only_train_transformer_layers", nargs="?", const=True, default=False, type=_bool, help="freeze wte, wpe and ln_f")
     p.add_argument("--val_fraction", type=float, default=0.0, help="hold out this fraction of the data for validation loss")
     p.add_argument("--val_every", type=int, default=None, help="validate every N steps (default 100)")
@@ -192,6 +194,7 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
         use_memory_saving_gradients=args.use_memory_saving_gradients, only_train_transformer_layers=args.only_train_transformer_layers,
         optimizer=args.optimizer, overwrite=args.overwrite, val_fraction=args.val_fraction, val_every=args.val_every,
         mixed_precision=args.mixed_precision, compile=args.compile, seed=args.seed, errors=args.errors, device=args.device,
+        optimizer_in_backward=args.optimizer_in_backward,
     )
 
 

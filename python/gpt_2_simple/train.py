@@ -36,6 +36,7 @@ from . import config as configs
 from .dataset import Windows, WindowSampler, load_dataset, split_chunks
 from .fileio import atomic_write, model_folder, run_folder
 from .head_loss import IGNORE
+from .lean import OPTIMIZERS, build_optimizer, device_memory, plan
 from .malloc import reuse_freed_memory
 from .model import GPT2
 from .plot import loss_png
@@ -45,7 +46,6 @@ from .weights import build_model, latest_checkpoint, load_weights, save_weights
 
 __all__ = ["finetune", "checkpoint_steps", "OPTIMIZERS"]
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
 SAMPLE_DIR = "samples"  # relative to the working directory, as in the original
 VAL_WINDOWS = 64  # validation loss is measured on at most this many fixed windows
 _CHECKPOINT = re.compile(r"model-(\d+)\.safetensors")
@@ -262,19 +262,6 @@ def _named_config(model_name: str, model_dir: str):
     return None
 
 
-def _build_optimizer(name: str, params: list, lr: float, device_type: str):
-    # PyTorch's fused kernels: one pass over each tensor, no temporaries. On the CPU (2 cores, 124M)
-    # Adam's default per-tensor loop took 180-230 ms a step (435-644 ms while its temporaries still
-    # faulted in anew each step), fused 66 ms; finetune's peak RSS fell by 0.2-0.5 GB.
-    fused = {"fused": True} if device_type in ("cuda", "cpu") else {}
-    if name == "adam":  # the original's tf AdamOptimizer: no weight decay, eps 1e-8
-        return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, **fused)
-    if name == "adamw":  # decay matrices and embeddings, not biases and LayerNorm gains
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.01}, {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, **fused)
-    return torch.optim.SGD(params, lr=lr)
-
-
 def finetune(
     sess,
     dataset: str | os.PathLike | None,
@@ -309,6 +296,7 @@ def finetune(
     errors: str = "strict",
     device: str | None = None,
     progress: bool = True,
+    optimizer_in_backward: bool | None = None,
 ) -> None:
     """Fine-tune a model on ``dataset`` and save it in ``checkpoint_dir/run_name``.
 
@@ -323,7 +311,9 @@ def finetune(
     (bf16 autocast; default on for CUDA); ``compile`` (torch.compile); ``seed`` (data order,
     initialisation and samples; random when None and saved for resumes); ``errors`` for undecodable
     text ('strict', 'ignore', 'replace'); ``device`` ('cuda'/'cpu', default the GPU when present);
-    ``progress`` (progress bars).
+    ``progress`` (progress bars); ``optimizer_in_backward`` (update each weight in the backward
+    pass, so whole-model gradients never exist; None: when the model would not fit otherwise,
+    which also turns on ``use_memory_saving_gradients``; docs/finetune.md "Big models").
 
     On return the session holds the trained model, so ``generate(sess)`` uses it.
     """
@@ -369,6 +359,7 @@ _LAUNCH_ARGS = {
     "restore_from", "run_name", "checkpoint_dir", "sample_every", "sample_length", "sample_num", "save_every",
     "print_every", "max_checkpoints", "use_memory_saving_gradients", "only_train_transformer_layers", "optimizer",
     "overwrite", "val_fraction", "val_every", "mixed_precision", "compile", "seed", "errors", "progress",
+    "optimizer_in_backward",
 }
 _TRAINER_ARGS = _LAUNCH_ARGS | {"device", "dist", "say"}
 
@@ -541,6 +532,8 @@ class _Trainer:
             sync = self.ddp is None or m == accum - 1
             with (contextlib.nullcontext() if sync else self.ddp.no_sync()), self.autocast():
                 loss = self.train_model(xi, targets=ti)  # summed over the targets
+            if self.in_backward:  # the last micro-batch's backward updates the weights
+                self.opt.stepping = self.updating = m == accum - 1
             # DDP averages gradients over processes: scale so the result is the global token mean.
             (loss * (world / n_targets)).backward()
             loss_sum += loss.detach().double()
@@ -555,6 +548,20 @@ class _Trainer:
             torch.distributed.all_reduce(packed)
             loss_sum, stop_requested = packed[0], bool(packed[1].item() > 0)
         return float(loss_sum) / n_targets, stop_requested  # the one host sync of the step
+
+    def _plan_memory(self, config, model, params) -> None:
+        """Step in backward and checkpointing: as asked, or chosen by lean.plan for this device."""
+        if self.optimizer_in_backward and (self.dist.world > 1 or self.compile):
+            raise ValueError("optimizer_in_backward=True works in one process without compile: DDP reduces gradients after the "
+                             "step would have used them; leave it None (automatic) or drop multi_gpu/compile")
+        choice = plan(config, sum(p.numel() for p in model.parameters()), [p.shape for p in params], optimizer=self.optimizer,
+                      batch_size=self.batch_size, accumulate=self.accumulate_gradients, in_backward=self.optimizer_in_backward,
+                      checkpointing=bool(self.use_memory_saving_gradients), available=device_memory(self.device),
+                      can_step_in_backward=self.dist.world == 1 and not self.compile)
+        for note in choice.notes:
+            self.say(f"Memory: {note}")
+        self.in_backward = choice.in_backward
+        model.gradient_checkpointing = choice.checkpointing
 
     def run(self, sess) -> None:
         if self.mixed_precision in (None, "auto"):
@@ -585,12 +592,12 @@ class _Trainer:
         self.model = model = GPT2(config) if state is None else build_model(config, state)
         del state
         model.to(self.device).train()
-        model.gradient_checkpointing = bool(self.use_memory_saving_gradients)
         if self.only_train_transformer_layers:
             for name, p in model.named_parameters():
                 p.requires_grad_(name.startswith("h."))
         params = [p for p in model.parameters() if p.requires_grad]
-        self.opt = _build_optimizer(self.optimizer, params, self.learning_rate, self.device.type)
+        self._plan_memory(config, model, params)
+        self.opt = build_optimizer(self.optimizer, params, self.learning_rate, self.device.type, in_backward=self.in_backward)
         if train_state is not None and train_state.get("optimizer_name") == self.optimizer:
             self.opt.load_state_dict(train_state["optimizer"])
             for group in self.opt.param_groups:

@@ -345,6 +345,7 @@ def chart_figure(results: dict):
     """A matplotlib Figure with one grouped bar chart per panel of ``chart_panels``: bars grow from
     1 (the reference peer, a darker line) up or down on a log scale, one colour per peer."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, LogFormatter
 
     panels = chart_panels(results)
     fig = Figure(figsize=(10, 3.6 * max(1, len(panels))), dpi=100, layout="constrained")
@@ -362,8 +363,11 @@ def chart_figure(results: dict):
                 x, v = zip(*shown)
                 ax.bar(x, [vi - 1.0 for vi in v], width=width, bottom=1.0, label=name, color=f"C{s}")
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 1.4, not 1.4 x 10^0
+        ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))  # labelled on short ranges
         ax.axhline(1.0, color="#404040", linewidth=1.0)
-        ax.set_xticks(range(len(groups)), groups, rotation=20 if len(groups) > 4 else 0, ha="right" if len(groups) > 4 else "center")
+        slanted = len(groups) > 3
+        ax.set_xticks(range(len(groups)), groups, rotation=15 if slanted else 0, ha="right" if slanted else "center")
         ax.set_ylabel("ratio (> 1: better)")
         ax.set_title(panel["title"], fontsize=10)
         ax.grid(True, axis="y", which="both", color="#e8e8e8", linewidth=0.6)
