@@ -21,21 +21,19 @@ import pytest
 
 import format_reader as fr
 from reference import TINY
-from gpt_2_simple.config import GPT2Config, HparamsError
+from gpt_2_simple.config import HparamsError
 from gpt_2_simple.engine import Engine, Request
-from gpt_2_simple.export import engine_file, export, inspect, read_tokenizer, verify
+from gpt_2_simple.export import engine_file, inspect, read_tokenizer, verify
 from gpt_2_simple.tf_checkpoint import TFCheckpoint, TFCheckpointError, crc32c
 from gpt_2_simple.weights import WeightsFileError, expected_shapes, load_weights, save_weights
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_capped(code: str, timeout: float = 60, memory: int = 2 << 30) -> subprocess.CompletedProcess:
     """``code`` in a fresh interpreter limited to ``memory`` bytes of address space and ``timeout``
     seconds: what used to take gigabytes or minutes fails the test instead of the machine."""
     prelude = f"import resource; resource.setrlimit(resource.RLIMIT_AS, ({memory}, {memory}))\n"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "python"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    # This process's import path: the package it tests (installed, or the working tree) and tests/.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
     try:
         return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -330,7 +328,7 @@ def test_engine_reads_into_memory_without_mmap(small_bytes, tmp_path):
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "python")}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     return subprocess.run([sys.executable, "-m", "gpt_2_simple", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
 
 
