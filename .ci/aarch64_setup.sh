@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What the AArch64 slice of .ci/run needs on a Debian 12 machine: the cross compiler and qemu-user
-# from Debian's packages, and Debian's arm64 Python 3.11 with numpy and its headers unpacked into
+# from Debian's packages, and Debian's arm64 Python 3.11 with numpy, regex and its headers unpacked into
 # the folder $1, beside the host's own packages (nothing arm64 is installed: python3:arm64 would
 # replace the host's python3). The cross build compiles against those headers
 # (cmake/aarch64-linux-gnu.cmake) and "qemu-aarch64 -L $1 $1/usr/bin/python3.11" runs the engine's
@@ -13,7 +13,7 @@ $sudo apt-get update -qq
 $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq crossbuild-essential-arm64 qemu-user >/dev/null
 # What the interpreter, numpy and the headers need, as apt resolves it, less what only installing
 # would use (dpkg, tar, perl) and all but one BLAS (numpy's alternatives).
-wanted=(python3.11-minimal:arm64 libpython3.11-stdlib:arm64 libpython3.11-dev:arm64 python3-numpy:arm64 libstdc++6:arm64)
+wanted=(python3.11-minimal:arm64 libpython3.11-stdlib:arm64 libpython3.11-dev:arm64 python3-numpy:arm64 python3-regex:arm64 libstdc++6:arm64)
 mapfile -t pkgs < <(apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts --no-breaks --no-replaces \
                       --no-enhances --no-pre-depends "${wanted[@]}" | grep -E '^[a-z0-9].*:arm64$' |
                     grep -Ev '^(dpkg|install-info|tar|perl|libperl[0-9.]*|libc-dev-bin|rpcsvc-proto|python3|python3.11|libatlas3-base|libblis4-.*|libopenblas0-.*):' |
