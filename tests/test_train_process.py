@@ -90,21 +90,39 @@ def test_signal_saves_and_returns_then_resume_is_exact(root, sig):
     assert_same_weights(weights(root, last_step + 2), weights(root, last_step + 2, "straight"))
 
 
+# Runs script.py with os.fsync replaced: its N-th call SIGKILLs the process instead. Every write
+# fsyncs its temporary file before renaming it, then fsyncs the folder, so N walks the kill through
+# each point of a save, whatever the machine's speed.
+KILL_AT_FSYNC = """
+import os, runpy, signal, sys
+n, calls, real_fsync = int(sys.argv.pop(1)), [0], os.fsync
+def fsync(fd):
+    calls[0] += 1
+    if calls[0] == n:
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_fsync(fd)
+os.fsync = fsync
+runpy.run_path("script.py", run_name="__main__")
+"""
+
+
 def test_kill_9_during_saves_never_breaks_the_latest_checkpoint(root):
-    """A save every step (weights, train state, counter); SIGKILL at random moments, many times."""
+    """A save every step (weights, train state, counter); SIGKILL at each fsync of a save, and at random moments."""
+    (root / "kill_at_fsync.py").write_text(KILL_AT_FSYNC)
     rng = random.Random(0)
     folder = root / "checkpoint/run1"
     torn = 0
-    # At least 6 kills, and more (up to 30) until one has landed inside a write: where a kill lands
-    # is up to the machine's timing, and a test that never tore a save would prove nothing.
-    for attempt in range(30):
-        if attempt >= 6 and torn:
-            break
-        proc = start(root, "script.py", finetune_args(root, save_every=1))
-        wait_for(proc, "Saving ", [])
-        time.sleep(rng.uniform(0.0, 0.6))
-        proc.kill()
-        proc.wait()
+    kills = [None] + list(range(1, 13)) + [None] * 3  # None: a random moment after the first save
+    for at in kills:
+        if at is None:
+            proc = start(root, "script.py", finetune_args(root, save_every=1))
+            wait_for(proc, "Saving ", [])
+            time.sleep(rng.uniform(0.0, 0.6))
+            proc.kill()
+        else:
+            proc = start(root, "kill_at_fsync.py", str(at), finetune_args(root, save_every=1))
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == -signal.SIGKILL, out
         torn += any(folder.glob(".*.tmp"))  # the kill landed inside a write
         latest = latest_checkpoint(folder)
         step = latest.step
