@@ -264,3 +264,12 @@ def test_the_server_never_loads_torch(served, client):
     with open(f"/proc/{served[3].proc.pid}/maps") as f:
         maps = f.read()
     assert "_engine" in maps and "libtorch" not in maps
+
+
+def test_a_kv_cache_larger_than_the_free_memory_is_refused_at_startup(tmp_path, served):
+    # 10**7 slots of the full context cannot fit any machine: refused before serving, naming the flag
+    # and a value that fits, instead of failing (or waking the OOM killer) at the first request.
+    with pytest.raises(RuntimeError, match="did not start"):
+        Server(served[1], "--max-batch", str(10**7), log_path=tmp_path / "server.log")
+    log = (tmp_path / "server.log").read_text()
+    assert "needs a KV cache of" in log and "use --max-batch" in log and "Traceback" not in log

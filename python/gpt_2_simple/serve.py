@@ -518,6 +518,33 @@ def _model_id(args) -> str:
     return args.model_name or args.run_name
 
 
+def _available_memory() -> int | None:
+    """Bytes this machine can still give without swapping (Linux's MemAvailable), or None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_cache_fits(engine: Engine, max_batch: int, context: int | None) -> None:
+    """Refuses, at startup, a CPU KV cache larger than the free memory: the cache is reserved when
+    the first request arrives, where a failed allocation (or the OOM killer) would hit a client."""
+    if engine.backend != "cpu":
+        return
+    c = engine.config
+    positions = context or c.n_ctx
+    # keys and values of every layer: bf16 entries for bf16 weights, else fp32 (the larger, to be safe)
+    per_slot = 2 * c.n_layer * positions * c.n_embd * (2 if engine.dtype == "bf16" else 4)
+    free = _available_memory()
+    if free is not None and max_batch * per_slot > free:
+        raise ValueError(f"--max-batch {max_batch} x --context {positions} needs a KV cache of {max_batch * per_slot / 2**30:.1f} GiB, "
+                         f"more than the {free / 2**30:.1f} GiB of memory free; use --max-batch {max(1, free // per_slot)} "
+                         "or less, or a smaller --context")
+
+
 def run_server(args) -> None:
     """``gpt_2_simple serve``: load the model, serve until SIGTERM / Ctrl-C (running requests finish first)."""
     try:
@@ -537,6 +564,7 @@ def run_server(args) -> None:
     engine, enc = load_engine(source, dtype=args.dtype, backend=args.backend, threads=args.threads)
     if args.context is not None and not 1 <= args.context <= engine.config.n_ctx:
         raise ValueError(f"--context must be in [1, {engine.config.n_ctx}] (the model's n_ctx), got {args.context}")
+    check_cache_fits(engine, args.max_batch, args.context)
     app = build_app(engine, enc, model_id=_model_id(args), api_key=args.api_key, max_batch=args.max_batch,
                     max_queue=args.max_queue, context=args.context)
 
