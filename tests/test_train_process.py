@@ -90,29 +90,33 @@ def test_signal_saves_and_returns_then_resume_is_exact(root, sig):
     assert_same_weights(weights(root, last_step + 2), weights(root, last_step + 2, "straight"))
 
 
-# Runs script.py with os.fsync replaced: its N-th call SIGKILLs the process instead. Every write
-# fsyncs its temporary file before renaming it, then fsyncs the folder, so N walks the kill through
-# each point of a save, whatever the machine's speed.
+# Runs script.py with os.fsync replaced: the N-th call from the start of the first checkpoint save
+# (its first temporary file .train_state-* / .model-*) SIGKILLs the process instead. Every write
+# fsyncs its temporary file before renaming it, then fsyncs the folder, so N = 1, 2, ... walks the
+# kill through each point of a save, whatever the machine's speed.
 KILL_AT_FSYNC = """
 import os, runpy, signal, sys
 n, calls, real_fsync = int(sys.argv.pop(1)), [0], os.fsync
 def fsync(fd):
-    calls[0] += 1
-    if calls[0] == n:
-        os.kill(os.getpid(), signal.SIGKILL)
+    name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+    if calls[0] or name.startswith((".train_state-", ".model-")):
+        calls[0] += 1
+        if calls[0] == n:
+            os.kill(os.getpid(), signal.SIGKILL)
     real_fsync(fd)
 os.fsync = fsync
 runpy.run_path("script.py", run_name="__main__")
 """
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="the kill points name files through Linux's /proc/self/fd")
 def test_kill_9_during_saves_never_breaks_the_latest_checkpoint(root):
     """A save every step (weights, train state, counter); SIGKILL at each fsync of a save, and at random moments."""
     (root / "kill_at_fsync.py").write_text(KILL_AT_FSYNC)
     rng = random.Random(0)
     folder = root / "checkpoint/run1"
     torn = 0
-    kills = [None] + list(range(1, 13)) + [None] * 3  # None: a random moment after the first save
+    kills = [None] + list(range(1, 9)) + [None] * 2  # None: a random moment after the first save; a save has 8 fsyncs
     for at in kills:
         if at is None:
             proc = start(root, "script.py", finetune_args(root, save_every=1))
@@ -129,7 +133,9 @@ def test_kill_9_during_saves_never_breaks_the_latest_checkpoint(root):
         assert set(load_file(str(latest.path))) == set(load_file(str(root / "models/tt/model-0.safetensors")))
         state = load_train_state(folder / f"train_state-{step}.safetensors")
         assert state["step"] == step
-        assert int((folder / "counter").read_text()) in (step, step - 1)  # counter is written last
+        # counter is written last, so it is never ahead of the checkpoints (after several kills it may lag
+        # by more than one save: harmless, as resume reads the step from the newest checkpoint's name)
+        assert int((folder / "counter").read_text()) <= step
     assert torn >= 1, "no kill landed inside a save: the test did not exercise what it claims"
     run(root, steps=2)  # resumes from whatever the last kill left: exact, and leftovers cleaned
     assert not list(folder.glob(".*.tmp"))
