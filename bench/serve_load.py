@@ -22,6 +22,7 @@ import argparse
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -132,14 +133,16 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=2, help="interleaved offline / served pairs")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--workdir", default=None)
-    p.add_argument("--llama-server", dest="llama_server", default="/work/ext/llama-bin/llama-server")
-    p.add_argument("--gguf", default=None, help="GGUF export of the same weights (llama-server is measured only with it)")
+    p.add_argument("--llama-server", dest="llama_server", default=os.environ.get("GPT2S_LLAMA_SERVER") or shutil.which("llama-server") or "",
+                   help="llama.cpp's llama-server binary (default: $GPT2S_LLAMA_SERVER, else llama-server on PATH; "
+                        "docs/bench.md shows how to build it)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args()
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="gpt2s-serve-load-"))
     config = get_config(args.model)
-    path = ModelFiles(config, workdir / f"model-{args.model}").engine(args.dtype)
+    files = ModelFiles(config, workdir / f"model-{args.model}")
+    path = files.engine(args.dtype)
     enc = read_tokenizer(path)
     prompts = [f"Client {k} asks the server about topic number {k * 7 + 3}, and then" for k in range(args.clients)]
     prompt_ids = [enc.encode(t) for t in prompts]
@@ -183,9 +186,12 @@ def main() -> None:
     record["ttft_p99"] = med(served_runs, "ttft_p99")
     record["target_met"] = record["served_over_offline"] >= 0.8
 
-    if os.path.isfile(args.llama_server) and args.gguf and os.path.isfile(args.gguf):
+    if os.path.isfile(args.llama_server):
+        # The GGUF export of the same weights: f16 beside our bf16 (llama.cpp's 16-bit CPU type), f32 beside fp32.
+        gguf = files.gguf("f16" if args.dtype == "bf16" else "f32")
+        record["llama_server_gguf"] = gguf.name
         lport = free_port()
-        lproc = subprocess.Popen([args.llama_server, "-m", args.gguf, "--port", str(lport), "--parallel", str(args.clients),
+        lproc = subprocess.Popen([args.llama_server, "-m", str(gguf), "--port", str(lport), "--parallel", str(args.clients),
                                   "-c", str(args.clients * context_needed), "-t", str(args.threads or os.cpu_count())],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
@@ -193,19 +199,20 @@ def main() -> None:
             load(lport, prompts[:4], argparse.Namespace(max_tokens=4))
             record["llama_server"] = [load(lport, prompts, args, {"n_predict": args.max_tokens}) for _ in range(args.reps)]
             record["llama_server_tokens_per_second"] = med(record["llama_server"], "tokens_per_second")
+            record["served_over_llama_server"] = record["served_tokens_per_second"] / record["llama_server_tokens_per_second"]
         finally:
             lproc.send_signal(signal.SIGTERM)
             lproc.wait(60)
     else:
-        record["llama_server"] = (f"not measured: no llama-server at {args.llama_server}" if not os.path.isfile(args.llama_server)
-                                  else "not measured: no --gguf export given")
+        record["llama_server"] = f"not measured: no llama-server binary (--llama-server or $GPT2S_LLAMA_SERVER; got {args.llama_server!r})"
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = out / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-serve-load.json"
     name.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps({k: record[k] for k in ("offline_tokens_per_second", "served_tokens_per_second", "served_over_offline",
-                                             "ttft_p50", "ttft_p99", "target_met")}, indent=2))
+                                             "ttft_p50", "ttft_p99", "target_met", "llama_server_tokens_per_second",
+                                             "served_over_llama_server") if k in record}, indent=2))
     print(f"written {name}", file=sys.stderr)
 
 
