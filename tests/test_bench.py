@@ -192,6 +192,31 @@ def test_readme_takes_reruns_then_a_full_run_in_order(quick_run, tmp_path):
     assert rerun_path.with_suffix(".md").is_file() and rerun_path.with_suffix(".png").is_file()
 
 
+def test_readme_keeps_each_kind_of_cpu_and_each_listed_peer(quick_run, tmp_path):
+    _, path, results = quick_run
+    # The same run again on a CPU of another kind: its rows come beside the first run's, not instead.
+    other = json.loads(path.read_text(encoding="utf-8"))
+    other["context"]["engine_isa"] = "neondot" if results["context"]["engine_isa"] != "neondot" else "avx2"
+    other["context"]["cpu"] = "Other CPU"
+    # One record shown against two peers (a list), as the generation suite does for llama.cpp: per-round
+    # ratios 10/2, 12/3 (median 4.5) and 10/5, 12/6.
+    from gpt_2_simple.benchmark.common import case_records
+
+    records = case_records("generation", "batch 1, prompt 16", {}, {"engine-bf16": [10.0, 12.0], "transformers": [2.0, 3.0],
+                           "llama.cpp-f16": [5.0, 6.0]}, metric="tokens/s", ours={"engine-bf16"},
+                           compare_to=["transformers", "llama.cpp-f16"], headline={"engine-bf16": ["transformers", "llama.cpp-f16"]})
+    other["records"] = other["records"] + records
+    other_path = tmp_path / "other.json"
+    other_path.write_text(json.dumps(other), encoding="utf-8")
+    section = harness.readme([str(path), str(other_path)])
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| What")]
+    mine = [r for r in rows if results["context"]["cpu"] in r]
+    theirs = [r for r in rows if "Other CPU" in r]
+    assert mine and len(theirs) == len(mine) + 2
+    generation = [[c.strip() for c in r.strip("|").split("|")] for r in theirs if r.startswith("| Generation")]
+    assert [(c[3], c[4]) for c in generation] == [("2.50 (transformers)", "4.50x"), ("5.50 (llama.cpp-f16)", "2.00x")]
+
+
 def test_gpu_records_carry_the_files_figures():
     for file in (H200_GENERATE, H200_FINETUNE):
         result = json.loads(file.read_text())

@@ -319,13 +319,16 @@ def interleave(peers: dict[str, Callable[[], dict]], reps: int, *, warmup: bool 
 def case_records(suite: str, case: str, config: dict, samples: dict[str, list[float]], *, metric: str, ours: set[str],
                  compare_to: list[str], higher_is_better: bool = True, peak_rss: dict[str, int] | None = None,
                  details: dict[str, dict] | None = None, load_average: list[float] | None = None,
-                 headline: set[str] = frozenset()) -> list[dict]:
+                 headline: set[str] | dict[str, list[str]] = frozenset()) -> list[dict]:
     """One record per peer of one configuration. Every peer not in ``compare_to`` gets
     ``speedup[p]`` for each p in ``compare_to``: the median (and min/max) over rounds of its
-    per-round ratio to p, oriented so that > 1 means this peer did better (faster, or less memory)."""
+    per-round ratio to p, oriented so that > 1 means this peer did better (faster, or less memory).
+    ``headline``: our peers whose comparisons the README shows, against their first ``compare_to``
+    peer (a set) or against the peers listed (a dict)."""
     records = []
     for peer, xs in samples.items():
-        record = {"suite": suite, "case": case, "config": config, "peer": peer, "ours": peer in ours, "headline": peer in headline,
+        shown = headline.get(peer, False) if isinstance(headline, dict) else peer in headline
+        record = {"suite": suite, "case": case, "config": config, "peer": peer, "ours": peer in ours, "headline": shown,
                   "metric": metric, "higher_is_better": higher_is_better, **summary(xs), "samples": xs}
         if peer not in compare_to:
             speedup = {}

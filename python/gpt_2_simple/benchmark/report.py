@@ -160,8 +160,10 @@ def _method(results: dict) -> str:
             f"in its own process (its peak RSS its own).{quick}")
 
 
-def _headline_rows(results: dict, machine: str) -> list[tuple[tuple[str, str], str]]:
-    """``((suite, case), row)`` for each headline comparison: ours, the peer, the ratio, the machine."""
+def _headline_rows(results: dict, machine: str) -> list[tuple[tuple[str, str, str, str], str]]:
+    """``((suite, case, peer, machine), row)`` for each headline comparison: ours, the peer, the
+    ratio, the machine. A record's ``headline`` is True (against its first compared peer; older
+    files) or the list of peers to show it against."""
     rows = []
     by_case: dict[tuple[str, str], dict[str, dict]] = {}
     for r in results["records"]:
@@ -169,12 +171,13 @@ def _headline_rows(results: dict, machine: str) -> list[tuple[tuple[str, str], s
     for r in results["records"]:
         if not r.get("headline") or not r.get("speedup"):
             continue
-        peer = next(iter(r["speedup"]))
-        other = by_case[(r["suite"], r["case"])].get(peer)
-        what = f"{TITLES.get(r['suite'], r['suite'])} ({r['metric']})"
-        theirs = f"{_value(r['metric'], other['median'])} ({peer})" if other else peer
-        rows.append(((r["suite"], r["case"]), f"| {what} | {r['case']} | {_value(r['metric'], r['median'])} ({r['peer']}) | {theirs} | "
-                    f"{_ratio(r['speedup'][peer]['median'])} | {machine} |"))
+        peers = [p for p in r["headline"] if p in r["speedup"]] if isinstance(r["headline"], list) else [next(iter(r["speedup"]))]
+        for peer in peers:
+            other = by_case[(r["suite"], r["case"])].get(peer)
+            what = f"{TITLES.get(r['suite'], r['suite'])} ({r['metric']})"
+            theirs = f"{_value(r['metric'], other['median'])} ({peer})" if other else peer
+            rows.append(((r["suite"], r["case"], peer, machine), f"| {what} | {r['case']} | {_value(r['metric'], r['median'])} ({r['peer']}) | "
+                        f"{theirs} | {_ratio(r['speedup'][peer]['median'])} | {machine} |"))
     return rows
 
 
@@ -222,11 +225,13 @@ def readme_section(harness: list[tuple[str, dict]], *, gpu: list[tuple[str, dict
     of every ``(path, results)`` of ``harness`` (e.g. a focused rerun, then a full run: where two
     give the same case, the first wins) and of every ``(path, result)`` of ``gpu``, each row naming
     its machine. The runs' details are in ``runs_section``'s text (docs/bench.md)."""
-    rows: dict[tuple[str, str], str] = {}
+    rows: dict[tuple[str, str, str, str], str] = {}
     skipped = []
     for _, results in harness:
-        for key, row in _headline_rows(results, short_machine(results)):
-            rows.setdefault(key, row)
+        # A run on another kind of CPU adds rows; one on the same kind is a rerun (the first wins).
+        family = "avx512" if str(results["context"].get("engine_isa")).startswith("avx512") else str(results["context"].get("engine_isa"))
+        for (suite, case, peer, _), row in _headline_rows(results, short_machine(results)):
+            rows.setdefault((suite, case, peer, family), row)
         skipped += [line for line in _skipped(results) if not (gpu and line.startswith("- gpu:"))]  # GPU files stand in
     for _, result in gpu:
         for key, row in _headline_rows({"records": gpu_records(result)}, _gpu_summary(result)["gpu"]):
