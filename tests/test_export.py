@@ -19,7 +19,7 @@ import torch
 import format_reader as fr
 from reference import TINY, random_gpt2
 from gpt_2_simple.config import GPT2Config
-from gpt_2_simple.export import engine_file, export, export_hf, inspect, read_tokenizer, to_bf16, verify, write_tokenizer_files
+from gpt_2_simple.export import FORMAT_VERSION, engine_file, export, export_hf, inspect, read_tokenizer, to_bf16, verify, write_tokenizer_files
 from gpt_2_simple.tokenizer import BUNDLED_DIR, END_OF_TEXT, get_encoder
 
 MATRICES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -322,7 +322,7 @@ def test_format_error_is_a_value_error():
     from gpt_2_simple import _engine
 
     assert issubclass(_engine.FormatError, ValueError)
-    assert _engine.FORMAT_VERSION == 1
+    assert _engine.FORMAT_VERSION == 2 == FORMAT_VERSION
 
 
 # --- HuggingFace folder -------------------------------------------------------------------------
