@@ -772,18 +772,13 @@ void pack_i8(ThreadPool& pool, const TensorView& w, void* out) {
 }
 
 struct MatmulI8Job {
-  const uint8_t* xq;  // (M, ldq) quantized rows (q + kQuantOffset)
-  const float* sx;    // (M) their scales
-  int64_t M, K, ldq;
-  const PackedMatrix* w;
-  const float* bias;  // (N) or null
-  float* y;           // (M, N)
-  Epilogue epilogue;
-  int64_t panels;     // per chunk
+  MatmulJob m;      // x: (M, ldx) quantized rows (q + kQuantOffset)
+  const float* sx;  // (M) their scales
 };
 
 void matmul_i8_chunk(void* job_ptr, int64_t c, int /*thread*/) {
-  const MatmulI8Job& j = *static_cast<const MatmulI8Job*>(job_ptr);
+  const MatmulI8Job& job = *static_cast<const MatmulI8Job*>(job_ptr);
+  const MatmulJob& j = job.m;
   const int64_t N = j.w->rows, n_panels = (N + kPanel - 1) / kPanel;
   alignas(64) float acc[kGroupRows * kPanel];  // int32 sums in float bits, then the outputs
   for (int64_t p = c * j.panels; p < min64(n_panels, (c + 1) * j.panels); ++p) {
@@ -793,10 +788,10 @@ void matmul_i8_chunk(void* job_ptr, int64_t c, int /*thread*/) {
     const int64_t n0 = p * kPanel, valid = min64(kPanel, N - n0);
     for (int64_t m0 = 0; m0 < j.M; m0 += kGroupRows) {
       const int64_t m1 = min64(j.M, m0 + kGroupRows);
-      panel_sums<WeightsI8>(j.xq, j.ldq, j.K, panel, 0, m0, m1, acc);
+      panel_sums<WeightsI8>(static_cast<const uint8_t*>(j.x), j.ldx, j.K, panel, 0, m0, m1, acc);
       for (int64_t m = m0; m < m1; ++m) {
         float* a = acc + (m - m0) * kPanel;
-        const Vf sx = vset1(j.sx[m]);
+        const Vf sx = vset1(job.sx[m]);
 #pragma GCC unroll 8
         for (int v = 0; v < kPanelVecs; ++v) {
           vstore(a + v * kLanes, vmul(vdot_q_value(vload(a + v * kLanes), sum + v * kLanes), vmul(sx, vload(scale + v * kLanes))));
@@ -823,8 +818,8 @@ void matmul_i8(ThreadPool& pool, const float* x, int64_t M, int64_t K, const Pac
       sx[m] = __builtin_nanf("");
     }
   }
-  MatmulI8Job job{xq, sx, M, K, ldq, &w, bias, y, epilogue, panels_per_chunk(n_panels, pool)};
-  parallel_chunks(pool, (n_panels + job.panels - 1) / job.panels, M * w.rows * K / 4, matmul_i8_chunk, &job);
+  MatmulI8Job job{{xq, M, K, ldq, &w, bias, y, epilogue, panels_per_chunk(n_panels, pool)}, sx};
+  parallel_chunks(pool, (n_panels + job.m.panels - 1) / job.m.panels, M * w.rows * K / 4, matmul_i8_chunk, &job);
 }
 
 // ---------------------------------------------------------------------------------------------
