@@ -73,6 +73,10 @@ py::dict describe_model(const ModelFile& file, bool data) {
     e["offset"] = t.offset;
     e["nbytes"] = t.nbytes;
     e["crc32"] = t.crc32;
+    if (t.dtype == gpt2s::DType::I8) {
+      e["scales_offset"] = t.scales_offset;
+      e["scales_crc32"] = t.scales_crc32;
+    }
     tensors.append(e);
   }
   d["tensors"] = tensors;
@@ -86,6 +90,7 @@ py::dict describe_model(const ModelFile& file, bool data) {
     py::dict views;
     auto add = [&](const std::string& name, const gpt2s::TensorView& v) {
       views[py::str(name)] = py::bytes(static_cast<const char*>(v.data), v.rows * v.cols * gpt2s::dtype_size(v.dtype));
+      if (v.scales != nullptr) views[py::str(name + ".scales")] = py::bytes(reinterpret_cast<const char*>(v.scales), v.rows * 4);
     };
     add("wte.weight", w.wte);
     add("wpe.weight", w.wpe);

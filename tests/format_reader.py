@@ -26,7 +26,7 @@ ENTRY_FIELDS = {  # name: (offset within the 128-byte entry, struct code), "Tens
     "offset": (88, "Q"), "nbytes": (96, "Q"), "scales_offset": (104, "Q"), "scales_nbytes": (112, "Q"),
     "crc32": (120, "I"), "reserved": (124, "I"),
 }
-DTYPE_CODES = {0: "fp32", 1: "bf16"}
+DTYPE_CODES = {0: "fp32", 1: "bf16", 2: "int8"}  # int8: format version 2 only
 
 
 def get(buf, offset: int, code: str):
@@ -68,19 +68,28 @@ def fix_crc(buf: bytearray) -> bytearray:
 
 
 def read(path: str | Path) -> dict:
-    """-> header fields, tensors as numpy arrays in stored layout (bf16 as uint16 bit patterns),
-    the tokenizer (token bytes, kinds, merges) and the metadata bytes."""
+    """-> header fields, tensors as numpy arrays in stored layout (bf16 as uint16 bit patterns,
+    int8 as int8 with their per-row float32 scales in ``scales``), the tokenizer (token bytes, kinds,
+    merges) and the metadata bytes."""
     buf = Path(path).read_bytes()
     h = header(buf)
-    assert h["magic"] == b"GPT2SBIN" and h["version"] == 1 and h["file_size"] == len(buf)
+    assert h["magic"] == b"GPT2SBIN" and h["version"] in (1, 2) and h["file_size"] == len(buf)
+    assert h["dtype"] in DTYPE_CODES and (h["dtype"] != 2 or h["version"] == 2)
     assert h["header_crc32"] == header_crc(buf)
-    tensors = {}
+    tensors, scales = {}, {}
     for e in entries(buf):
         shape = (e["shape0"],) if e["ndim"] == 1 else (e["shape0"], e["shape1"])
-        dt = np.dtype("<f4") if e["dtype"] == 0 else np.dtype("<u2")
+        dt = {0: np.dtype("<f4"), 1: np.dtype("<u2"), 2: np.dtype("i1")}[e["dtype"]]
         raw = buf[e["offset"] : e["offset"] + e["nbytes"]]
         assert zlib.crc32(raw) == e["crc32"], e["name"]
         tensors[e["name"]] = np.frombuffer(raw, dtype=dt).reshape(shape)
+        if e["dtype"] == 2:  # the reserved u32 at 124 is the scales' CRC-32 in version 2
+            assert e["scales_nbytes"] == 4 * shape[0] and e["scales_offset"] % 64 == 0
+            raw = buf[e["scales_offset"] : e["scales_offset"] + e["scales_nbytes"]]
+            assert zlib.crc32(raw) == e["reserved"], e["name"]
+            scales[e["name"]] = np.frombuffer(raw, dtype="<f4")
+        else:
+            assert e["scales_offset"] == e["scales_nbytes"] == e["reserved"] == 0
     t = h["tokenizer_offset"]
     n, _, bytes_size, merges_size = struct.unpack_from("<IIQQ", buf, t)
     ends = np.frombuffer(buf, dtype="<u4", count=n + 1, offset=t + 24)
@@ -89,7 +98,7 @@ def read(path: str | Path) -> dict:
     token_bytes = [buf[blob_at + ends[i] : blob_at + ends[i + 1]] for i in range(n)]
     merges = buf[blob_at + bytes_size : blob_at + bytes_size + merges_size]
     metadata = buf[h["metadata_offset"] : h["metadata_offset"] + h["metadata_size"]]
-    return {"header": h, "entries": entries(buf), "tensors": tensors, "token_bytes": token_bytes,
+    return {"header": h, "entries": entries(buf), "tensors": tensors, "scales": scales, "token_bytes": token_bytes,
             "token_kinds": bytes(kinds), "merges": merges, "metadata": metadata}
 
 

@@ -270,7 +270,27 @@ def test_batches_and_prompts_choose_the_generation_cases(tmp_path):
     assert results["command"].endswith("--batches 3 --prompts 5")
     assert results["options"]["batches"] == [3] and results["options"]["prompts"] == [5]
     assert {r["case"] for r in results["records"]} == {"batch 3, prompt 5"}
-    assert {r["peer"] for r in results["records"]} >= {"engine-fp32", "engine-bf16", "torch"}
+    assert {r["peer"] for r in results["records"]} >= {"engine-fp32", "engine-bf16", "engine-int8", "torch"}
+
+
+def test_peers_choose_the_generation_peers(tmp_path):
+    out = tmp_path / "results"
+    proc = _run("bench/run.py", "--quick", "--model", "tiny", "--suites", "generation", "--batches", "2", "--prompts", "4",
+                "--reps", "1", "--peers", "engine-int8,torch", "--output_dir", str(out))
+    assert proc.returncode == 0, proc.stderr
+    (path,) = out.glob("*-quick.json")
+    results = json.loads(path.read_text(encoding="utf-8"))
+    assert results["options"]["peers"] == ["engine-int8", "torch"]
+    assert {r["peer"] for r in results["records"]} == {"engine-int8", "torch"}
+    (int8,) = [r for r in results["records"] if r["peer"] == "engine-int8"]
+    assert int8["details"]["file_bytes"] > 0 and not int8["details"]["screened_head"]  # an int8 head needs no screen
+
+
+def test_bad_peers_exit_2_with_one_line(tmp_path):
+    proc = _run("bench/run.py", "--suites", "generation", "--peers", "engine-int4", "--output_dir", str(tmp_path))
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "--peers: unknown peer(s) engine-int4; choose from" in proc.stderr
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("option, value", [("--batches", "1,0"), ("--prompts", "16,x"), ("--batches", "")])

@@ -21,14 +21,22 @@ from gpt_2_simple.export import export
 from gpt_2_simple.tokenizer import END_OF_TEXT, bytes_to_unicode
 from gpt_2_simple.torch_generate import generate_tokens, window_size
 from conftest import needs_isa
-from reference import TINY, random_gpt2
+from reference import TINY, Int8Reference, random_gpt2
 
 # native: the best this CPU has (AVX-512 with BF16, AVX-512, AVX2 or scalar); the others are capped
 # to with GPT2S_ISA, so only those the host supports can run (host_isa in conftest.py).
 ISAS = ["native", *(pytest.param(isa, marks=needs_isa(isa)) for isa in ("avx512", "avx2", "scalar"))]
 # bf16: the engine rounds activations to bf16 at each matmul input (docs/engine.md); against
 # model.py with the same bf16 weights that costs up to ~1% of the logits' spread.
-TOLERANCE = {"fp32": dict(atol=1e-4, rtol=1e-4), "bf16": dict(atol=3e-2, rtol=0.0)}
+# int8: against model.py with the file's int8 weights and each matmul input quantized per row as the
+# engine does (reference.Int8Reference): most steps agree to float rounding (~3e-7 on logits of
+# spread ~0.2; the int8 file is ~8e-3 from the fp32 model). Now and then an activation whose x / s
+# lies within float rounding of a half rounds the other way in one of the two, which moves that
+# row's later logits by up to a few 1e-3: so at least 3 steps in 4 must agree to INT8_EXACT, and
+# every step to the tolerance below.
+TOLERANCE = {"fp32": dict(atol=1e-4, rtol=1e-4), "bf16": dict(atol=3e-2, rtol=0.0), "int8": dict(atol=1e-2, rtol=0.0)}
+INT8_EXACT = 1e-5
+DTYPES = ["fp32", "bf16", "int8"]
 
 
 # Most tests use a byte-level vocabulary (256 bytes + <|endoftext|>): GPT-2's 50257-token head
@@ -52,7 +60,7 @@ def model():
 @pytest.fixture(scope="module")
 def files(model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("engine")
-    return {dtype: export(model, folder / f"tiny.{dtype}.bin", dtype, progress=False) for dtype in ("fp32", "bf16")}
+    return {dtype: export(model, folder / f"tiny.{dtype}.bin", dtype, progress=False) for dtype in DTYPES}
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +87,21 @@ def _bf16_model(model, config=TINY):
             is_weight = name.endswith("weight") and ".ln_" not in name and not name.startswith("ln_f")
             p.copy_(src.to(torch.bfloat16).float() if is_weight else src)
     return rounded
+
+
+def _assert_steps_match(dtype, steps):
+    """steps: (engine logits, reference logits, label) of every row and step; TOLERANCE and, for
+    int8, the share of steps that agree to INT8_EXACT (see TOLERANCE)."""
+    for got, want, label in steps:
+        np.testing.assert_allclose(got, want, **TOLERANCE[dtype], err_msg=label)
+    if dtype == "int8":
+        exact = [np.abs(got - want).max() <= INT8_EXACT for got, want, _ in steps]
+        assert np.mean(exact) >= 0.75, f"{sum(exact)} of {len(exact)} steps agree to {INT8_EXACT}"
+
+
+def _reference(model, dtype, path, config=TINY):
+    """What the engine's logits are compared with for a file of this dtype."""
+    return {"fp32": lambda: model, "bf16": lambda: _bf16_model(model, config), "int8": lambda: Int8Reference(path)}[dtype]()
 
 
 def _prompts(lengths, seed=0, vocab=TINY.n_vocab):
@@ -154,7 +177,7 @@ print(json.dumps({{"tokens": [r.tokens for r in res], "isa": e.device}}))
     return result
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("isa", ISAS)
 def test_logits_match_pytorch_at_every_step(model, files, isa, dtype):
     _check_logits(model, files, isa, dtype)
@@ -168,13 +191,14 @@ def _check_logits(model, files, isa, dtype, **python):
     out = _run_in_subprocess(files[dtype], isa, requests, batch_size=4, **python)
     if isa != "native":
         assert out["isa"].startswith(f"cpu {isa},")
-    reference = model if dtype == "fp32" else _bf16_model(model)
+    reference = _reference(model, dtype, files[dtype])
+    steps = []
     for i, (prompt, tokens) in enumerate(zip(prompts, out["tokens"])):
         assert len(tokens) == 12
         with torch.no_grad():
             expected = reference(torch.tensor([prompt + tokens]))[0, len(prompt) - 1 :].numpy()  # (13, V)
-        for step in range(12):
-            np.testing.assert_allclose(out["logits"][f"{i}_{step}"], expected[step], **TOLERANCE[dtype], err_msg=f"{isa} {dtype} row {i} step {step}")
+        steps += [(out["logits"][f"{i}_{step}"], expected[step], f"{isa} {dtype} row {i} step {step}") for step in range(12)]
+    _assert_steps_match(dtype, steps)
 
 
 def _check_shape(tmp_path, config, lengths, isa, dtype, new_tokens=4, **python):
@@ -183,14 +207,15 @@ def _check_shape(tmp_path, config, lengths, isa, dtype, new_tokens=4, **python):
     model = random_gpt2(config, seed=4)
     prompts = _prompts(lengths, seed=8)
     requests = [dict(prompt=p, max_new_tokens=new_tokens, temperature=1.0, seed=1, sample_index=i) for i, p in enumerate(prompts)]
-    out = _run_in_subprocess(export(model, tmp_path / f"model.{dtype}.bin", dtype, progress=False), isa, requests, batch_size=len(prompts),
-                             **python)
-    reference = model if dtype == "fp32" else _bf16_model(model, config)
+    path = export(model, tmp_path / f"model.{dtype}.bin", dtype, progress=False)
+    out = _run_in_subprocess(path, isa, requests, batch_size=len(prompts), **python)
+    reference = _reference(model, dtype, path, config)
+    steps = []
     for i, (prompt, tokens) in enumerate(zip(prompts, out["tokens"])):
         with torch.no_grad():
             expected = reference(torch.tensor([prompt + tokens]))[0, len(prompt) - 1 :].numpy()
-        for step in range(new_tokens):
-            np.testing.assert_allclose(out["logits"][f"{i}_{step}"], expected[step], **TOLERANCE[dtype], err_msg=f"{isa} {dtype} row {i} step {step}")
+        steps += [(out["logits"][f"{i}_{step}"], expected[step], f"{isa} {dtype} row {i} step {step}") for step in range(new_tokens)]
+    _assert_steps_match(dtype, steps)
 
 
 # (geometry, prompt lengths) of the two shape tests below.
@@ -198,7 +223,7 @@ WIDE = (GPT2Config(n_ctx=48, n_embd=192, n_head=2, n_layer=1), [9, 17, 30])
 ODD = (GPT2Config(n_ctx=32, n_embd=45, n_head=3, n_layer=2), [5, 11])
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("isa", ["native", pytest.param("avx2", marks=needs_isa("avx2")), "scalar"])
 def test_wide_matrices_at_every_batch_shape(tmp_path, isa, dtype):
     # n_embd 192: the matmuls run over inputs of 192 and 768 (mlp.c_proj), more than one slice of
@@ -209,7 +234,7 @@ def test_wide_matrices_at_every_batch_shape(tmp_path, isa, dtype):
     _check_shape(tmp_path, *WIDE, isa, dtype)
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("isa", ["native", pytest.param("avx2", marks=needs_isa("avx2")), "scalar"])
 def test_odd_widths(tmp_path, isa, dtype):
     # n_embd 45 (3 heads of 15): every matmul but mlp.c_proj has an odd number of inputs, whose
@@ -409,21 +434,31 @@ def test_callbacks_and_edge_lengths(engine):
     assert engine.generate(requests) == results  # the engine is still usable
 
 
-def test_threads_do_not_change_results(tmp_path):
-    # Wide enough (C = 256) that the matmuls and attention run in parallel (kernels_impl.h).
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_threads_and_batch_do_not_change_results(tmp_path, dtype):
+    # Wide enough (C = 256) that the matmuls and attention run in parallel (kernels_impl.h). Each
+    # request's logits at every step are bit-identical with 1 or 2 threads, alone (batch 1) or
+    # among the others in shuffled order (batch 3): for int8 too, whose activations are quantized
+    # per row and whose products are summed exactly in int32 (docs/engine.md, "Determinism").
     wide = GPT2Config(n_vocab=257, n_ctx=64, n_embd=256, n_head=4, n_layer=2)
-    path = export(random_gpt2(wide, seed=3), tmp_path / "wide.bin", "fp32", tokenizer_dir=_byte_tokenizer(tmp_path / "tok"), progress=False)
+    path = export(random_gpt2(wide, seed=3), tmp_path / "wide.bin", dtype, tokenizer_dir=_byte_tokenizer(tmp_path / "tok"), progress=False)
     requests = _mixed_requests(6, seed=6)
+    order = np.random.default_rng(2).permutation(len(requests))
     outs = []
-    for threads in (1, 2):
+    for threads, batch, shuffled in ((1, 3, False), (2, 3, False), (2, 1, False), (2, 3, True)):
         e = Engine(path, backend="cpu", threads=threads)
         assert f"{threads} thread" in e.device
-        logits = []
-        outs.append((e.generate(requests, batch_size=3, on_logits=lambda i, s, x: logits.append((i, s, x))), logits))
-    assert outs[0][0] == outs[1][0]
-    assert len(outs[0][1]) == len(outs[1][1]) == sum(len(r.tokens) + (r.finish_reason == "stop_token") for r in outs[0][0])
-    for (i0, s0, x0), (i1, s1, x1) in zip(outs[0][1], outs[1][1]):
-        assert (i0, s0) == (i1, s1) and np.array_equal(x0, x1)
+        logits = {}
+        ids = order if shuffled else np.arange(len(requests))
+        results = e.generate([requests[i] for i in ids], batch_size=batch,
+                             on_logits=lambda i, s, x: logits.__setitem__((int(ids[i]), s), x))
+        outs.append(([results[j] for j in np.argsort(ids)], logits))
+    for results, logits in outs[1:]:
+        assert results == outs[0][0]
+        assert logits.keys() == outs[0][1].keys()
+        assert len(logits) == sum(len(r.tokens) + (r.finish_reason == "stop_token") for r in results)
+        for key, x in logits.items():
+            assert np.array_equal(x, outs[0][1][key]), key
 
 
 def test_fork_after_use_neither_hangs_nor_changes_results(tmp_path):

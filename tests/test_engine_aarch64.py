@@ -72,17 +72,24 @@ def test_neon_is_chosen_at_run_time_and_capped_by_gpt2s_isa():
     assert capped["isa"] == capped["kernels"] == "scalar" and not capped["asimd"], capped
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
 @pytest.mark.parametrize("isa", ISAS)
 def test_logits_match_pytorch_at_every_step(model, files, isa, dtype):  # noqa: F811 (fixtures)
+    # int8 on "neon" is the widening int8 product (no sdot); on neondot, sdot (below).
     _check_logits(model, files, isa, dtype, **ARM)
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_int8_logits_on_neondot(model, files):  # noqa: F811 (fixtures)
+    # The uncapped process picks neondot (test above): int8 weights multiplied with sdot.
+    _check_logits(model, files, "native", "int8", **ARM)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
 @pytest.mark.parametrize("shape", [WIDE, ODD], ids=["wide", "odd"])
 def test_shapes_on_neon(tmp_path, shape, dtype):
     # test_engine.py's wide matrices (several slices, row groups, a partial row block) and odd
-    # widths (bf16 pairs padded with a zero, a partial last panel: NEON's panel is 20 outputs).
+    # widths (bf16 pairs and int8 quads padded with zeros, a partial last panel: NEON's panel is 20
+    # outputs).
     # NEON only, to bound the time under emulation: the portable kernels are the same source as
     # x86's scalar table, which test_engine.py runs on these shapes.
     _check_shape(tmp_path, *shape, "neon", dtype, **ARM)

@@ -352,6 +352,20 @@ def test_bad_arguments(cuda_module, small):
 # ---- the backend choice, here and everywhere ---------------------------------------------------
 
 
+def test_int8_files_are_refused_with_the_fix_and_auto_runs_them_on_the_cpu(cuda_backend, small, tmp_path):
+    # The CUDA engine runs fp32 and bf16 files only: an int8 one is a ValueError naming the fix,
+    # never a crash; backend="auto" takes such a file to the CPU engine instead.
+    model, files = small
+    path = export(model, tmp_path / "bytes.int8.bin", "int8", tokenizer_dir=os.path.dirname(files["fp32"]) + "/tok", progress=False)
+    with pytest.raises(ValueError, match=r"int8 weights, which the CUDA engine does not run: export it with dtype 'bf16'"):
+        cuda_backend.Engine(str(path))
+    with pytest.raises(ValueError, match="export it with dtype 'bf16'"):
+        Engine(path, backend="cuda")
+    engine = Engine(path, backend="auto")
+    assert engine.backend == "cpu" and engine.dtype == "int8"
+    assert Engine(files["bf16"], backend="auto").backend == "cuda"
+
+
 def test_auto_falls_back_to_the_cpu_here(small, capfd, caplog, monkeypatch):
     # Whatever this machine has: no GPU means the CPU; a CUDA build that cannot run says so (once),
     # without a CUDA build nothing is printed, logged or warned.

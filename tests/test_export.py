@@ -19,7 +19,7 @@ import torch
 import format_reader as fr
 from reference import TINY, random_gpt2
 from gpt_2_simple.config import GPT2Config
-from gpt_2_simple.export import engine_file, export, export_hf, inspect, read_tokenizer, to_bf16, verify, write_tokenizer_files
+from gpt_2_simple.export import FORMAT_VERSION, engine_file, export, export_hf, inspect, read_tokenizer, to_bf16, verify, write_tokenizer_files
 from gpt_2_simple.tokenizer import BUNDLED_DIR, END_OF_TEXT, get_encoder
 
 MATRICES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -73,6 +73,38 @@ def test_round_trip_is_bit_exact(model, exported, dtype):
     for e in engine["tensors"]:
         assert e["offset"] % 64 == 0
         assert e["dtype"] == (dtype if e["name"] in ("wte.weight", "wpe.weight") or e["name"].endswith(MATRICES) else "fp32")
+
+
+def test_int8_round_trip_follows_the_spec(model, exported, tmp_path):
+    """An int8 file read by the spec's reader: version 2, each weight row q (int8) and its scale as
+    docs/format.md defines them (computed here from the spec in float64 where it allows), and
+    what the engine's views point at; biases and LayerNorms stay fp32, exactly."""
+    path = export(model, tmp_path / "tiny.int8.bin", "int8", progress=False)
+    ours = fr.read(path)
+    engine = inspect(path, verify=True, data=True)
+    assert ours["header"]["version"] == 2 and ours["header"]["dtype"] == 2 and engine["dtype"] == "int8"
+    for name, source in model.state_dict().items():
+        expected = stored(name, source.numpy())
+        if name not in ours["scales"]:
+            np.testing.assert_array_equal(ours["tensors"][name], expected, err_msg=name)
+            continue
+        q, scales = ours["tensors"][name], ours["scales"][name]
+        amax = np.abs(expected).max(axis=1).astype(np.float64)
+        np.testing.assert_array_equal(scales, np.float32(amax / 127.0), err_msg=name)
+        assert q.min() >= -127 and q.max() <= 127 and (np.abs(q).max(axis=1) == 127).all(), name
+        # Nearest: |row - s q| <= s / 2 (up to the float32 division's rounding).
+        assert (np.abs(expected - scales[:, None] * q.astype(np.float32)) <= scales[:, None] * (0.5 + 1e-5)).all(), name
+        assert engine["data"][name] == q.tobytes() and engine["data"][name + ".scales"] == scales.tobytes(), name
+    assert os.path.getsize(path) < 0.33 * os.path.getsize(exported["fp32"])  # the tokenizer (1 MB) is the rest
+
+
+def test_fp32_and_bf16_files_keep_format_version_1(exported):
+    """Files without int8 weights are written in version 1's layout, which every earlier
+    gpt_2_simple reads, and this one loads them (int8 files are version 2)."""
+    for dtype, path in exported.items():
+        assert fr.header(Path(path).read_bytes())["version"] == 1, dtype
+        info = inspect(path, verify=True)
+        assert info["version"] == 1 and info["dtype"] == dtype
 
 
 def test_header_describes_the_model(model, exported):
@@ -211,13 +243,13 @@ def data_offset_of(buf, name):
 
 CASES = {
     "bad magic": (lambda b: b.__setitem__(slice(0, 8), b"GGUF\0\0\0\0"), False, r"is not a gpt_2_simple model file \(it starts with 'GGUF\.\.\.\.'"),
-    "newer version": (lambda b: set_header(b, "version", 2), False, r"written by a newer gpt_2_simple \(format version 2; this one reads version 1\): upgrade"),
+    "newer version": (lambda b: set_header(b, "version", 3), False, r"written by a newer gpt_2_simple \(format version 3; this one reads version 2\): upgrade"),
     "version 0": (lambda b: set_header(b, "version", 0), False, "format version 0 does not exist"),
     "file_size lies": (lambda b: set_header(b, "file_size", len(b) + 1000), True, r"is truncated: it has \d+ bytes but its header says \d+ \(1000 bytes missing"),
     "header crc": (lambda b: b.__setitem__(fr.header(b)["tokenizer_offset"] + 900, 0x55), False, "header checksum mismatch .*re-export it with `gpt_2_simple export`"),
     "reserved byte": (lambda b: b.__setitem__(115, 1), True, "reserved header byte 115 is not zero"),
     "incompatible flag": (lambda b: set_header(b, "flags", 1 << 20), True, r"uses features this gpt_2_simple does not know \(flags 0x100000\)"),
-    "int8": (lambda b: set_header(b, "dtype", 2), True, "holds int8 weights, which this version of gpt_2_simple cannot run"),
+    "int8 in version 1": (lambda b: set_header(b, "dtype", 2), True, r"its weights are int8 \(dtype code 2\), which format version 1 does not have"),
     "unknown dtype": (lambda b: set_header(b, "dtype", 7), True, "unknown weight dtype code 7"),
     "zero dim": (lambda b: set_header(b, "n_embd", 0), True, "header field n_embd is 0; it must be 1..2147483647"),
     "huge dim": (lambda b: set_header(b, "n_vocab", 0xFFFFFFFF), True, "header field n_vocab is 4294967295"),
@@ -250,6 +282,45 @@ CASES = {
     "tensors overlap": (lambda b: set_entry(b, "h.1.ln_1.bias", "offset", data_offset_of(b, "h.1.ln_1.weight")), True, "tensors h.1.ln_1.(weight|bias) and h.1.ln_1.(weight|bias) overlap"),
     "reserved entry": (lambda b: set_entry(b, "wte.weight", "scales_offset", 64), True, "tensor wte.weight's reserved fields are not zero"),
 }
+
+
+def scales_offset_of(buf, name):
+    return fr.entries(buf)[entry_index(buf, name)]["scales_offset"]
+
+
+# The same on an int8 file (format version 2): its tensors' scales (docs/format.md, "int8").
+INT8_CASES = {
+    "scales size": (lambda b: set_entry(b, "h.0.mlp.c_fc.weight", "scales_nbytes", 4), "tensor h.0.mlp.c_fc.weight has 4 bytes of scales but its 64 rows need 256"),
+    "scales misaligned": (lambda b: set_entry(b, "wte.weight", "scales_offset", scales_offset_of(b, "wte.weight") + 4), r"tensor wte.weight's scales \(offset \d+\) are not 64-byte aligned"),
+    "scales past end": (lambda b: set_entry(b, "wpe.weight", "scales_offset", (1 << 64) - 64), "tensor wpe.weight's scales"),
+    "scales in header": (lambda b: set_entry(b, "wpe.weight", "scales_offset", 0), "tensor wpe.weight's scales"),
+    "scales overlap": (lambda b: set_entry(b, "h.1.attn.c_proj.weight", "scales_offset", data_offset_of(b, "h.1.attn.c_proj.weight")),
+                       r"tensors h.1.attn.c_proj.weight('s scales)? and h.1.attn.c_proj.weight('s scales)? overlap"),
+    "scales on fp32 tensor": (lambda b: set_entry(b, "h.0.ln_1.bias", "reserved", 5), "tensor h.0.ln_1.bias's reserved fields are not zero"),
+    "fp32 matrix": (lambda b: set_entry(b, "h.0.attn.c_attn.weight", "dtype", 0), r"tensor h.0.attn.c_attn.weight has dtype code 0, expected 2 \(int8\)"),
+}
+
+
+@pytest.fixture(scope="module")
+def small_int8_file(tmp_path_factory) -> bytes:
+    return fr.small_model_file(tmp_path_factory.mktemp("small8"), "int8").read_bytes()
+
+
+@pytest.mark.parametrize("case", list(INT8_CASES))
+def test_loader_rejects_damaged_int8_tables(small_int8_file, tmp_path, case):
+    edit, message = INT8_CASES[case]
+    with pytest.raises(ValueError, match=message):
+        inspect(forge(small_int8_file, tmp_path, edit))
+
+
+def test_int8_scale_corruption_is_found_by_full_verification(small_int8_file, tmp_path):
+    buf = bytearray(small_int8_file)
+    buf[scales_offset_of(buf, "h.1.mlp.c_fc.weight") + 6] ^= 0x01
+    path = tmp_path / "model.bin"
+    path.write_bytes(bytes(buf))
+    inspect(path)
+    with pytest.raises(ValueError, match=r"tensor h.1.mlp.c_fc.weight's scales fail their checksum .*re-export it"):
+        verify(path)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -322,7 +393,7 @@ def test_format_error_is_a_value_error():
     from gpt_2_simple import _engine
 
     assert issubclass(_engine.FormatError, ValueError)
-    assert _engine.FORMAT_VERSION == 1
+    assert _engine.FORMAT_VERSION == 2 == FORMAT_VERSION
 
 
 # --- HuggingFace folder -------------------------------------------------------------------------

@@ -124,12 +124,12 @@ def run(base_path: Path, seed: int, seconds: float, max_iterations: int, work: P
     return {"iterations": i, **counts, "distinct_messages": len(messages), "messages": dict(sorted(messages.items(), key=lambda kv: -kv[1]))}
 
 
-def fuzz(seconds: float, seed: int, max_iterations: int = 10**9, keep: Path | None = None) -> dict:
+def fuzz(seconds: float, seed: int, max_iterations: int = 10**9, keep: Path | None = None, dtype: str = "fp32") -> dict:
     """Build a base file, run the worker in a subprocess, return its summary (raise on a crash)."""
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(keep) if keep else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        base = fr.small_model_file(work, seed=seed)
+        base = fr.small_model_file(work, dtype, seed=seed)
         cmd = [sys.executable, __file__, "--worker", "--base", str(base), "--seed", str(seed), "--seconds", str(seconds),
                "--iterations", str(max_iterations), "--work", str(work)]
         result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
@@ -145,6 +145,14 @@ def test_fuzz_loader():
     summary = fuzz(seconds=120, seed=20240607, max_iterations=2000)
     assert summary["iterations"] == 2000, summary
     # The mutator must exercise both outcomes and many distinct checks, or the test proves nothing.
+    assert summary["accepted"] > 0 and summary["rejected"] > summary["iterations"] // 2, summary
+    assert summary["distinct_messages"] >= 15, summary
+
+
+def test_fuzz_loader_int8():
+    # The same on an int8 file (format version 2): its scales' offsets, sizes and checksums too.
+    summary = fuzz(seconds=120, seed=20261207, max_iterations=1000, dtype="int8")
+    assert summary["iterations"] == 1000, summary
     assert summary["accepted"] > 0 and summary["rejected"] > summary["iterations"] // 2, summary
     assert summary["distinct_messages"] >= 15, summary
 

@@ -583,6 +583,11 @@ DeviceInfo device_info(int device) {
 }
 
 std::unique_ptr<Backend> make_cuda_backend(const ModelWeights& weights, const CudaOptions& options) {
+  if (weights.dtype == DType::I8) {
+    throw std::invalid_argument(
+        "this model file holds int8 weights, which the CUDA engine does not run: export it with dtype 'bf16' (or 'fp32') "
+        "for the GPU (`gpt_2_simple export --dtype bf16`), or use backend='cpu' for int8");
+  }
   std::string dtype = options.dtype;
   if (dtype.empty()) dtype = weights.dtype == DType::BF16 ? "bf16" : "fp32";
   if (dtype != "fp32" && dtype != "bf16" && dtype != "fp16") {

@@ -12,6 +12,7 @@
 #include <stdexcept>
 #include <utility>
 
+#include "engine/format.h"
 #include "engine/philox.h"
 
 namespace gpt2s {
@@ -23,7 +24,7 @@ namespace {
 void release_pages(const TensorView& t) {
   const long page = sysconf(_SC_PAGESIZE);
   const auto begin = reinterpret_cast<uintptr_t>(t.data);
-  const uintptr_t end = begin + uintptr_t(t.rows * t.cols) * (t.dtype == DType::F32 ? 4 : 2);
+  const uintptr_t end = begin + uintptr_t(t.rows * t.cols) * dtype_size(t.dtype);
   const uintptr_t first = (begin + page - 1) / page * page, last = end / page * page;
   if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
 }
@@ -31,7 +32,8 @@ void release_pages(const TensorView& t) {
 }  // namespace
 
 CpuBackend::CpuBackend(const ModelWeights& weights, int threads)
-    : w_(weights), kernels_(best_kernels()), pool_(threads), kv_dtype_(weights.dtype) {
+    // A bf16 model keeps its KV cache in bf16; fp32 and int8 models in fp32.
+    : w_(weights), kernels_(best_kernels()), pool_(threads), kv_dtype_(weights.dtype == DType::BF16 ? DType::BF16 : DType::F32) {
   // Every matrix a matmul reads, in order, and where its packed copy goes.
   std::vector<std::pair<const TensorView*, PackedMatrix*>> matrices;
   layers_.resize(w_.h.size());
@@ -55,7 +57,9 @@ CpuBackend::CpuBackend(const ModelWeights& weights, int threads)
   // top-k step in fp32 and 3-14% in bf16. GPT2S_SCREEN=0 turns it off.
   const int64_t V = w_.wte.rows, C = w_.wte.cols;
   const char* want = std::getenv("GPT2S_SCREEN");
-  if (kernels_.screen != nullptr && !(want != nullptr && std::strcmp(want, "0") == 0)) {
+  // An int8 model has no screen: its head is already the int8 product the screen's first pass
+  // computes (docs/engine.md, "int8 weights"), and there is no fp32 wte for exact logits.
+  if (kernels_.screen != nullptr && w_.dtype != DType::I8 && !(want != nullptr && std::strcmp(want, "0") == 0)) {
     screen_panels_.resize(kernels_.screen_bytes(V, C));
     screen_arrays_.resize(4 * ((V + kernels_.panel - 1) / kernels_.panel * kernels_.panel));
     ScreenMatrix s = screen_matrix(screen_panels_.data(), screen_arrays_.data(), V, C, kernels_.panel);
@@ -71,12 +75,13 @@ CpuBackend::CpuBackend(const ModelWeights& weights, int threads)
     uint8_t* out = packed_.data() + offsets[i];
     // In slices of whole panels (about 16 MiB of the file each), each released once packed, so
     // the process never holds much more than one copy of the weights (wte alone is 150 MiB).
-    const int64_t row_bytes = view.cols * (view.dtype == DType::F32 ? 4 : 2);
+    const int64_t row_bytes = view.cols * int64_t(dtype_size(view.dtype));
     const int64_t slice = std::max<int64_t>(1, (int64_t(16) << 20) / (row_bytes * kernels_.panel)) * kernels_.panel;
     for (int64_t r0 = 0; r0 < view.rows; r0 += slice) {
       TensorView part = view;
       part.data = static_cast<const uint8_t*>(view.data) + r0 * row_bytes;
       part.rows = std::min(slice, view.rows - r0);
+      if (view.scales != nullptr) part.scales = view.scales + r0;
       kernels_.pack(pool_, part, out + kernels_.packed_bytes(r0, view.cols, view.dtype));
       if (view.data != w_.wte.data || screen_.data == nullptr) release_pages(part);
     }
@@ -107,7 +112,7 @@ void CpuBackend::reserve(int32_t slots, int32_t ctx, int32_t max_step_tokens) {
   xf_.resize(int64_t(slots) * C);
   logits_.resize(int64_t(slots) * V);
   scores_.resize(int64_t(pool_.size()) * ctx);
-  xb_.resize(w_.dtype == DType::BF16 ? 2 * N * (4 * C + 2) : 0);
+  xb_.resize(w_.dtype != DType::F32 ? 2 * N * (4 * C + 2) : 0);  // bf16 rows, or int8 rows and their scales
   if (screen_.data != nullptr) {
     xq_.resize(int64_t(slots) * (C + 3));
     screen_rows_.resize(int64_t(slots) * (5 + 2 * ((V + kernels_.panel - 1) / kernels_.panel)));

@@ -110,11 +110,12 @@ const char* dtype_name(DType dtype) {
   switch (dtype) {
     case DType::F32: return "fp32";
     case DType::BF16: return "bf16";
+    case DType::I8: return "int8";
   }
   return "unknown";
 }
 
-size_t dtype_size(DType dtype) { return dtype == DType::BF16 ? 2 : 4; }
+size_t dtype_size(DType dtype) { return dtype == DType::BF16 ? 2 : dtype == DType::I8 ? 1 : 4; }
 
 uint32_t crc32(uint32_t crc, const void* data, size_t n) {
   const auto& t = crc_tables().t;
@@ -247,7 +248,7 @@ void LoadedModel::parse() {
   if (version_ > kFormatVersion)
     fail(cat("was written by a newer gpt_2_simple (format version ", version_, "; this one reads version ", kFormatVersion,
              "): upgrade gpt_2_simple, or re-export the model with this version"));
-  if (version_ != kFormatVersion) damaged(cat("format version ", version_, " does not exist"));
+  if (version_ < 1) damaged(cat("format version ", version_, " does not exist"));
   if (read<uint32_t>(b + 12) != kHeaderSize) damaged(cat("header_size is ", read<uint32_t>(b + 12), ", not 128"));
   if (read<uint32_t>(b + 68) != kTableEntrySize) damaged(cat("table_entry_size is ", read<uint32_t>(b + 68), ", not 128"));
   for (int i = 112; i < 124; ++i)
@@ -271,9 +272,8 @@ void LoadedModel::parse() {
   const uint64_t V = cfg[0], C = cfg[2], NH = cfg[3], L = cfg[4];
   if (C % NH) damaged(cat("n_embd (", C, ") is not a multiple of n_head (", NH, ")"));
   const uint32_t dtype_code = read<uint32_t>(b + 44);
-  if (dtype_code == 2)
-    fail("holds int8 weights, which this version of gpt_2_simple cannot run: upgrade gpt_2_simple, or re-export the model with --dtype fp32 or bf16");
   if (dtype_code > 2) damaged(cat("unknown weight dtype code ", dtype_code));
+  if (dtype_code == 2 && version_ < 2) damaged("its weights are int8 (dtype code 2), which format version 1 does not have");
   const int32_t eot = read<int32_t>(b + 52);
   if (eot < -1 || static_cast<int64_t>(eot) >= static_cast<int64_t>(V))
     damaged(cat("eot_token is ", eot, ", outside the vocabulary of ", V, " tokens"));
@@ -390,8 +390,19 @@ void LoadedModel::parse() {
       fail(cat("has tensor ", x.name, " of shape ", (ndim == 1 || ndim == 2 ? shape_str(static_cast<int>(ndim), d0, d1) : cat(ndim, "-d")),
                " but the header's config (n_vocab=", V, ", n_ctx=", cfg[1], ", n_embd=", C, ", n_layer=", L, ") needs ",
                shape_str(x.ndim, x.rows, x.cols), ": the file is damaged; ", kReexport));
-    if (read<uint64_t>(e + 104) != 0 || read<uint64_t>(e + 112) != 0 || read<uint32_t>(e + 124) != 0)
+    info.scales_offset = read<uint64_t>(e + 104);
+    info.scales_nbytes = read<uint64_t>(e + 112);
+    info.scales_crc32 = read<uint32_t>(e + 124);
+    if (x.dtype == DType::I8) {  // (rows) fp32 scales, 64-byte aligned inside the data
+      uint64_t scales_end;
+      if (info.scales_nbytes != 4 * x.rows)  // rows < 2^31
+        damaged(cat("tensor ", x.name, " has ", info.scales_nbytes, " bytes of scales but its ", x.rows, " rows need ", 4 * x.rows));
+      if (info.scales_offset % kAlignment || info.scales_offset < data_offset ||
+          !checked_add(info.scales_offset, info.scales_nbytes, &scales_end) || scales_end > size_)
+        damaged(cat("tensor ", x.name, "'s scales (offset ", info.scales_offset, ") are not 64-byte aligned inside the data"));
+    } else if (info.scales_offset != 0 || info.scales_nbytes != 0 || info.scales_crc32 != 0) {
       damaged(cat("tensor ", x.name, "'s reserved fields are not zero"));
+    }
     uint64_t nbytes;
     if (!checked_mul(x.rows, x.ndim == 2 ? x.cols : 1, &nbytes) || !checked_mul(nbytes, dtype_size(x.dtype), &nbytes))
       damaged(cat("tensor ", x.name, " of shape ", shape_str(x.ndim, x.rows, x.cols), " is too large to address"));
@@ -407,19 +418,27 @@ void LoadedModel::parse() {
     info.shape[0] = static_cast<int64_t>(x.rows);
     info.shape[1] = static_cast<int64_t>(x.cols);
     *x.slot = TensorView{b + info.offset, x.dtype, x.ndim == 2 ? static_cast<int64_t>(x.rows) : 1,
-                         static_cast<int64_t>(x.ndim == 2 ? x.cols : x.rows)};
+                         static_cast<int64_t>(x.ndim == 2 ? x.cols : x.rows),
+                         x.dtype == DType::I8 ? reinterpret_cast<const float*>(b + info.scales_offset) : nullptr};
   }
   for (const Expected& x : expected)
     if (x.entry < 0)
       damaged(cat("tensor ", x.name, " is missing (the table has ", n_tensors, " entries; a ", L, "-layer model has ", n_expected, ")"));
 
-  std::vector<const TensorInfo*> by_offset;
-  by_offset.reserve(tensors_.size());
-  for (const TensorInfo& t : tensors_) by_offset.push_back(&t);
-  std::sort(by_offset.begin(), by_offset.end(), [](const TensorInfo* x, const TensorInfo* y) { return x->offset < y->offset; });
-  for (size_t i = 1; i < by_offset.size(); ++i)
-    if (by_offset[i - 1]->offset + by_offset[i - 1]->nbytes > by_offset[i]->offset)
-      damaged(cat("tensors ", by_offset[i - 1]->name, " and ", by_offset[i]->name, " overlap"));
+  struct Region {
+    uint64_t offset, nbytes;
+    std::string name;
+  };
+  std::vector<Region> regions;  // every tensor's data, and an int8 tensor's scales
+  regions.reserve(2 * tensors_.size());
+  for (const TensorInfo& t : tensors_) {
+    regions.push_back({t.offset, t.nbytes, t.name});
+    if (t.dtype == DType::I8) regions.push_back({t.scales_offset, t.scales_nbytes, t.name + "'s scales"});
+  }
+  std::sort(regions.begin(), regions.end(), [](const Region& x, const Region& y) { return x.offset < y.offset; });
+  for (size_t i = 1; i < regions.size(); ++i)
+    if (regions[i - 1].offset + regions[i - 1].nbytes > regions[i].offset)
+      damaged(cat("tensors ", regions[i - 1].name, " and ", regions[i].name, " overlap"));
 }
 
 namespace {
@@ -472,14 +491,22 @@ void LoadedModel::check_tokenizer(const uint8_t* kinds) const {
 
 void LoadedModel::verify_data() const {
   const int64_t n = static_cast<int64_t>(tensors_.size());
-  std::vector<uint32_t> crcs(tensors_.size());
+  std::vector<uint32_t> crcs(tensors_.size()), scale_crcs(tensors_.size());
   // One tensor per task: wte (the largest) starts first, the layers share the other threads.
 #pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t i = 0; i < n; ++i) crcs[i] = crc32(0, base_ + tensors_[i].offset, tensors_[i].nbytes);
-  for (int64_t i = 0; i < n; ++i)
+  for (int64_t i = 0; i < n; ++i) {
+    crcs[i] = crc32(0, base_ + tensors_[i].offset, tensors_[i].nbytes);
+    if (tensors_[i].dtype == DType::I8) scale_crcs[i] = crc32(0, base_ + tensors_[i].scales_offset, tensors_[i].scales_nbytes);
+  }
+  for (int64_t i = 0; i < n; ++i) {
     if (crcs[i] != tensors_[i].crc32)
       throw FormatError(cat(path_, " is damaged: tensor ", tensors_[i].name, " fails its checksum (stored ", hex(tensors_[i].crc32),
                             ", computed ", hex(crcs[i]), "): its weights were corrupted after export; ", kReexport));
+    if (tensors_[i].dtype == DType::I8 && scale_crcs[i] != tensors_[i].scales_crc32)
+      throw FormatError(cat(path_, " is damaged: tensor ", tensors_[i].name, "'s scales fail their checksum (stored ",
+                            hex(tensors_[i].scales_crc32), ", computed ", hex(scale_crcs[i]),
+                            "): its weights were corrupted after export; ", kReexport));
+  }
 }
 
 }  // namespace gpt2s

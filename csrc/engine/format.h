@@ -17,7 +17,9 @@
 namespace gpt2s {
 
 inline constexpr char kFormatMagic[8] = {'G', 'P', 'T', '2', 'S', 'B', 'I', 'N'};
-inline constexpr uint32_t kFormatVersion = 1;
+// Version 2 added int8 weights (dtype code 2, per-row scales); writers still write version 1 for
+// fp32 and bf16 files, which every reader so far reads, and the loader reads both.
+inline constexpr uint32_t kFormatVersion = 2;
 inline constexpr uint64_t kHeaderSize = 128;
 inline constexpr uint64_t kTableEntrySize = 128;
 inline constexpr uint64_t kAlignment = 64;
@@ -70,6 +72,10 @@ struct TensorInfo {
   uint64_t offset = 0;
   uint64_t nbytes = 0;
   uint32_t crc32 = 0;
+  // int8 tensors (version 2): their (rows) fp32 scales, elsewhere in the data, with their own CRC-32.
+  uint64_t scales_offset = 0;
+  uint64_t scales_nbytes = 0;
+  uint32_t scales_crc32 = 0;
 };
 
 // How to load a model file.

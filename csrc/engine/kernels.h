@@ -55,12 +55,14 @@ struct Kernels {
   int64_t panel;
   // Bytes that pack() writes for a stored (N, K) matrix of `dtype`.
   int64_t (*packed_bytes)(int64_t N, int64_t K, DType dtype);
-  // Rearranges the stored (N, K) matrix w (fp32 or bf16) into out (64-byte aligned). Parallel.
+  // Rearranges the stored (N, K) matrix w (fp32, bf16, or int8 with its row scales) into out
+  // (64-byte aligned). Parallel.
   void (*pack)(ThreadPool& pool, const TensorView& w, void* out);
 
   // y (M, N) = epilogue(x (M, K) @ w (N, K)^T + bias (N)); bias may be null. For bf16 weights the
   // activations are rounded to bf16 once (into xb: M * (K + 1) values) and multiplied with fp32
-  // accumulation. Parallel over N.
+  // accumulation; for int8 weights each row is quantized to int8 (per row, into xb's memory) and
+  // the products summed exactly in int32. Parallel over N.
   void (*matmul)(ThreadPool& pool, const float* x, int64_t M, int64_t K, const PackedMatrix& w, const float* bias,
                  float* y, Epilogue epilogue, uint16_t* xb);
 

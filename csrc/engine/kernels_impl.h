@@ -65,9 +65,16 @@ constexpr int kRowBlock = 2, kPanelVecs = 4;
 constexpr int64_t kPanel = kPanelVecs * kLanes;  // outputs per panel
 
 inline int64_t pairs(int64_t K) { return (K + 1) / 2; }
+inline int64_t quads(int64_t K) { return (K + 3) / 4; }
+
+// An int8 panel (the "int8 weights" section below): (quads(K), kPanel, 4) bytes of weights, then
+// the panel's kPanel fp32 scales and kPanel int32 sums of q.
+inline int64_t i8_weight_bytes(int64_t K) { return quads(K) * kPanel * 4; }
+inline int64_t i8_panel_bytes(int64_t K) { return i8_weight_bytes(K) + kPanel * 8; }
 
 int64_t packed_bytes(int64_t N, int64_t K, DType dtype) {
   const int64_t panels = (N + kPanel - 1) / kPanel;
+  if (dtype == DType::I8) return panels * i8_panel_bytes(K);
   return dtype == DType::F32 ? panels * K * kPanel * 4 : panels * pairs(K) * kPanel * 2 * 2;
 }
 
@@ -163,7 +170,10 @@ struct PackJob {
   void* out;
 };
 
+void pack_i8(ThreadPool& pool, const TensorView& w, void* out);  // int8 weights, below
+
 void pack(ThreadPool& pool, const TensorView& w, void* out) {
+  if (w.dtype == DType::I8) return pack_i8(pool, w, out);
   PackJob job{&w, out};
   const int64_t panels = (w.rows + kPanel - 1) / kPanel;
   parallel_chunks(pool, panels, w.rows * w.cols, +[](void* ptr, int64_t p, int) {
@@ -354,8 +364,12 @@ inline int64_t panels_per_chunk(int64_t n_panels, const ThreadPool& pool) {
   return per < 1 ? 1 : per > kMaxChunkPanels ? kMaxChunkPanels : per;
 }
 
+void matmul_i8(ThreadPool& pool, const float* x, int64_t M, int64_t K, const PackedMatrix& w, const float* bias, float* y,
+               Epilogue epilogue, uint8_t* scratch);  // int8 weights, below
+
 void matmul(ThreadPool& pool, const float* x, int64_t M, int64_t K, const PackedMatrix& w, const float* bias, float* y,
             Epilogue epilogue, uint16_t* xb) {
+  if (w.dtype == DType::I8) return matmul_i8(pool, x, M, K, w, bias, y, epilogue, reinterpret_cast<uint8_t*>(xb));
   const int64_t N = w.rows, n_panels = (N + kPanel - 1) / kPanel;
   MatmulJob job{x, M, K, K, &w, bias, y, epilogue, panels_per_chunk(n_panels, pool)};
   if (w.dtype == DType::BF16) {
@@ -386,10 +400,6 @@ inline float round_up(double d) {
   if (double(f) < d) f = __builtin_nextafterf(f, __builtin_inff());
   return f;
 }
-
-inline int64_t quads(int64_t K) { return (K + 3) / 4; }
-
-#if defined(GPT2S_INT8_DOT)
 
 // x rows: bytes q + kQuantOffset (stride a multiple of 4, kQuantOffset past K); panel:
 // (quads(K), kPanel, 4) s8 weights. Lane i gains four products, exactly, in int32 (held in a
@@ -523,6 +533,8 @@ Quantized quantize_row(Load load, int64_t K, uint8_t* out, int64_t quad_stride, 
   return {scale, q_sum, __builtin_sqrt(e), __builtin_sqrt(n), finite};
 }
 #endif
+
+#if defined(GPT2S_INT8_DOT)
 
 bool pack_screen(ThreadPool& pool, const TensorView& w, ScreenMatrix& out) {
   ScreenPackJob job{&w, &out, 0};
@@ -710,6 +722,105 @@ void exact_logits(const float* x, const TensorView& w, const int32_t* ids, int64
 #else
 #define GPT2S_SCREEN_KERNELS nullptr, nullptr, nullptr, nullptr
 #endif
+
+// ---------------------------------------------------------------------------------------------
+// int8 weights (docs/engine.md "int8 weights"; format version 2: int8 q with one fp32 scale s_w
+// per output row). Packed into the screen's panel layout, (quads(K), kPanel, 4) bytes followed by
+// the panel's kPanel scales and kPanel sums of q (what vpdpbusd's offset multiplies), and
+// multiplied by panel_sums<WeightsI8> like the screen: each activation row is quantized per row
+// as wte's rows are for the screen (quantize_row: s_x = max |x| / 127, q_x = round(x / s_x)), the
+// products of a whole row summed exactly in int32 (|sum| <= 127^2 K < 2^31 for K < 133,000), then
+// y = epilogue(float(sum) * (s_x * s_w) + bias), lane by lane. Integer sums in any order are exact
+// and the quantization is per row, so a row's outputs never depend on its batch.
+
+// Panel p of the stored int8 w (rows of K bytes, scales per row) into out: words of four inputs,
+// kPackTile of each row at a time (as pack_panel); -128, which export never writes, is taken as
+// -127 so that no product can overflow the int16 pairs of vpmaddubsw.
+void pack_panel_i8(const TensorView& w, int64_t p, uint8_t* out) {
+  constexpr int64_t kPackTile = 16;
+  const int64_t N = w.rows, K = w.cols, Q = quads(K), rows = min64(kPanel, N - p * kPanel);
+  const int8_t* first = static_cast<const int8_t*>(w.data) + p * kPanel * K;
+  float* scale = reinterpret_cast<float*>(out + i8_weight_bytes(K));
+  int32_t* sum = reinterpret_cast<int32_t*>(scale + kPanel);
+  for (int64_t i = 0; i < kPanel; ++i) sum[i] = 0;
+  for (int64_t q0 = 0; q0 < Q; q0 += kPackTile) {
+    const int64_t qn = min64(kPackTile, Q - q0);
+    for (int64_t i = 0; i < kPanel; ++i) {
+      const int8_t* row = first + i * K;
+      int32_t s = 0;
+      for (int64_t q = q0; q < q0 + qn; ++q) {
+        int8_t quad[4] = {0, 0, 0, 0};
+        for (int64_t b = 0; b < 4 && i < rows && 4 * q + b < K; ++b) {
+          quad[b] = row[4 * q + b] < -127 ? int8_t(-127) : row[4 * q + b];
+          s += quad[b];
+        }
+        __builtin_memcpy(out + (q * kPanel + i) * 4, quad, 4);
+      }
+      sum[i] += s;
+    }
+  }
+  for (int64_t i = 0; i < kPanel; ++i) scale[i] = i < rows ? w.scales[p * kPanel + i] : 0.0f;
+}
+
+void pack_i8(ThreadPool& pool, const TensorView& w, void* out) {
+  PackJob job{&w, out};
+  const int64_t panels = (w.rows + kPanel - 1) / kPanel;
+  parallel_chunks(pool, panels, w.rows * w.cols, +[](void* ptr, int64_t p, int) {
+    const PackJob& j = *static_cast<const PackJob*>(ptr);
+    pack_panel_i8(*j.w, p, static_cast<uint8_t*>(j.out) + p * i8_panel_bytes(j.w->cols));
+  }, &job);
+}
+
+struct MatmulI8Job {
+  MatmulJob m;      // x: (M, ldx) quantized rows (q + kQuantOffset)
+  const float* sx;  // (M) their scales
+};
+
+void matmul_i8_chunk(void* job_ptr, int64_t c, int /*thread*/) {
+  const MatmulI8Job& job = *static_cast<const MatmulI8Job*>(job_ptr);
+  const MatmulJob& j = job.m;
+  const int64_t N = j.w->rows, n_panels = (N + kPanel - 1) / kPanel;
+  alignas(64) float acc[kGroupRows * kPanel];  // int32 sums in float bits, then the outputs
+  for (int64_t p = c * j.panels; p < min64(n_panels, (c + 1) * j.panels); ++p) {
+    const uint8_t* panel = static_cast<const uint8_t*>(j.w->data) + p * i8_panel_bytes(j.K);
+    const float* scale = reinterpret_cast<const float*>(panel + i8_weight_bytes(j.K));
+    const int32_t* sum = reinterpret_cast<const int32_t*>(scale + kPanel);
+    const int64_t n0 = p * kPanel, valid = min64(kPanel, N - n0);
+    for (int64_t m0 = 0; m0 < j.M; m0 += kGroupRows) {
+      const int64_t m1 = min64(j.M, m0 + kGroupRows);
+      panel_sums<WeightsI8>(static_cast<const uint8_t*>(j.x), j.ldx, j.K, panel, 0, m0, m1, acc);
+      for (int64_t m = m0; m < m1; ++m) {
+        float* a = acc + (m - m0) * kPanel;
+        const Vf sx = vset1(job.sx[m]);
+#pragma GCC unroll 8
+        for (int v = 0; v < kPanelVecs; ++v) {
+          vstore(a + v * kLanes, vmul(vdot_q_value(vload(a + v * kLanes), sum + v * kLanes), vmul(sx, vload(scale + v * kLanes))));
+        }
+        store_panel(a, j.bias ? j.bias + n0 : nullptr, j.y + m * N + n0, valid, j.epilogue);
+      }
+    }
+  }
+}
+
+// scratch: M floats (the rows' scales), then M rows of quads(K) * 4 bytes; M * (K + 1) uint16
+// values, as matmul() documents for xb, hold them for any K >= 5 (and the engine's K are larger).
+void matmul_i8(ThreadPool& pool, const float* x, int64_t M, int64_t K, const PackedMatrix& w, const float* bias, float* y,
+               Epilogue epilogue, uint8_t* scratch) {
+  const int64_t ldq = quads(K) * 4, n_panels = (w.rows + kPanel - 1) / kPanel;
+  float* sx = reinterpret_cast<float*>(scratch);
+  uint8_t* xq = scratch + M * 4;
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = x + m * K;
+    const Quantized q = quantize_row([&](int64_t k) { return row_floats(row, true, k, K); }, K, xq + m * ldq, 4, kQuantOffset != 0);
+    sx[m] = q.scale;
+    if (!q.finite) {  // a row with inf or NaN gives NaN outputs, as the fp32 matmul would
+      for (int64_t k = 0; k < ldq; ++k) xq[m * ldq + k] = uint8_t(kQuantOffset);
+      sx[m] = __builtin_nanf("");
+    }
+  }
+  MatmulI8Job job{{xq, M, K, ldq, &w, bias, y, epilogue, panels_per_chunk(n_panels, pool)}, sx};
+  parallel_chunks(pool, (n_panels + job.m.panels - 1) / job.m.panels, M * w.rows * K / 4, matmul_i8_chunk, &job);
+}
 
 // ---------------------------------------------------------------------------------------------
 
@@ -929,6 +1040,10 @@ void attention(ThreadPool& pool, const float* qkv, int64_t N, const int32_t* slo
 // Element (n, k) of a packed matrix (the layout of pack()), widened to fp32.
 inline float packed_at(const PackedMatrix& w, int64_t n, int64_t k) {
   const int64_t p = n / kPanel, i = n % kPanel, K = w.cols;
+  if (w.dtype == DType::I8) {
+    const uint8_t* panel = static_cast<const uint8_t*>(w.data) + p * i8_panel_bytes(K);
+    return float(int8_t(panel[((k / 4) * kPanel + i) * 4 + k % 4])) * reinterpret_cast<const float*>(panel + i8_weight_bytes(K))[i];
+  }
   if (w.dtype == DType::F32) return static_cast<const float*>(w.data)[(p * K + k) * kPanel + i];
   return bf16_to_f32(static_cast<const uint16_t*>(w.data)[((p * pairs(K) + k / 2) * kPanel + i) * 2 + k % 2]);
 }
@@ -949,8 +1064,10 @@ void embed(ThreadPool& pool, const PackedMatrix& wte, const TensorView& wpe, con
     const EmbedJob& j = *static_cast<const EmbedJob*>(p);
     float* xr = j.x + i * j.C;
     for (int64_t c = 0; c < j.C; ++c) {
-      const float pe = j.wpe->dtype == DType::F32 ? static_cast<const float*>(j.wpe->data)[j.pos[i] * j.C + c]
-                                                  : bf16_to_f32(static_cast<const uint16_t*>(j.wpe->data)[j.pos[i] * j.C + c]);
+      const int64_t at = j.pos[i] * j.C + c;
+      const float pe = j.wpe->dtype == DType::F32  ? static_cast<const float*>(j.wpe->data)[at]
+                       : j.wpe->dtype == DType::I8 ? float(static_cast<const int8_t*>(j.wpe->data)[at]) * j.wpe->scales[j.pos[i]]
+                                                   : bf16_to_f32(static_cast<const uint16_t*>(j.wpe->data)[at]);
       xr[c] = packed_at(*j.wte, j.tokens[i], c) + pe;
     }
   }, &job);

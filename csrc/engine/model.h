@@ -22,7 +22,7 @@ struct Config {
 enum class DType : uint32_t {
   F32 = 0,
   BF16 = 1,
-  // 2 is reserved for int8 weights with per-row fp32 scales.
+  I8 = 2,  // int8 weights, one fp32 scale per row (format version 2): weight = scales[row] * q
 };
 
 // A read-only view of one stored tensor, row-major. Matrix weights are stored (out, in), i.e.
@@ -33,6 +33,7 @@ struct TensorView {
   DType dtype = DType::F32;
   int64_t rows = 0;  // 1 for vectors
   int64_t cols = 0;
+  const float* scales = nullptr;  // (rows) for I8, else null
 };
 
 struct LayerWeights {

@@ -15,6 +15,9 @@
 // or unsigned q + kQuantOffset where the instruction wants it (AVX512-VNNI's vpdpbusd);
 // vdot_q_value(acc, sum_w) is then the exact sum of x q . w q as floats (sum_w: each output's
 // sum of its w q, which the offset multiplies).
+// The other builds (AVX-512 without VNNI, NEON without sdot, portable C++) have the same Vq
+// operations, slower, for int8 weights (kernels_impl.h) but not for the screen: GPT2S_INT8_DOT
+// stays undefined there.
 
 #if defined(__AVX512F__)
 
@@ -75,6 +78,20 @@ inline Vf vdot_q(Vf acc, Vq x, Vq w) { return {_mm512_castsi512_ps(_mm512_dpbusd
 inline Vf vdot_q_value(Vf acc, const int32_t* sum_w) {
   return {_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_castps_si512(acc.v), _mm512_slli_epi32(_mm512_loadu_si512(sum_w), 7)))};
 }
+#else
+// Without VNNI: vpmaddubsw on |x| and w carrying x's sign, as AVX2 below (AVX-512 has no vpsignb:
+// a masked negation instead; w is never -128, so negating it cannot overflow).
+constexpr int kQuantOffset = 0;
+struct Vq { __m512i v; };
+inline Vq vload_q(const uint8_t* p) { return {_mm512_loadu_si512(p)}; }
+inline Vq vbcast_quad(const uint8_t* p) { return {vbcast_pair(reinterpret_cast<const uint16_t*>(p)).v}; }
+inline Vf vdot_q(Vf acc, Vq x, Vq w) {
+  const __m512i w_signed = _mm512_mask_sub_epi8(w.v, _mm512_movepi8_mask(x.v), _mm512_setzero_si512(), w.v);
+  const __m512i pairs = _mm512_maddubs_epi16(_mm512_abs_epi8(x.v), w_signed);
+  const __m512i quads = _mm512_madd_epi16(pairs, _mm512_set1_epi16(1));
+  return {_mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(acc.v), quads))};
+}
+inline Vf vdot_q_value(Vf acc, const int32_t*) { return {_mm512_cvtepi32_ps(_mm512_castps_si512(acc.v))}; }
 #endif
 // kLanes floats rounded to bf16, nearest even, NaN kept quiet: bit for bit the scalar f32_to_bf16
 // of kernels_impl.h (not vcvtneps2bf16, which flushes denormals).
@@ -219,6 +236,18 @@ inline Vq vload_q(const uint8_t* p) { return {vreinterpretq_s8_u8(vld1q_u8(p))};
 inline Vq vbcast_quad(const uint8_t* p) { return {vreinterpretq_s8_u32(vbcast_pair(reinterpret_cast<const uint16_t*>(p)).v)}; }
 inline Vf vdot_q(Vf acc, Vq x, Vq w) { return {vreinterpretq_f32_s32(vdotq_s32(vreinterpretq_s32_f32(acc.v), x.v, w.v))}; }
 inline Vf vdot_q_value(Vf acc, const int32_t*) { return {vcvtq_f32_s32(vreinterpretq_s32_f32(acc.v))}; }
+#else
+// Without sdot: widening products, a quad's four summed pairwise in int16 (|pair| <= 2 * 127 *
+// 127 < 2^15), the pairs then added into the lane's int32.
+constexpr int kQuantOffset = 0;
+struct Vq { int8x16_t v; };
+inline Vq vload_q(const uint8_t* p) { return {vreinterpretq_s8_u8(vld1q_u8(p))}; }
+inline Vq vbcast_quad(const uint8_t* p) { return {vreinterpretq_s8_u32(vbcast_pair(reinterpret_cast<const uint16_t*>(p)).v)}; }
+inline Vf vdot_q(Vf acc, Vq x, Vq w) {
+  const int16x8_t lo = vmull_s8(vget_low_s8(x.v), vget_low_s8(w.v)), hi = vmull_high_s8(x.v, w.v);
+  return {vreinterpretq_f32_s32(vpadalq_s16(vreinterpretq_s32_f32(acc.v), vpaddq_s16(lo, hi)))};
+}
+inline Vf vdot_q_value(Vf acc, const int32_t*) { return {vcvtq_f32_s32(vreinterpretq_s32_f32(acc.v))}; }
 #endif
 inline void vstore_bf16(uint16_t* p, Vf a) {
   const uint32x4_t bits = vreinterpretq_u32_f32(a.v);
@@ -298,6 +327,35 @@ inline void vstore_bf16(uint16_t* p, Vf a) {
     p[i] = (bits & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t((bits >> 16) | 0x40) : uint16_t((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
   }
 }
+
+// int8 quads (no screen: GPT2S_INT8_DOT undefined), each lane's int32 sum in a float's bits.
+constexpr int kQuantOffset = 0;
+struct Vq { int8_t v[4 * kLanes]; };
+inline Vq vload_q(const uint8_t* p) {
+  Vq r;
+  __builtin_memcpy(r.v, p, sizeof(r.v));
+  return r;
+}
+inline Vq vbcast_quad(const uint8_t* p) {
+  Vq r;
+  for (int i = 0; i < 4 * kLanes; ++i) r.v[i] = int8_t(p[i % 4]);
+  return r;
+}
+inline Vf vdot_q(Vf acc, Vq x, Vq w) {
+  for (int i = 0; i < kLanes; ++i) {
+    int32_t s;
+    __builtin_memcpy(&s, &acc.v[i], 4);
+    for (int j = 0; j < 4; ++j) s += int32_t(x.v[4 * i + j]) * int32_t(w.v[4 * i + j]);
+    __builtin_memcpy(&acc.v[i], &s, 4);
+  }
+  return acc;
+}
+inline float lane_int_value(float a) {
+  int32_t s;
+  __builtin_memcpy(&s, &a, 4);
+  return float(s);
+}
+inline Vf vdot_q_value(Vf acc, const int32_t*) { GPT2S_LANES(lane_int_value(acc.v[i])); }
 #undef GPT2S_LANES
 
 #endif

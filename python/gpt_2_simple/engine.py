@@ -151,6 +151,14 @@ def _cuda_module(required: bool):
 _fallback_noticed: set[str] = set()
 
 
+def _holds_int8(path: str) -> bool:
+    """Whether the model file's header says int8 weights (docs/format.md: the dtype code at byte 44);
+    the loader validates the rest."""
+    with open(path, "rb") as f:
+        head = f.read(48)
+    return len(head) == 48 and head[:8] == b"GPT2SBIN" and int.from_bytes(head[44:48], "little") == 2
+
+
 def _notice_cpu_fallback(reason: str) -> None:
     """One line on stderr (a logging warning), once per process and reason, when backend="auto"
     finds a CUDA build that cannot run: a user who installed it for the GPU learns why generation
@@ -210,6 +218,8 @@ class Engine:
             check, key = needs_verify(path)
         options = {"verify": check, "mmap": bool(mmap)}
         module = _cuda_module(required=backend == "cuda") if backend != "cpu" else None
+        if module is not None and backend == "auto" and _holds_int8(path):
+            module = None  # the CUDA engine runs fp32 and bf16 files; "auto" runs int8 on the CPU
         if module is not None:
             self._impl = module.Engine(path, device=_default_device() if device is None else int(device), **options)
             self.backend = "cuda"

@@ -35,8 +35,8 @@ __all__ = ["export", "export_hf", "engine_file", "inspect", "verify", "read_toke
            "file_crc32", "needs_verify", "mark_verified"]
 
 MAGIC = b"GPT2SBIN"
-FORMAT_VERSION = 1
-DTYPES = {"fp32": 0, "bf16": 1}  # on-disk codes; 2 is reserved for int8
+FORMAT_VERSION = 2  # the newest this writer knows; it writes version 1 for fp32 and bf16 files (format_version)
+DTYPES = {"fp32": 0, "bf16": 1, "int8": 2}  # on-disk codes
 ALIGN = 64
 # docs/format.md, "Header" and "Tensor table": both 128 bytes.
 HEADER = struct.Struct("<8sIIQ5IIIiQIIQQQQQ12sI")
@@ -269,16 +269,40 @@ def _tokenizer_section(encoder: dict[str, int], merges: bytes) -> tuple[bytes, i
 # Writing
 
 
+def to_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 rows (R, K) -> (int8 q (R, K), float32 scales (R,)), docs/format.md "int8": per row
+    s = max |x| / 127 rounded to float32 (1 for a row of zeros), q = x / s (a float32 division)
+    rounded to nearest even, within [-127, 127]; the row is s * q."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    amax = np.abs(x).max(axis=1) if x.shape[1] else np.zeros(x.shape[0], np.float32)
+    scales = (amax.astype(np.float64) / 127.0).astype(np.float32)
+    scales[amax == 0] = 1.0
+    q = np.clip(np.rint(x / scales[:, None]), -127, 127).astype(np.int8)
+    return q, scales
+
+
+def format_version(dtype: str) -> int:
+    """The version a file of this dtype is written in: int8 needs version 2; fp32 and bf16 files
+    keep version 1, so every earlier gpt_2_simple still reads them."""
+    return 2 if dtype == "int8" else 1
+
+
 def _align(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
 def _nbytes(t: _Tensor, dtype: str) -> int:
-    return int(np.prod(t.shape)) * (2 if t.is_weight and dtype == "bf16" else 4)
+    return int(np.prod(t.shape)) * ({"bf16": 2, "int8": 1}.get(dtype, 4) if t.is_weight else 4)
 
 
-def _chunks(array: Any, t: _Tensor, dtype: str) -> Iterator[np.ndarray]:
-    """The stored bytes of one tensor, a few MB at a time (rows of the stored layout)."""
+def _scales_nbytes(t: _Tensor, dtype: str) -> int:
+    """Bytes of an int8 weight's per-row fp32 scales (0 for every other tensor)."""
+    return 4 * t.shape[0] if t.is_weight and dtype == "int8" else 0
+
+
+def _chunks(array: Any, t: _Tensor, dtype: str, scales: list | None = None) -> Iterator[np.ndarray]:
+    """The stored bytes of one tensor, a few MB at a time (rows of the stored layout); for int8
+    the rows' scales are appended to ``scales``."""
     src = np.asarray(array)
     rows = t.shape[0]
     step = max(1, CHUNK_ELEMENTS // max(1, src.size // rows))
@@ -286,7 +310,12 @@ def _chunks(array: Any, t: _Tensor, dtype: str) -> Iterator[np.ndarray]:
         part = src[:, r0 : r0 + step].T if t.transpose else src[r0 : r0 + step]  # (rows, in) in stored layout
         part = np.ascontiguousarray(part, dtype=np.float32)
         _check_finite(t.name, part)
-        yield to_bf16(part) if t.is_weight and dtype == "bf16" else part.astype("<f4", copy=False)
+        if t.is_weight and dtype == "int8":
+            q, s = to_int8(part)
+            scales.append(s.astype("<f4", copy=False))
+            yield q
+        else:
+            yield to_bf16(part) if t.is_weight and dtype == "bf16" else part.astype("<f4", copy=False)
 
 
 def _write(out_path: Path, config: GPT2Config, state: Mapping[str, Any], dtype: str, tokenizer: tuple[bytes, int], metadata: dict, progress: bool) -> None:
@@ -297,36 +326,44 @@ def _write(out_path: Path, config: GPT2Config, state: Mapping[str, Any], dtype: 
     tok_offset = _align(table_offset + ENTRY.size * len(layout))
     meta_offset = _align(tok_offset + len(tok_bytes))
     data_offset = _align(meta_offset + len(meta_bytes))
-    offsets, end = [], data_offset
-    for t in layout:
+    offsets, scale_offsets, end = [], [], data_offset
+    for t in layout:  # each tensor, then an int8 tensor's scales
         offsets.append(end)
         end = _align(end + _nbytes(t, dtype))
-    file_size = offsets[-1] + _nbytes(layout[-1], dtype)  # no padding after the last tensor
+        scale_offsets.append(end if _scales_nbytes(t, dtype) else 0)
+        end = _align(end + _scales_nbytes(t, dtype))
+    file_size = offsets[-1] + _nbytes(layout[-1], dtype)  # no padding after the last tensor (an fp32 bias)
 
     from tqdm.auto import tqdm
 
-    crcs = []
+    crcs, scale_crcs = [], []
     with atomic_write(out_path) as f, tqdm(total=file_size, unit="B", unit_scale=True, desc=f"export {out_path.name}",
                                            disable=not progress or file_size < (256 << 20)) as bar:
         f.write(bytes(data_offset))
-        for t, offset in zip(layout, offsets):
+        for t, offset, scale_offset in zip(layout, offsets, scale_offsets):
             f.write(bytes(offset - f.tell()))  # zero padding to the 64-byte boundary
-            crc = 0
-            for chunk in _chunks(state[t.name], t, dtype):
+            crc, scales = 0, []
+            for chunk in _chunks(state[t.name], t, dtype, scales):
                 crc = zlib.crc32(chunk, crc)
                 f.write(chunk)
                 bar.update(chunk.nbytes)
             crcs.append(crc)
+            scale_crcs.append(0)
+            if scale_offset:
+                f.write(bytes(scale_offset - f.tell()))
+                scale_bytes = np.concatenate(scales).tobytes()
+                scale_crcs[-1] = zlib.crc32(scale_bytes)
+                f.write(scale_bytes)
         assert f.tell() == file_size
         head = bytearray(data_offset)
-        HEADER.pack_into(head, 0, MAGIC, FORMAT_VERSION, HEADER.size, file_size, config.n_vocab, config.n_ctx, config.n_embd,
+        HEADER.pack_into(head, 0, MAGIC, format_version(dtype), HEADER.size, file_size, config.n_vocab, config.n_ctx, config.n_embd,
                          config.n_head, config.n_layer, DTYPES[dtype], 0, eot, table_offset, len(layout), ENTRY.size,
                          tok_offset, len(tok_bytes), meta_offset, len(meta_bytes), data_offset, bytes(12), 0)
-        for i, (t, offset, crc) in enumerate(zip(layout, offsets, crcs)):
+        for i, (t, offset, crc, scale_offset, scale_crc) in enumerate(zip(layout, offsets, crcs, scale_offsets, scale_crcs)):
             code = DTYPES[dtype] if t.is_weight else DTYPES["fp32"]
             shape = (*t.shape, 0)[:2]
             ENTRY.pack_into(head, table_offset + i * ENTRY.size, t.name.encode("ascii"), code, len(t.shape), *shape, offset,
-                            _nbytes(t, dtype), 0, 0, crc, 0)
+                            _nbytes(t, dtype), scale_offset, _scales_nbytes(t, dtype), crc, scale_crc)
         head[tok_offset : tok_offset + len(tok_bytes)] = tok_bytes
         head[meta_offset : meta_offset + len(meta_bytes)] = meta_bytes
         struct.pack_into("<I", head, CRC_OFFSET, zlib.crc32(head))  # the crc field is still zero here
@@ -342,7 +379,8 @@ def export(source: Any, out_path: str | os.PathLike, dtype: str = "fp32", *, con
     ``source``: a run folder (``checkpoint/run1``: its newest checkpoint), a model folder
     (``models/124M``, TensorFlow or HuggingFace files), a weights file, our PyTorch ``GPT2``, a
     session, or ``(GPT2Config, state_dict)`` (``model.py`` names, Conv1D layout).
-    ``dtype``: ``"fp32"`` (exact) or ``"bf16"`` (half the size, faster on CPU; rounded to nearest even).
+    ``dtype``: ``"fp32"`` (exact), ``"bf16"`` (half the size, faster on CPU; rounded to nearest even)
+    or ``"int8"`` (a quarter of the size, fastest on CPU; one scale per row, ``to_int8``; CPU only).
     The tokenizer embedded is the source folder's ``encoder.json``/``vocab.bpe`` (or ``tokenizer_dir``'s),
     else GPT-2's. The file is written atomically: a crash leaves the old file or none, never half of one.
     """

@@ -47,7 +47,7 @@ class Options:
 
     def __init__(self, *, model: str = "124M", reps: int = 5, threads: int | None = None, quick: bool = False,
                  workdir: str | os.PathLike | None = None, batches: tuple[int, ...] | None = None,
-                 prompts: tuple[int, ...] | None = None):
+                 prompts: tuple[int, ...] | None = None, peers: tuple[str, ...] | None = None):
         from ..config import get_config
 
         if reps < 1:
@@ -59,6 +59,7 @@ class Options:
         self.quick = quick
         self.batches = batches  # the generation suite's batch sizes and prompt lengths (None: its defaults)
         self.prompts = prompts
+        self.peers = peers  # the generation suite's peers (None: all)
         self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="gpt2s-bench-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.notes: list[str] = []  # what a reader of the results must know (a missing peer, a skipped case)

@@ -1,4 +1,4 @@
-"""Generation speed: our C++ engine (fp32 and bf16) against a plain PyTorch KV-cached loop with our
+"""Generation speed: our C++ engine (fp32, bf16 and int8) against a plain PyTorch KV-cached loop with our
 model (``torch_generate``), HuggingFace transformers' ``generate`` and llama.cpp (f32, f16, q8_0 on
 the GGUF export; ``benchmark/llama_cpp.py``), on the same random weights. Every row of a batch has
 its own prompt (no shared prefix for any peer to reuse).
@@ -24,7 +24,7 @@ from .llama_cpp import PEERS as LLAMA_PEERS
 from .llama_cpp import usable as llama_cpp_usable
 
 SUITE = "generation"
-PEERS = ("engine-fp32", "engine-bf16", "torch", "transformers", *LLAMA_PEERS)
+PEERS = ("engine-fp32", "engine-bf16", "engine-int8", "torch", "transformers", *LLAMA_PEERS)
 COMPARE_TO = ("transformers", "torch", *LLAMA_PEERS)
 
 
@@ -110,7 +110,8 @@ def weight_bytes_per_token(path, screened: bool = False) -> int:
     total = sum(t["nbytes"] if t["name"] != "wpe.weight" else t["nbytes"] // n_ctx for t in info["tensors"])
     if screened:
         total += V * (C + 16) - next(t["nbytes"] for t in info["tensors"] if t["name"] == "wte.weight")
-    return total + C * (2 if info["dtype"] == "bf16" else 4)
+    total += sum(4 * t["shape"][0] for t in info["tensors"] if t["dtype"] == "int8")  # int8 rows' scales
+    return total + C * {"bf16": 2, "int8": 1}.get(info["dtype"], 4)
 
 
 def flops_per_token(config, position: float) -> float:
@@ -120,7 +121,7 @@ def flops_per_token(config, position: float) -> float:
     return 2 * (L * 12 * C * C + config.n_vocab * C) + L * 4 * C * position
 
 
-def measure(opts: Options, *, new_tokens: int | None = None, top_k: int = 40, peers: tuple[str, ...] = PEERS) -> list[dict]:
+def measure(opts: Options, *, new_tokens: int | None = None, top_k: int = 40, peers: tuple[str, ...] | None = None) -> list[dict]:
     """Records of every (prompt, batch) configuration: batch 1/8/20/64 x prompt 16/512 x 128 new
     tokens (``--quick``: batch 1/8, prompt 16, 16 new tokens; ``opts.batches``/``opts.prompts``,
     from ``--batches``/``--prompts``, choose others)."""
@@ -130,7 +131,7 @@ def measure(opts: Options, *, new_tokens: int | None = None, top_k: int = 40, pe
     config = opts.config
     if max(prompts) + new_tokens > config.n_ctx:
         raise ValueError(f"prompt {max(prompts)} + {new_tokens} new tokens exceed the {opts.model} context ({config.n_ctx})")
-    peers = tuple(peers)
+    peers = tuple(peers or opts.peers or PEERS)
     if "transformers" in peers and importlib.util.find_spec("transformers") is None:
         opts.note("transformers is not installed: generation compares the engine with the PyTorch loop only (pip install transformers)")
         peers = tuple(p for p in peers if p != "transformers")
@@ -138,8 +139,8 @@ def measure(opts: Options, *, new_tokens: int | None = None, top_k: int = 40, pe
         opts.note(f"generation runs without llama.cpp: {why}")
         peers = tuple(p for p in peers if p not in LLAMA_PEERS)
     ggufs = {p: opts.models.gguf(p.split("-", 1)[1]) for p in peers if p in LLAMA_PEERS}
-    files = {dtype: opts.models.engine(dtype) for dtype in ("fp32", "bf16") if f"engine-{dtype}" in peers}
-    gemm = {dtype: gemm_gflops(dtype, opts.threads) for dtype in files}
+    files = {dtype: opts.models.engine(dtype) for dtype in ("fp32", "bf16", "int8") if f"engine-{dtype}" in peers}
+    gemm = {dtype: gemm_gflops(dtype, opts.threads) for dtype in files if dtype != "int8"}  # no int8 GEMM in torch to compare with
     log(f"{SUITE}: {opts.model} geometry, random weights, peers {', '.join(peers)}; "
         + ", ".join(f"{d} GEMM {g:.0f} GFLOP/s" for d, g in gemm.items()))
 
@@ -168,7 +169,7 @@ def measure(opts: Options, *, new_tokens: int | None = None, top_k: int = 40, pe
                     probes={"bandwidth": lambda: {"gb_per_s": memory_bandwidth(opts.threads, reps=1)}}, **job)
                 bandwidth = statistics.median(r["gb_per_s"] for r in replies.pop("bandwidth"))
                 samples = {p: [batch * new_tokens / r["seconds"] for r in rs] for p, rs in replies.items()}
-                details = {p: _engine_details(replies[p], files[p[7:]], config, batch, prompt, new_tokens, bandwidth, gemm[p[7:]])
+                details = {p: _engine_details(replies[p], files[p[7:]], config, batch, prompt, new_tokens, bandwidth, gemm.get(p[7:]))
                            for p in replies if p.startswith("engine-")}
                 details.update({p: _prefill_rate(replies[p]) for p in replies if p in LLAMA_PEERS})
                 records += case_records(SUITE, case, cfg, samples, metric="tokens/s", ours={p for p in peers if p.startswith("engine-")},
@@ -187,7 +188,7 @@ def _prefill_rate(replies: list[dict]) -> dict:
             "prefill_tokens_per_s": statistics.median(x["prefill_tokens"] / x["prefill_seconds"] for x in t)}
 
 
-def _engine_details(replies: list[dict], path, config, batch: int, prompt: int, new_tokens: int, bandwidth: float, gemm: float) -> dict:
+def _engine_details(replies: list[dict], path, config, batch: int, prompt: int, new_tokens: int, bandwidth: float, gemm: float | None) -> dict:
     """Where the engine's time went and how close it came to the machine's limit."""
     timings = [r["timings"] for r in replies]
     step = statistics.median(t["decode_seconds"] / t["decode_steps"] for t in timings)
@@ -208,7 +209,7 @@ def _engine_details(replies: list[dict], path, config, batch: int, prompt: int, 
         per_token = weight_bytes_per_token(path, screened=out["screened_head"])
         out.update(weight_bytes_per_token=per_token, weight_read_gb_per_s=per_token / step / 1e9,
                    share_of_bandwidth=per_token / step / 1e9 / bandwidth)
-    else:  # compute-bound: FLOPs of the decode tokens against a GEMM's rate
+    elif gemm is not None:  # compute-bound: FLOPs of the decode tokens against a GEMM's rate
         flops = flops_per_token(config, prompt + new_tokens / 2)
         out.update(flops_per_token=flops, gemm_gflops=gemm, share_of_gemm=batch / step * flops / 1e9 / gemm)
     return out

@@ -43,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser, output_dir: str) -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for every peer (default: all cores)")
     parser.add_argument("--batches", default=None, help="generation suite: comma-separated batch sizes (default 1,8,20,64)")
     parser.add_argument("--prompts", default=None, help="generation suite: comma-separated prompt lengths in tokens (default 16,512)")
+    parser.add_argument("--peers", default=None, help="generation suite: comma-separated peers (default all: engine-fp32, engine-bf16, "
+                        "engine-int8, torch, transformers, llama.cpp-f32, llama.cpp-f16, llama.cpp-q8_0)")
     parser.add_argument("--output_dir", default=output_dir, help=f"where results are written (default: {output_dir})")
     parser.add_argument("--workdir", default=None, help="folder for the model files the suites write (default: a temporary folder, removed)")
     parser.add_argument("--readme", nargs="+", default=None, metavar="RESULTS.json",
@@ -66,6 +68,19 @@ def parse_sizes(text: str | None, option: str) -> tuple[int, ...] | None:
     return sizes
 
 
+def parse_peers(text: str | None) -> tuple[str, ...] | None:
+    """``--peers engine-int8,llama.cpp-q8_0`` as a tuple; ValueError naming the known peers."""
+    if text is None:
+        return None
+    from .generation import PEERS
+
+    peers = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = [p for p in peers if p not in PEERS]
+    if not peers or unknown:
+        raise ValueError(f"--peers: unknown peer(s) {', '.join(unknown) or repr(text)}; choose from {', '.join(PEERS)}")
+    return peers
+
+
 def _filename(quick: bool) -> str:
     host = re.sub(r"[^A-Za-z0-9._-]", "_", platform.node() or "host")
     return f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{host}{'-quick' if quick else ''}.json"
@@ -73,19 +88,20 @@ def _filename(quick: bool) -> str:
 
 def run(suites: list[str], *, quick: bool = False, reps: int | None = None, model: str = "124M", threads: int | None = None,
         output_dir: str | Path, workdir: str | Path | None = None, command: str = "gpt_2_simple bench",
-        batches: tuple[int, ...] | None = None, prompts: tuple[int, ...] | None = None) -> Path:
+        batches: tuple[int, ...] | None = None, prompts: tuple[int, ...] | None = None, peers: tuple[str, ...] | None = None) -> Path:
     """Run ``suites`` and write the results; returns the JSON file's path."""
     from . import common, report
 
     temporary = workdir is None
     opts = common.Options(model=model, reps=reps or (2 if quick else 5), threads=threads, quick=quick, workdir=workdir,
-                          batches=batches, prompts=prompts)
+                          batches=batches, prompts=prompts, peers=peers)
     context = common.context(opts.threads)
     context["memory_bandwidth_gb_per_s"] = common.memory_bandwidth(opts.threads)
     context["gemm_gflops"] = {dtype: common.gemm_gflops(dtype, opts.threads) for dtype in ("fp32", "bf16")}
     results = {"schema": report.SCHEMA, "command": command, "quick": quick,
                "options": {"suites": suites, "model": model, "reps": opts.reps, "threads": opts.threads,
-                           **({"batches": list(batches)} if batches else {}), **({"prompts": list(prompts)} if prompts else {})},
+                           **({"batches": list(batches)} if batches else {}), **({"prompts": list(prompts)} if prompts else {}),
+                           **({"peers": list(peers)} if peers else {})},
                "context": context, "suites": [], "records": []}
     path = Path(output_dir) / _filename(quick)
     common.log(f"gpt_2_simple bench: {report.machine_line(results)}")
@@ -174,8 +190,9 @@ def main(args: argparse.Namespace, program: str) -> None:
     if args.reps is not None and args.reps < 1:
         raise ValueError(f"--reps must be at least 1, got {args.reps}")
     batches, prompts = parse_sizes(args.batches, "--batches"), parse_sizes(args.prompts, "--prompts")
+    peers = parse_peers(args.peers)
     path = run(suites, quick=args.quick, reps=args.reps, model=args.model, threads=args.threads, output_dir=args.output_dir,
-               workdir=args.workdir, command=command_line(program, args), batches=batches, prompts=prompts)
+               workdir=args.workdir, command=command_line(program, args), batches=batches, prompts=prompts, peers=peers)
     from .report import load_results
 
     failed = [s["name"] for s in load_results(path)["suites"] if s["status"] == "failed"]
