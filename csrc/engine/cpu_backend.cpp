@@ -107,7 +107,7 @@ void CpuBackend::reserve(int32_t slots, int32_t ctx, int32_t max_step_tokens) {
   xf_.resize(int64_t(slots) * C);
   logits_.resize(int64_t(slots) * V);
   scores_.resize(int64_t(pool_.size()) * ctx);
-  xb_.resize(w_.dtype == DType::BF16 ? 2 * N * (4 * C + 2) : 0);
+  xb_.resize(w_.dtype == DType::BF16 ? 2 * 2 * N * (4 * C + 2) : 0);  // two halves of N (4C + 2) floats
   if (screen_.data != nullptr) {
     xq_.resize(int64_t(slots) * (C + 3));
     screen_rows_.resize(int64_t(slots) * (5 + 2 * ((V + kernels_.panel - 1) / kernels_.panel)));
