@@ -295,12 +295,12 @@ struct MatmulJob {
 // rows x 4 vectors of accumulators plus the split operands need more than AVX2's 16 registers:
 // the compiler spilled five accumulators to the stack, and bf16 ran at 0.75x fp32 from batch 4 up
 // (docs/engine.md). For more than one row block, each slice of a panel is instead widened once
-// into an fp32 copy (16 KiB, in the L1 cache) that every row block of the group multiplies with
-// the fp32 micro-kernel, on activations rounded to bf16 and stored as fp32. The copy holds the
-// odd input of each pair before the even one, and the activations are swapped to match, so every
-// lane computes the very FMAs of vdot_bf16 in its order: bit for bit the direct path, which batch
-// 1-3 keep (a single row block streams its weights from memory once, and converting in registers
-// costs nothing there).
+// per group into an fp32 copy (16 KiB, in the L1 cache) by the first row block as it multiplies
+// it, and the group's other row blocks run the fp32 micro-kernel on the copy, with activations
+// rounded to bf16 and stored as fp32. The copy holds the odd input of each pair before the even
+// one, and the activations are swapped to match, so every lane computes the very FMAs of
+// vdot_bf16 in its order: bit for bit the direct path, which matmuls of 1-3 rows keep (their one
+// pass streams the weights from memory, and splitting in registers costs nothing there).
 #if defined(__AVX2__) && !defined(__AVX512F__)
 constexpr bool kWidenBF16 = true;
 #else
@@ -308,7 +308,7 @@ constexpr bool kWidenBF16 = false;
 #endif
 
 // out (2 pairs(K)) fp32 <- x (K) rounded to bf16 as round_bf16 rounds, each pair swapped (odd
-// input first, as widen_slice orders the weights), a zero for the input past an odd K.
+// input first, as widening_block orders the weights), a zero for the input past an odd K.
 inline void round_bf16_swapped(const float* x, int64_t K, uint32_t* out) {
   constexpr int64_t kChunk = 256;
   alignas(64) uint16_t b[kChunk + 2];
@@ -358,9 +358,8 @@ void panel_sums(const typename W::T* x, int64_t ldx, int64_t K, const void* pack
 // The first row block's pass over a bf16 slice (`steps` pairs of inputs) in widened_panel_sums:
 // slice_block<WeightsF32> on x (swapped pairs, fp32) while it widens each panel row of pairs into
 // two fp32 rows of `wide` (the odd inputs, then the even ones) for the other row blocks. Widening
-// here overlaps the stores with the FMAs; a separate pass over the slice cost 8% of a batch-20
+// here overlaps the stores with the FMAs; a separate pass over the slice cost 8% of a 20-row
 // matmul.
-constexpr int64_t kWidenRows = 2;  // 8 accumulators, 2 broadcasts, the weights and the mask: no spills
 template <int RB>
 inline void widening_block(const float* x, int64_t ldx, int64_t steps, const uint16_t* panel, float* wide, float* acc,
                            bool first, Prefetch& pf) {
@@ -414,10 +413,11 @@ void widened_panel_sums(const float* x, int64_t ldx, int64_t K, const void* pack
     const int64_t lines = blocks > 1 ? kSlice / 2 * kStepBytes / 64 : 0;
     Prefetch pf{next, next + lines * 64, (lines + blocks * n - 1) / (blocks * n)};
     const bool first = q0 == 0;
-    // The first kWidenRows rows widen the slice as they multiply it, then blocks of kRowBlock.
-    const int64_t wr = min64(kWidenRows, m1 - m0);
+    // The first row block widens the slice as it multiplies it, then the other blocks.
+    const int64_t wr = min64(kRowBlock, m1 - m0);
     if (wr == 1) widening_block<1>(x + m0 * ldx + 2 * q0, ldx, steps, ws, wide, acc, first, pf);
     if (wr == 2) widening_block<2>(x + m0 * ldx + 2 * q0, ldx, steps, ws, wide, acc, first, pf);
+    if (wr == 3) widening_block<3>(x + m0 * ldx + 2 * q0, ldx, steps, ws, wide, acc, first, pf);
     for (int64_t m = m0 + wr; m < m1; m += kRowBlock) {
       const float* xs = x + m * ldx + 2 * q0;
       float* a = acc + (m - m0) * kPanel;
@@ -432,9 +432,14 @@ void widened_panel_sums(const float* x, int64_t ldx, int64_t K, const void* pack
   }
 }
 
+// Rows per group on widened slices: a slice is widened once per group, so prefills (up to 512
+// rows a step) take groups four times larger than kGroupRows (their partial sums, 12 KiB on AVX2,
+// stay in the L1 and L2 caches beside the 16 KiB slice).
+constexpr int kWidenGroupRows = 4 * kGroupRows;
+
 template <class W>
 void group_of_panel(const MatmulJob& j, int64_t p, int64_t m0, int64_t m1) {
-  alignas(64) float acc[kGroupRows * kPanel];  // (rows, kPanel) partial sums between slices
+  alignas(64) float acc[(kWidenBF16 ? kWidenGroupRows : kGroupRows) * kPanel];  // (rows, kPanel) partial sums between slices
   if (j.widen) {
     widened_panel_sums(static_cast<const float*>(j.x), j.ldx, j.K, j.w->data, p, m0, m1, acc);
   } else {
@@ -450,11 +455,12 @@ void matmul_chunk(void* job_ptr, int64_t c, int /*thread*/) {
   const MatmulJob& j = *static_cast<const MatmulJob*>(job_ptr);
   const int64_t n_panels = (j.w->rows + kPanel - 1) / kPanel;
   for (int64_t p = c * j.panels; p < min64(n_panels, (c + 1) * j.panels); ++p) {
-    for (int64_t m = 0; m < j.M; m += kGroupRows) {
+    const int64_t group = j.widen ? kWidenGroupRows : kGroupRows;
+    for (int64_t m = 0; m < j.M; m += group) {
       if (j.w->dtype == DType::F32) {
-        group_of_panel<WeightsF32>(j, p, m, min64(j.M, m + kGroupRows));
+        group_of_panel<WeightsF32>(j, p, m, min64(j.M, m + group));
       } else {
-        group_of_panel<WeightsBF16>(j, p, m, min64(j.M, m + kGroupRows));
+        group_of_panel<WeightsBF16>(j, p, m, min64(j.M, m + group));
       }
     }
   }

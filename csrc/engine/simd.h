@@ -140,7 +140,8 @@ inline Vf vdot_bf16(Vf acc, Vb x, Vb w) {
 inline Vf vload_bf16_f32(const uint16_t* p) {
   return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16))};
 }
-inline Vf vbf16_odd(Vb w) { return {_mm256_castsi256_ps(_mm256_and_si256(w.v, _mm256_set1_epi32(int32_t(0xFFFF0000u))))}; }
+// Two shifts rather than an and: no mask register, which the widening kernel has none left for.
+inline Vf vbf16_odd(Vb w) { return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_srli_epi32(w.v, 16), 16))}; }
 inline Vf vbf16_even(Vb w) { return {_mm256_castsi256_ps(_mm256_slli_epi32(w.v, 16))}; }
 
 #define GPT2S_INT8_DOT 1
