@@ -280,14 +280,13 @@ inline void round_bf16(const float* x, int64_t n, uint16_t* out) {
 }
 
 struct MatmulJob {
-  const void* x;     // (M, ldx) fp32, or bf16 for bf16 weights (fp32 pairs swapped when `widen`)
+  const void* x;     // (M, ldx) fp32, or bf16 for bf16 weights (fp32, pairs swapped, where widened)
   int64_t M, K, ldx;
   const PackedMatrix* w;
   const float* bias; // (N) or null
   float* y;          // (M, N)
   Epilogue epilogue;
   int64_t panels;    // per chunk
-  bool widen;        // bf16 weights multiplied as fp32 slices (widened_panel_sums)
 };
 
 // bf16 weights where the ISA has no bf16 dot product (AVX2): vdot_bf16 splits every weight vector
@@ -306,6 +305,7 @@ constexpr bool kWidenBF16 = true;
 #else
 constexpr bool kWidenBF16 = false;
 #endif
+inline bool widened(const MatmulJob& j) { return kWidenBF16 && j.w->dtype == DType::BF16 && j.M > kRowBlock; }
 
 // out (2 pairs(K)) fp32 <- x (K) rounded to bf16 as round_bf16 rounds, each pair swapped (odd
 // input first, as widening_block orders the weights), a zero for the input past an odd K.
@@ -440,7 +440,7 @@ constexpr int kWidenGroupRows = 4 * kGroupRows;
 template <class W>
 void group_of_panel(const MatmulJob& j, int64_t p, int64_t m0, int64_t m1) {
   alignas(64) float acc[(kWidenBF16 ? kWidenGroupRows : kGroupRows) * kPanel];  // (rows, kPanel) partial sums between slices
-  if (j.widen) {
+  if (widened(j)) {
     widened_panel_sums(static_cast<const float*>(j.x), j.ldx, j.K, j.w->data, p, m0, m1, acc);
   } else {
     panel_sums<W>(static_cast<const typename W::T*>(j.x), j.ldx, j.K, j.w->data, p, m0, m1, acc);
@@ -455,7 +455,7 @@ void matmul_chunk(void* job_ptr, int64_t c, int /*thread*/) {
   const MatmulJob& j = *static_cast<const MatmulJob*>(job_ptr);
   const int64_t n_panels = (j.w->rows + kPanel - 1) / kPanel;
   for (int64_t p = c * j.panels; p < min64(n_panels, (c + 1) * j.panels); ++p) {
-    const int64_t group = j.widen ? kWidenGroupRows : kGroupRows;
+    const int64_t group = widened(j) ? kWidenGroupRows : kGroupRows;
     for (int64_t m = 0; m < j.M; m += group) {
       if (j.w->dtype == DType::F32) {
         group_of_panel<WeightsF32>(j, p, m, min64(j.M, m + group));
@@ -478,14 +478,13 @@ inline int64_t panels_per_chunk(int64_t n_panels, const ThreadPool& pool) {
 void matmul(ThreadPool& pool, const float* x, int64_t M, int64_t K, const PackedMatrix& w, const float* bias, float* y,
             Epilogue epilogue, uint16_t* xb) {
   const int64_t N = w.rows, n_panels = (N + kPanel - 1) / kPanel;
-  MatmulJob job{x, M, K, K, &w, bias, y, epilogue, panels_per_chunk(n_panels, pool), false};
-  if (w.dtype == DType::BF16 && kWidenBF16 && M > kRowBlock) {
+  MatmulJob job{x, M, K, K, &w, bias, y, epilogue, panels_per_chunk(n_panels, pool)};
+  if (widened(job)) {
     const int64_t ldx = 2 * pairs(K);
     uint32_t* xw = reinterpret_cast<uint32_t*>(xb);  // xb holds M (K + 1) floats
     for (int64_t m = 0; m < M; ++m) round_bf16_swapped(x + m * K, K, xw + m * ldx);
     job.x = xw;
     job.ldx = ldx;
-    job.widen = true;
   } else if (w.dtype == DType::BF16) {
     // Round the activations to bf16 once: rows of an even stride, a zero after an odd K. Every
     // product is then bf16 x bf16 (exact in fp32), accumulated in fp32.
