@@ -209,16 +209,29 @@ struct Prefetch {
   int64_t lines_per_step;
 };
 
+// A row block's accumulators from acc (RB, kPanel), or zeros when `first`; and back.
+template <int RB>
+inline void load_block(Vf (&a)[RB][kPanelVecs], const float* acc, bool first) {
+#pragma GCC unroll 8
+  for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < kPanelVecs; ++v) a[r][v] = first ? vzero() : vload(acc + r * kPanel + v * kLanes);
+}
+template <int RB>
+inline void store_block(const Vf (&a)[RB][kPanelVecs], float* acc) {
+#pragma GCC unroll 8
+  for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < kPanelVecs; ++v) vstore(acc + r * kPanel + v * kLanes, a[r][v]);
+}
+
 // acc (RB, kPanel) += x (RB rows of stride ldx, inputs [0, n)) times the panel's weights of those
 // inputs, each output in its own lane, input after input; acc starts at zero when `first`.
 template <class W, int RB>
 inline void slice_block(const typename W::T* x, int64_t ldx, int64_t n, const typename W::T* panel, float* acc, bool first,
                         Prefetch& pf) {
   Vf a[RB][kPanelVecs];
-#pragma GCC unroll 8
-  for (int r = 0; r < RB; ++r)
-#pragma GCC unroll 8
-    for (int v = 0; v < kPanelVecs; ++v) a[r][v] = first ? vzero() : vload(acc + r * kPanel + v * kLanes);
+  load_block<RB>(a, acc, first);
   const char* at = pf.at;
   for (int64_t k = 0; k < n; k += W::kStep, panel += W::kStep * kPanel) {
     for (int64_t i = 0; i < pf.lines_per_step && at < pf.end; ++i, at += 64) __builtin_prefetch(at, 0, 2);
@@ -233,10 +246,7 @@ inline void slice_block(const typename W::T* x, int64_t ldx, int64_t n, const ty
     }
   }
   pf.at = at;
-#pragma GCC unroll 8
-  for (int r = 0; r < RB; ++r)
-#pragma GCC unroll 8
-    for (int v = 0; v < kPanelVecs; ++v) vstore(acc + r * kPanel + v * kLanes, a[r][v]);
+  store_block<RB>(a, acc);
 }
 
 inline Vf vgelu(Vf x) {
@@ -364,10 +374,7 @@ template <int RB>
 inline void widening_block(const float* x, int64_t ldx, int64_t steps, const uint16_t* panel, float* wide, float* acc,
                            bool first, Prefetch& pf) {
   Vf a[RB][kPanelVecs];
-#pragma GCC unroll 8
-  for (int r = 0; r < RB; ++r)
-#pragma GCC unroll 8
-    for (int v = 0; v < kPanelVecs; ++v) a[r][v] = first ? vzero() : vload(acc + r * kPanel + v * kLanes);
+  load_block<RB>(a, acc, first);
   const char* at = pf.at;
   for (int64_t s = 0; s < steps; ++s, panel += 2 * kPanel, wide += 2 * kPanel, x += 2) {
     for (int64_t i = 0; i < 2 * pf.lines_per_step && at < pf.end; ++i, at += 64) __builtin_prefetch(at, 0, 2);
@@ -392,10 +399,7 @@ inline void widening_block(const float* x, int64_t ldx, int64_t steps, const uin
     }
   }
   pf.at = at;
-#pragma GCC unroll 8
-  for (int r = 0; r < RB; ++r)
-#pragma GCC unroll 8
-    for (int v = 0; v < kPanelVecs; ++v) vstore(acc + r * kPanel + v * kLanes, a[r][v]);
+  store_block<RB>(a, acc);
 }
 
 // panel_sums<WeightsBF16> as the fp32 kernel over widened slices (kWidenBF16 above): x rows
