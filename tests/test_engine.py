@@ -243,6 +243,26 @@ def test_odd_widths(tmp_path, isa, dtype):
     _check_shape(tmp_path, *ODD, isa, dtype)
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("isa", ["native", pytest.param("avx2", marks=needs_isa("avx2")), "scalar"])
+def test_logits_do_not_depend_on_the_batch(tmp_path, isa, dtype):
+    # Each row alone and seven rows together give the same logits, bit for bit. Alone, prompts of
+    # 1-3 tokens and every decode step run matmuls of 1-3 rows (on AVX2, bf16 pairs split in
+    # registers); together, every matmul has 7 rows or more (on AVX2, bf16 panel slices widened to
+    # fp32 once per row group; kernels_impl.h). Over several slices, row groups and partial row
+    # blocks (n_embd 192) and padded odd widths (n_embd 45).
+    for config in (WIDE[0], ODD[0]):
+        path = export(random_gpt2(config, seed=5), tmp_path / f"{config.n_embd}.{dtype}.bin", dtype, progress=False)
+        prompts = _prompts([1, 2, 3, 5, 11, 17, 9], seed=9)
+        requests = [dict(prompt=p, max_new_tokens=4, temperature=1.0, seed=2, sample_index=i) for i, p in enumerate(prompts)]
+        together = _run_in_subprocess(path, isa, requests, batch_size=len(requests))
+        alone = _run_in_subprocess(path, isa, requests, batch_size=1)
+        assert together["tokens"] == alone["tokens"]
+        assert sorted(together["logits"]) == sorted(alone["logits"]) and len(alone["logits"]) == 4 * len(requests)
+        for key, x in alone["logits"].items():
+            assert np.array_equal(together["logits"][key].view(np.uint32), x.view(np.uint32)), f"{isa} {dtype} n_embd {config.n_embd} logits {key}"
+
+
 def test_greedy_equals_pytorch_past_the_context(small, engine):
     # 10 + 150 tokens in a 64-token context: the window slides three times.
     requests = [Request(p, 150, temperature=0.0) for p in _prompts([10, 40], seed=1, vocab=BYTES.n_vocab)]

@@ -112,7 +112,8 @@ void CpuBackend::reserve(int32_t slots, int32_t ctx, int32_t max_step_tokens) {
   xf_.resize(int64_t(slots) * C);
   logits_.resize(int64_t(slots) * V);
   scores_.resize(int64_t(pool_.size()) * ctx);
-  xb_.resize(w_.dtype != DType::F32 ? 2 * N * (4 * C + 2) : 0);  // bf16 rows, or int8 rows and their scales
+  // bf16 rows (stored as fp32 where the kernels widen the weights: two uint16 per value), or int8 rows and their scales
+  xb_.resize(w_.dtype == DType::BF16 ? 2 * 2 * N * (4 * C + 2) : w_.dtype == DType::I8 ? 2 * N * (4 * C + 2) : 0);
   if (screen_.data != nullptr) {
     xq_.resize(int64_t(slots) * (C + 3));
     screen_rows_.resize(int64_t(slots) * (5 + 2 * ((V + kernels_.panel - 1) / kernels_.panel)));

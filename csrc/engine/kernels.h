@@ -60,9 +60,10 @@ struct Kernels {
   void (*pack)(ThreadPool& pool, const TensorView& w, void* out);
 
   // y (M, N) = epilogue(x (M, K) @ w (N, K)^T + bias (N)); bias may be null. For bf16 weights the
-  // activations are rounded to bf16 once (into xb: M * (K + 1) values) and multiplied with fp32
-  // accumulation; for int8 weights each row is quantized to int8 (per row, into xb's memory) and
-  // the products summed exactly in int32. Parallel over N.
+  // activations are rounded to bf16 once (into xb, room for M * (K + 1) floats: bf16 values, or
+  // fp32 where the kernels widen the weights) and multiplied with fp32 accumulation; for int8
+  // weights each row is quantized to int8 (per row, into xb's memory) and the products summed
+  // exactly in int32. Parallel over N.
   void (*matmul)(ThreadPool& pool, const float* x, int64_t M, int64_t K, const PackedMatrix& w, const float* bias,
                  float* y, Epilogue epilogue, uint16_t* xb);
 

@@ -219,16 +219,29 @@ struct Prefetch {
   int64_t lines_per_step;
 };
 
+// A row block's accumulators from acc (RB, kPanel), or zeros when `first`; and back.
+template <int RB>
+inline void load_block(Vf (&a)[RB][kPanelVecs], const float* acc, bool first) {
+#pragma GCC unroll 8
+  for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < kPanelVecs; ++v) a[r][v] = first ? vzero() : vload(acc + r * kPanel + v * kLanes);
+}
+template <int RB>
+inline void store_block(const Vf (&a)[RB][kPanelVecs], float* acc) {
+#pragma GCC unroll 8
+  for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < kPanelVecs; ++v) vstore(acc + r * kPanel + v * kLanes, a[r][v]);
+}
+
 // acc (RB, kPanel) += x (RB rows of stride ldx, inputs [0, n)) times the panel's weights of those
 // inputs, each output in its own lane, input after input; acc starts at zero when `first`.
 template <class W, int RB>
 inline void slice_block(const typename W::T* x, int64_t ldx, int64_t n, const typename W::T* panel, float* acc, bool first,
                         Prefetch& pf) {
   Vf a[RB][kPanelVecs];
-#pragma GCC unroll 8
-  for (int r = 0; r < RB; ++r)
-#pragma GCC unroll 8
-    for (int v = 0; v < kPanelVecs; ++v) a[r][v] = first ? vzero() : vload(acc + r * kPanel + v * kLanes);
+  load_block<RB>(a, acc, first);
   const char* at = pf.at;
   for (int64_t k = 0; k < n; k += W::kStep, panel += W::kStep * kPanel) {
     for (int64_t i = 0; i < pf.lines_per_step && at < pf.end; ++i, at += 64) __builtin_prefetch(at, 0, 2);
@@ -243,10 +256,7 @@ inline void slice_block(const typename W::T* x, int64_t ldx, int64_t n, const ty
     }
   }
   pf.at = at;
-#pragma GCC unroll 8
-  for (int r = 0; r < RB; ++r)
-#pragma GCC unroll 8
-    for (int v = 0; v < kPanelVecs; ++v) vstore(acc + r * kPanel + v * kLanes, a[r][v]);
+  store_block<RB>(a, acc);
 }
 
 inline Vf vgelu(Vf x) {
@@ -290,7 +300,7 @@ inline void round_bf16(const float* x, int64_t n, uint16_t* out) {
 }
 
 struct MatmulJob {
-  const void* x;     // (M, ldx) fp32, or bf16 for bf16 weights
+  const void* x;     // (M, ldx) fp32, or bf16 for bf16 weights (fp32, pairs swapped, where widened)
   int64_t M, K, ldx;
   const PackedMatrix* w;
   const float* bias; // (N) or null
@@ -298,6 +308,40 @@ struct MatmulJob {
   Epilogue epilogue;
   int64_t panels;    // per chunk
 };
+
+// bf16 weights where the ISA has no bf16 dot product (AVX2): vdot_bf16 splits every weight vector
+// and every broadcast pair into two fp32 halves (an and, a shift) next to each pair of FMAs, and 3
+// rows x 4 vectors of accumulators plus the split operands need more than AVX2's 16 registers:
+// the compiler spilled five accumulators to the stack, and bf16 ran at 0.75x fp32 from batch 4 up
+// (docs/engine.md). For more than one row block, each slice of a panel is instead widened once
+// per group into an fp32 copy (16 KiB, in the L1 cache) by the first row block as it multiplies
+// it, and the group's other row blocks run the fp32 micro-kernel on the copy, with activations
+// rounded to bf16 and stored as fp32. The copy holds the odd input of each pair before the even
+// one, and the activations are swapped to match, so every lane computes the very FMAs of
+// vdot_bf16 in its order: bit for bit the direct path, which matmuls of 1-3 rows keep (their one
+// pass streams the weights from memory, and splitting in registers costs nothing there).
+#if defined(__AVX2__) && !defined(__AVX512F__)
+constexpr bool kWidenBF16 = true;
+#else
+constexpr bool kWidenBF16 = false;
+#endif
+inline bool widened(const MatmulJob& j) { return kWidenBF16 && j.w->dtype == DType::BF16 && j.M > kRowBlock; }
+
+// out (2 pairs(K)) fp32 <- x (K) rounded to bf16 as round_bf16 rounds, each pair swapped (odd
+// input first, as widening_block orders the weights), a zero for the input past an odd K.
+inline void round_bf16_swapped(const float* x, int64_t K, uint32_t* out) {
+  constexpr int64_t kChunk = 256;
+  alignas(64) uint16_t b[kChunk + 2];
+  for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
+    const int64_t n = min64(kChunk, K - k0);
+    round_bf16(x + k0, n, b);
+    b[n] = 0;
+    for (int64_t q = 0; q < (n + 1) / 2; ++q) {
+      out[k0 + 2 * q] = uint32_t(b[2 * q + 1]) << 16;
+      out[k0 + 2 * q + 1] = uint32_t(b[2 * q]) << 16;
+    }
+  }
+}
 
 // acc (m1 - m0, kPanel) = rows [m0, m1) (at most kGroupRows) of x (stride ldx, K inputs) times
 // panel p of the packed weights: slice after slice, row block after row block.
@@ -331,10 +375,90 @@ void panel_sums(const typename W::T* x, int64_t ldx, int64_t K, const void* pack
   }
 }
 
+// The first row block's pass over a bf16 slice (`steps` pairs of inputs) in widened_panel_sums:
+// slice_block<WeightsF32> on x (swapped pairs, fp32) while it widens each panel row of pairs into
+// two fp32 rows of `wide` (the odd inputs, then the even ones) for the other row blocks. Widening
+// here overlaps the stores with the FMAs; a separate pass over the slice cost 8% of a 20-row
+// matmul.
+template <int RB>
+inline void widening_block(const float* x, int64_t ldx, int64_t steps, const uint16_t* panel, float* wide, float* acc,
+                           bool first, Prefetch& pf) {
+  Vf a[RB][kPanelVecs];
+  load_block<RB>(a, acc, first);
+  const char* at = pf.at;
+  for (int64_t s = 0; s < steps; ++s, panel += 2 * kPanel, wide += 2 * kPanel, x += 2) {
+    for (int64_t i = 0; i < 2 * pf.lines_per_step && at < pf.end; ++i, at += 64) __builtin_prefetch(at, 0, 2);
+    Vf xb[RB];
+#pragma GCC unroll 8
+    for (int r = 0; r < RB; ++r) xb[r] = vset1(x[r * ldx]);  // the odd input of the pair
+#pragma GCC unroll 8
+    for (int v = 0; v < kPanelVecs; ++v) {
+      const Vf w = vbf16_odd(vload_bf16(panel + v * 2 * kLanes));
+      vstore(wide + v * kLanes, w);
+#pragma GCC unroll 8
+      for (int r = 0; r < RB; ++r) a[r][v] = vfma(xb[r], w, a[r][v]);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < RB; ++r) xb[r] = vset1(x[r * ldx + 1]);  // the even one
+#pragma GCC unroll 8
+    for (int v = 0; v < kPanelVecs; ++v) {
+      const Vf w = vbf16_even(vload_bf16(panel + v * 2 * kLanes));
+      vstore(wide + kPanel + v * kLanes, w);
+#pragma GCC unroll 8
+      for (int r = 0; r < RB; ++r) a[r][v] = vfma(xb[r], w, a[r][v]);
+    }
+  }
+  pf.at = at;
+  store_block<RB>(a, acc);
+}
+
+// panel_sums<WeightsBF16> as the fp32 kernel over widened slices (kWidenBF16 above): x rows
+// (stride ldx) of 2 pairs(K) swapped fp32 values from round_bf16_swapped.
+void widened_panel_sums(const float* x, int64_t ldx, int64_t K, const void* packed, int64_t p, int64_t m0, int64_t m1,
+                        float* acc) {
+  const int64_t steps_k = pairs(K);
+  const uint16_t* panel = static_cast<const uint16_t*>(packed) + p * steps_k * 2 * kPanel;
+  alignas(64) float wide[kSlice * kPanel];  // (2 * steps, kPanel): the slice in fp32, odd input first
+  for (int64_t q0 = 0; q0 < steps_k; q0 += kSlice / 2) {
+    const int64_t steps = min64(kSlice / 2, steps_k - q0), n = 2 * steps, blocks = (m1 - m0 + kRowBlock - 1) / kRowBlock;
+    const uint16_t* ws = panel + q0 * 2 * kPanel;
+    // The next bf16 slice into the L2 meanwhile, as panel_sums does.
+    const char* next = reinterpret_cast<const char*>(ws + steps * 2 * kPanel);
+    const int64_t lines = blocks > 1 ? kSlice / 2 * kStepBytes / 64 : 0;
+    Prefetch pf{next, next + lines * 64, (lines + blocks * n - 1) / (blocks * n)};
+    const bool first = q0 == 0;
+    // The first row block widens the slice as it multiplies it, then the other blocks.
+    const int64_t wr = min64(kRowBlock, m1 - m0);
+    if (wr == 1) widening_block<1>(x + m0 * ldx + 2 * q0, ldx, steps, ws, wide, acc, first, pf);
+    if (wr == 2) widening_block<2>(x + m0 * ldx + 2 * q0, ldx, steps, ws, wide, acc, first, pf);
+    if (wr == 3) widening_block<3>(x + m0 * ldx + 2 * q0, ldx, steps, ws, wide, acc, first, pf);
+    for (int64_t m = m0 + wr; m < m1; m += kRowBlock) {
+      const float* xs = x + m * ldx + 2 * q0;
+      float* a = acc + (m - m0) * kPanel;
+      switch (min64(kRowBlock, m1 - m)) {
+        case 1: slice_block<WeightsF32, 1>(xs, ldx, n, wide, a, first, pf); break;
+        case 2: if constexpr (kRowBlock >= 2) slice_block<WeightsF32, 2>(xs, ldx, n, wide, a, first, pf); break;
+        case 3: if constexpr (kRowBlock >= 3) slice_block<WeightsF32, 3>(xs, ldx, n, wide, a, first, pf); break;
+        case 4: if constexpr (kRowBlock >= 4) slice_block<WeightsF32, 4>(xs, ldx, n, wide, a, first, pf); break;
+        default: break;
+      }
+    }
+  }
+}
+
+// Rows per group on widened slices: a slice is widened once per group, so prefills (up to 512
+// rows a step) take groups four times larger than kGroupRows (their partial sums, 12 KiB on AVX2,
+// stay in the L1 and L2 caches beside the 16 KiB slice).
+constexpr int kWidenGroupRows = 4 * kGroupRows;
+
 template <class W>
 void group_of_panel(const MatmulJob& j, int64_t p, int64_t m0, int64_t m1) {
-  alignas(64) float acc[kGroupRows * kPanel];  // (rows, kPanel) partial sums between slices
-  panel_sums<W>(static_cast<const typename W::T*>(j.x), j.ldx, j.K, j.w->data, p, m0, m1, acc);
+  alignas(64) float acc[(kWidenBF16 ? kWidenGroupRows : kGroupRows) * kPanel];  // (rows, kPanel) partial sums between slices
+  if (widened(j)) {
+    widened_panel_sums(static_cast<const float*>(j.x), j.ldx, j.K, j.w->data, p, m0, m1, acc);
+  } else {
+    panel_sums<W>(static_cast<const typename W::T*>(j.x), j.ldx, j.K, j.w->data, p, m0, m1, acc);
+  }
   const int64_t N = j.w->rows, n0 = p * kPanel, valid = min64(kPanel, N - n0);
   for (int64_t m = m0; m < m1; ++m) {
     store_panel(acc + (m - m0) * kPanel, j.bias ? j.bias + n0 : nullptr, j.y + m * N + n0, valid, j.epilogue);
@@ -345,11 +469,12 @@ void matmul_chunk(void* job_ptr, int64_t c, int /*thread*/) {
   const MatmulJob& j = *static_cast<const MatmulJob*>(job_ptr);
   const int64_t n_panels = (j.w->rows + kPanel - 1) / kPanel;
   for (int64_t p = c * j.panels; p < min64(n_panels, (c + 1) * j.panels); ++p) {
-    for (int64_t m = 0; m < j.M; m += kGroupRows) {
+    const int64_t group = widened(j) ? kWidenGroupRows : kGroupRows;
+    for (int64_t m = 0; m < j.M; m += group) {
       if (j.w->dtype == DType::F32) {
-        group_of_panel<WeightsF32>(j, p, m, min64(j.M, m + kGroupRows));
+        group_of_panel<WeightsF32>(j, p, m, min64(j.M, m + group));
       } else {
-        group_of_panel<WeightsBF16>(j, p, m, min64(j.M, m + kGroupRows));
+        group_of_panel<WeightsBF16>(j, p, m, min64(j.M, m + group));
       }
     }
   }
@@ -372,7 +497,13 @@ void matmul(ThreadPool& pool, const float* x, int64_t M, int64_t K, const Packed
   if (w.dtype == DType::I8) return matmul_i8(pool, x, M, K, w, bias, y, epilogue, reinterpret_cast<uint8_t*>(xb));
   const int64_t N = w.rows, n_panels = (N + kPanel - 1) / kPanel;
   MatmulJob job{x, M, K, K, &w, bias, y, epilogue, panels_per_chunk(n_panels, pool)};
-  if (w.dtype == DType::BF16) {
+  if (widened(job)) {
+    const int64_t ldx = 2 * pairs(K);
+    uint32_t* xw = reinterpret_cast<uint32_t*>(xb);  // xb holds M (K + 1) floats
+    for (int64_t m = 0; m < M; ++m) round_bf16_swapped(x + m * K, K, xw + m * ldx);
+    job.x = xw;
+    job.ldx = ldx;
+  } else if (w.dtype == DType::BF16) {
     // Round the activations to bf16 once: rows of an even stride, a zero after an odd K. Every
     // product is then bf16 x bf16 (exact in fp32), accumulated in fp32.
     const int64_t ldx = 2 * pairs(K);

@@ -7,7 +7,8 @@
 // Vf: kLanes floats. Vb: 2 * kLanes bf16 values, a pair per 32-bit lane (one bf16 dot-product
 // step: lane i gains x.pair[i] . w.pair[i], odd element first). bf16 conversions
 // round to nearest even exactly like kernels_impl.h's scalar f32_to_bf16, lane for lane, so a value
-// converts the same whether it falls in a vector or in a tail.
+// converts the same whether it falls in a vector or in a tail. vbf16_odd / vbf16_even: the odd
+// (high) or even (low) element of each pair of a Vb, widened to fp32 (exact).
 //
 // Where the ISA has an int8 dot product (GPT2S_INT8_DOT: the screened head, kernels_impl.h), Vq
 // is 4 * kLanes int8 values, a quad per 32-bit lane: vdot_q(acc, x, w) adds to each lane (an int32
@@ -67,6 +68,8 @@ inline Vf vdot_bf16(Vf acc, Vb x, Vb w) {
 inline Vf vload_bf16_f32(const uint16_t* p) {
   return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16))};
 }
+inline Vf vbf16_odd(Vb w) { return {_mm512_castsi512_ps(_mm512_and_si512(w.v, _mm512_set1_epi32(int32_t(0xFFFF0000u))))}; }
+inline Vf vbf16_even(Vb w) { return {_mm512_castsi512_ps(_mm512_slli_epi32(w.v, 16))}; }
 #if defined(__AVX512VNNI__) && defined(__AVX512BF16__)
 #define GPT2S_INT8_DOT 1
 constexpr int kQuantOffset = 128;  // vpdpbusd multiplies unsigned by signed bytes
@@ -154,6 +157,9 @@ inline Vf vdot_bf16(Vf acc, Vb x, Vb w) {
 inline Vf vload_bf16_f32(const uint16_t* p) {
   return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16))};
 }
+// Two shifts rather than an and: no mask register, which the widening kernel has none left for.
+inline Vf vbf16_odd(Vb w) { return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_srli_epi32(w.v, 16), 16))}; }
+inline Vf vbf16_even(Vb w) { return {_mm256_castsi256_ps(_mm256_slli_epi32(w.v, 16))}; }
 
 #define GPT2S_INT8_DOT 1
 constexpr int kQuantOffset = 0;
@@ -227,6 +233,8 @@ inline Vf vdot_bf16(Vf acc, Vb x, Vb w) {
   return {vfmaq_f32(acc.v, vreinterpretq_f32_u32(vshlq_n_u32(x.v, 16)), vreinterpretq_f32_u32(vshlq_n_u32(w.v, 16)))};
 }
 inline Vf vload_bf16_f32(const uint16_t* p) { return {vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16))}; }
+inline Vf vbf16_odd(Vb w) { return {vreinterpretq_f32_u32(vandq_u32(w.v, vdupq_n_u32(0xFFFF0000u)))}; }
+inline Vf vbf16_even(Vb w) { return {vreinterpretq_f32_u32(vshlq_n_u32(w.v, 16))}; }
 
 #if defined(__ARM_FEATURE_DOTPROD)
 #define GPT2S_INT8_DOT 1
@@ -320,6 +328,8 @@ inline Vf vdot_bf16(Vf acc, Vb x, Vb w) {
   return acc;
 }
 inline Vf vload_bf16_f32(const uint16_t* p) { GPT2S_LANES(bf16_bits_to_f32(p[i])); }
+inline Vf vbf16_odd(Vb w) { GPT2S_LANES(bf16_bits_to_f32(w.v[2 * i + 1])); }
+inline Vf vbf16_even(Vb w) { GPT2S_LANES(bf16_bits_to_f32(w.v[2 * i])); }
 inline void vstore_bf16(uint16_t* p, Vf a) {
   for (int i = 0; i < kLanes; ++i) {
     uint32_t bits;
