@@ -104,6 +104,7 @@ class Stepper:
         the mean token loss over all processes, and whether any process was asked to stop."""
         b, world, accum = self.batch_size, self.dist.world, self.accumulate_gradients
         self.sampler_before_step = sampler.state()
+        self.in_step = True  # until the update: a second Ctrl-C puts this step's windows back
         # Every process draws the same global batch and takes its share, so the data (and the
         # result) depend only on the total batch, not on how many processes share it.
         x, lengths = sampler.sample(b * world * accum)
@@ -125,8 +126,8 @@ class Stepper:
         self.updating = True
         self.opt.step()
         self.global_step += 1
+        self.in_step = False  # before updating turns False: no moment counts as both undone and not updating
         self.updating = False
-        self.in_step = False
         self.opt.zero_grad(set_to_none=True)
         if world > 1:
             packed = torch.stack([loss_sum, torch.tensor(float(stop_requested), dtype=torch.float64, device=self.device)])
