@@ -148,8 +148,6 @@ def _check_args(steps, batch_size, learning_rate, accumulate_gradients, sample_e
         positive("val_every", val_every)
 
 
-
-
 def finetune(
     sess,
     dataset: str | os.PathLike | None,
