@@ -2,6 +2,7 @@
 
 import csv
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -174,3 +175,33 @@ def test_split_chunks_holds_out_the_tail():
         split_chunks(chunks, 1.0)
     tiles = Windows(val, 4).tiling(100)
     assert tiles == [(0, 0), (0, 4), (0, 8)]
+
+
+class _Payload:
+    """Unpickling this creates the file ``marker``: proof that a pickle was loaded."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickled_npz_is_refused_with_our_error_and_never_loaded(tmp_path, enc, monkeypatch):
+    import pickle
+
+    from gpt_2_simple.dataset import DatasetError
+
+    monkeypatch.chdir(tmp_path)
+    marker = tmp_path / "unpickled"
+    assert pickle.loads(pickle.dumps(_Payload(marker))) and marker.exists()  # the payload works...
+    marker.unlink()
+    np.savez("objects.npz", np.array([1, 2, 3]), np.array([_Payload(marker)], dtype=object))  # an array of Python objects
+    Path("pickle.npz").write_bytes(pickle.dumps(_Payload(marker)))  # a pickle named .npz
+    for name in ("objects.npz", "pickle.npz"):
+        with pytest.raises(DatasetError, match=rf"{name}: holds pickled Python objects, which gpt_2_simple never loads.*encode_dataset\(\)"):
+            load_dataset(enc, name, progress=False)
+    assert not marker.exists()  # ...and was never run
+    Path("junk.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(DatasetError, match="junk.npz: not a readable .npz file"):
+        load_dataset(enc, "junk.npz", progress=False)

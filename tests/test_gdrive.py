@@ -214,3 +214,52 @@ def test_restored_files_keep_their_times(drive):
     shutil.rmtree(work / "checkpoint")
     gpt2.copy_checkpoint_from_gdrive()
     assert model.stat().st_mtime == 1_600_000_000
+
+
+@pytest.mark.parametrize("target", ["file", "folder"])
+def test_folder_copy_refuses_links_and_never_follows_them(drive, tmp_path, target):
+    """A Drive folder from someone else may hold a link to a secret (a file or a folder); copy_folder
+    would copy its content into the run. Refused before anything is copied."""
+    work, root = drive
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "id_rsa").write_text("PRIVATE KEY")
+    backup = root / "checkpoint" / "run1"
+    backup.mkdir(parents=True)
+    (backup / "counter").write_text("7\n")
+    (backup / "model-7.safetensors").write_bytes(b"weights")
+    (backup / "key").symlink_to(secret / "id_rsa" if target == "file" else secret)
+    shutil.rmtree(work / "checkpoint")
+    with pytest.raises(UnsafePathError, match=r"refusing to copy .*key is a link; .*holds only files and folders"):
+        gpt2.copy_checkpoint_from_gdrive(copy_folder=True)
+    assert not (work / "checkpoint").exists()  # nothing copied, not even the good files
+    # the same for a backup: a link in the local run folder is not followed into Drive
+    (work / "checkpoint" / "run1").mkdir(parents=True)
+    (work / "checkpoint" / "run1" / "key").symlink_to(secret / "id_rsa")
+    shutil.rmtree(root / "checkpoint")
+    with pytest.raises(UnsafePathError, match="is a link"):
+        gpt2.copy_checkpoint_to_gdrive(copy_folder=True)
+    assert not any(p.name == "id_rsa" or p.read_bytes() == b"PRIVATE KEY" for p in root.rglob("*") if p.is_file())
+
+
+def test_folder_copy_is_not_written_through_a_link_on_disk(drive, tmp_path):
+    work, root = drive
+    gpt2.copy_checkpoint_to_gdrive(copy_folder=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.rmtree(work / "checkpoint" / "run1" / "logs")
+    (work / "checkpoint" / "run1" / "logs").symlink_to(outside)  # left by something else
+    with pytest.raises(UnsafePathError, match="would be written through a link to"):
+        gpt2.copy_checkpoint_from_gdrive(copy_folder=True)
+    assert list(outside.iterdir()) == []
+
+
+def test_folder_copy_refuses_a_file_swapped_for_a_link(drive, tmp_path):
+    """The check and the copy are apart in time: a file that becomes a link in between is still refused."""
+    (tmp_path / "secret").write_text("PRIVATE KEY")
+    source = drive[0] / "checkpoint" / "run1" / "counter"
+    source.unlink()
+    source.symlink_to(tmp_path / "secret")
+    with pytest.raises(UnsafePathError, match="is a link"):
+        gdrive._copy_file(source, tmp_path / "copy", follow_links=False)
+    assert not (tmp_path / "copy").exists()

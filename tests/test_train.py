@@ -114,6 +114,31 @@ def test_exact_resume_is_bitwise(root):
     assert log == list(range(1, 9))
 
 
+def test_a_second_ctrl_c_inside_a_step_keeps_its_windows_for_the_resume(root, monkeypatch, capsys):
+    """A KeyboardInterrupt inside a step (a second Ctrl-C, before the update) saves the last whole
+    step with the data sampler as it was before the broken step drew its windows: resuming then
+    equals an uninterrupted run, bit for bit."""
+    kw = dict(batch_size=2, accumulate_gradients=2, learning_rate=1e-3)
+    run(root, steps=6, run_name="straight", **kw)
+    forward, calls = GPT2.forward, []
+
+    def forward_until_ctrl_c(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2 * 3 + 2:  # step 4's second micro-batch: its windows are drawn, the weights untouched
+            raise KeyboardInterrupt
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(GPT2, "forward", forward_until_ctrl_c)
+    run(root, steps=6, run_name="resumed", **kw)
+    monkeypatch.setattr(GPT2, "forward", forward)
+    assert "interrupted" in capsys.readouterr().out
+    assert checkpoint_steps(root / "checkpoint" / "resumed") == [3]
+    run(root, steps=3, run_name="resumed", **kw)
+    a, b = weights(root, 6, "straight"), weights(root, 6, "resumed")
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
 def test_steps_add_to_the_run_and_max_checkpoints(root, capsys):
     run(root, steps=6, save_every=2, max_checkpoints=2)
     folder = root / "checkpoint" / "run1"

@@ -20,6 +20,7 @@ import io
 import multiprocessing
 import os
 import time
+import zipfile
 from pathlib import Path
 from typing import Iterator
 
@@ -38,6 +39,7 @@ __all__ = [
     "Windows",
     "WindowSampler",
     "START_OF_TEXT",
+    "DatasetError",
 ]
 
 START_OF_TEXT = "<|startoftext|>"
@@ -186,18 +188,31 @@ class _ChunkEncoder:
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
+class DatasetError(ValueError):
+    """A pre-encoded dataset file that cannot be used; the message names the fix."""
+
+
 def _npz_chunks(path: str, n_vocab: int) -> list[np.ndarray]:
     dtype = _token_dtype(n_vocab)
     chunks = []
     try:
-        with np.load(path) as npz:
+        with np.load(path, allow_pickle=False) as npz:  # a pickle can run code: never loaded
             for name in npz.files:
                 arr = np.asarray(npz[name]).reshape(-1)
                 if arr.size and (arr.dtype.kind not in "iu" or arr.min() < 0 or arr.max() >= n_vocab):
-                    raise ValueError(f"{path}: array {name} is not token ids below {n_vocab}; re-encode it with encode_dataset()")
+                    raise DatasetError(f"{path}: array {name} is not token ids below {n_vocab}; re-encode it with encode_dataset()")
                 chunks.append(arr.astype(dtype, copy=False))
-    except (OSError, EOFError) as e:
-        raise ValueError(f"{path}: not a readable .npz file ({e}); re-create it with encode_dataset()") from None
+    except DatasetError:
+        raise
+    except ValueError as e:
+        if "pickle" in str(e):  # numpy refuses object arrays, and files that are a pickle, without allow_pickle
+            raise DatasetError(
+                f"{path}: holds pickled Python objects, which gpt_2_simple never loads (unpickling can run any code); "
+                "a pre-encoded dataset is plain integer arrays: re-create it from the text with encode_dataset()"
+            ) from None
+        raise DatasetError(f"{path}: not a readable .npz file ({e}); re-create it with encode_dataset()") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as e:  # a torn or fake zip
+        raise DatasetError(f"{path}: not a readable .npz file ({e}); re-create it with encode_dataset()") from None
     return chunks
 
 

@@ -4,7 +4,8 @@ restore it, as one ``checkpoint_<run>.tar`` archive or as a folder copy, and cop
 What the original lacked: copies into Drive and back are atomic (an interrupted copy never
 replaces a good backup or a good local file with a torn one), restoring an archive writes only
 inside ``checkpoint/<run>`` and refuses an archive with any member that would land elsewhere (tar
-path traversal), links or devices, on every Python version, and the errors say what to do
+path traversal), links or devices, on every Python version; a folder copy (``copy_folder=True``)
+refuses links in the folder it copies, never following them; and the errors say what to do
 instead of a bare ``assert``.
 
 The Drive folder is ``/content/drive/MyDrive`` (where ``mount_gdrive`` mounts it in Colab); the
@@ -14,6 +15,7 @@ folder on a desktop, a temporary folder in tests).
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tarfile
@@ -81,12 +83,19 @@ def _on_drive(relative: str | os.PathLike) -> Path:
     return target
 
 
-def _copy_file(source: Path, destination: Path) -> None:
+def _copy_file(source: Path, destination: Path, *, follow_links: bool = True) -> None:
     """Copy through a temporary file renamed over ``destination``: a copy cut off half-way (a
-    Colab disconnect) leaves the previous ``destination`` intact."""
+    Colab disconnect) leaves the previous ``destination`` intact. Without ``follow_links`` a
+    ``source`` that became a link since it was checked is refused (O_NOFOLLOW)."""
     if not source.is_file():
         raise FileNotFoundError(f"{source} does not exist, so there is nothing to copy")
-    with open(source, "rb") as src, atomic_write(destination) as dst:
+    try:
+        fd = os.open(source, os.O_RDONLY | (0 if follow_links else getattr(os, "O_NOFOLLOW", 0)))
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        raise UnsafePathError(f"refusing to copy {source}: it is a link; remove it and try again") from None
+    with open(fd, "rb") as src, atomic_write(destination) as dst:
         shutil.copyfileobj(src, dst, 1 << 20)
 
 
@@ -99,7 +108,7 @@ def copy_checkpoint_to_gdrive(run_name: str = "run1", copy_folder: bool = False)
     if not os.path.isdir(checkpoint_folder):
         raise FileNotFoundError(f"{checkpoint_folder} does not exist: train with run_name={run_name!r} first")
     if copy_folder:
-        shutil.copytree(checkpoint_folder, _on_drive(checkpoint_folder), dirs_exist_ok=True, copy_function=_copy_entry)
+        _copy_folder(Path(checkpoint_folder), _on_drive(checkpoint_folder))
         return
     file_path = get_tarfile_name(checkpoint_folder)
     with atomic_write(file_path) as f, tarfile.open(fileobj=f, mode="w") as tar:
@@ -107,9 +116,31 @@ def copy_checkpoint_to_gdrive(run_name: str = "run1", copy_folder: bool = False)
     _copy_file(Path(file_path), _on_drive(file_path))
 
 
-def _copy_entry(source: str, destination: str) -> str:
-    _copy_file(Path(source), Path(destination))
-    return destination
+def _copy_folder(source: Path, destination: Path) -> None:
+    """Copy the tree ``source`` into ``destination``, updating an earlier copy in place, each file
+    atomically. A backup of a run folder holds only files and folders: a link anywhere in
+    ``source`` (which may come from someone else's Drive) is refused before anything is copied,
+    never followed (a link to ~/.ssh would otherwise copy its target's content into the run)."""
+    files = []
+    for folder, dirs, names in os.walk(source):  # links to folders are listed in dirs, never entered
+        for name in dirs + names:
+            path = Path(folder, name)
+            if path.is_symlink() or not (path.is_dir() or path.is_file()):
+                kind = "a link" if path.is_symlink() else "a device, FIFO or socket"
+                raise UnsafePathError(
+                    f"refusing to copy {source}: {path} is {kind}; a backup made by copy_checkpoint_to_gdrive holds only files "
+                    "and folders. Remove it (or copy the files you trust by hand) and try again"
+                )
+        files += [Path(folder, name).relative_to(source) for name in names]
+    destination.mkdir(parents=True, exist_ok=True)
+    root = os.path.realpath(destination)
+    for relative in files:
+        (destination / relative).parent.mkdir(parents=True, exist_ok=True)
+        real = os.path.realpath((destination / relative).parent)
+        if os.path.commonpath([root, real]) != root:  # a link already in the destination is not followed out
+            raise UnsafePathError(f"refusing to copy {relative} into {destination}: it would be written through a link to {real}; "
+                                  "remove that link and try again")
+        _copy_file(source / relative, destination / relative, follow_links=False)
 
 
 def copy_checkpoint_from_gdrive(run_name: str = "run1", copy_folder: bool = False) -> None:
@@ -120,7 +151,7 @@ def copy_checkpoint_from_gdrive(run_name: str = "run1", copy_folder: bool = Fals
         source = _on_drive(checkpoint_folder)
         if not source.is_dir():
             raise FileNotFoundError(f"{source} does not exist: back the run up with copy_checkpoint_to_gdrive(copy_folder=True) first")
-        shutil.copytree(source, checkpoint_folder, dirs_exist_ok=True, copy_function=_copy_entry)
+        _copy_folder(source, Path(checkpoint_folder))
         return
     file_path = get_tarfile_name(checkpoint_folder)
     _copy_file(_on_drive(file_path), Path(file_path))

@@ -11,16 +11,17 @@ What differs, on purpose (docs/finetune.md): gradient accumulation averages the 
 gradients (the original summed them); the optimizer and data-sampler state are saved so resuming
 gives bitwise the weights of an uninterrupted run; ``use_memory_saving_gradients`` is activation
 checkpointing and works with accumulation; ``multi_gpu`` is DistributedDataParallel.
+
+The phases live in their own files: where a run starts, the run files and the checkpoints
+(train_checkpoint.py); the model, optimizer and step (train_step.py); the log line, log files,
+validation and samples (train_report.py). This file holds the arguments, the processes, the
+interrupts and the loop that ties them together.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import os
-import re
-import shutil
 import signal
 import socket
 import threading
@@ -30,48 +31,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from . import config as configs
 from .dataset import Windows, WindowSampler, load_dataset, split_chunks
-from .fileio import atomic_write, model_folder, run_folder
-from .head_loss import IGNORE
-from .lean import OPTIMIZERS, build_optimizer, device_memory, plan
+from .fileio import model_folder, run_folder
+from .lean import OPTIMIZERS
 from .malloc import reuse_freed_memory
-from .model import GPT2
-from .plot import loss_png
 from .tokenizer import BUNDLED_DIR, get_encoder
-from .train_state import STATE_FILES, load_train_state, pickled_state_file, refuse_pickled, save_train_state, state_file
-from .weights import build_model, latest_checkpoint, load_weights, save_weights
+from .train_checkpoint import checkpoint_steps, load_start, prune, remove_for_overwrite, save_checkpoint, write_run_files
+from .train_report import Reporter, TrainLog, generate_samples, validate
+from .train_step import Stepper, use_bf16
 
 __all__ = ["finetune", "checkpoint_steps", "OPTIMIZERS"]
-
-SAMPLE_DIR = "samples"  # relative to the working directory, as in the original
-VAL_WINDOWS = 64  # validation loss is measured on at most this many fixed windows
-_CHECKPOINT = re.compile(r"model-(\d+)\.safetensors")
-
-
-# ----------------------------------------------------------------------------- run folder
-
-
-def checkpoint_steps(folder: str | os.PathLike) -> list[int]:
-    """Steps of the ``model-<step>.safetensors`` checkpoints in a run folder, ascending."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    return sorted(int(m.group(1)) for p in folder.iterdir() if (m := _CHECKPOINT.fullmatch(p.name)))
-
-
-def _read_counter(folder: Path) -> int | None:
-    try:
-        return int((folder / "counter").read_text().strip())
-    except (FileNotFoundError, ValueError):
-        return None
-
-
-def _write_atomic(path: Path, data: bytes | str) -> None:
-    with atomic_write(path, "wb" if isinstance(data, bytes) else "w") as f:
-        f.write(data)
 
 
 # ----------------------------------------------------------------------------- processes
@@ -156,64 +127,6 @@ class _StopSignal:
             signal.signal(sig, old)
 
 
-# ----------------------------------------------------------------------------- the loop
-
-
-@dataclass
-class _Log:
-    """``log.jsonl`` (one JSON object per printed step and per validation), ``loss.png`` drawn from
-    it and, when TensorBoard is installed, event files in the run folder (the original wrote those)."""
-
-    folder: Path
-    enabled: bool
-    writer: object = None
-
-    def open(self, resume_step: int | None) -> None:
-        if not self.enabled:
-            return
-        path = self.folder / "log.jsonl"
-        kept = []
-        if resume_step is not None and path.exists():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):
-                    entry = json.loads(line)
-                    if entry["step"] <= resume_step:  # later entries belong to steps being redone
-                        kept.append(line)
-        _write_atomic(path, "".join(line + "\n" for line in kept))
-        self._file = open(path, "a", encoding="utf-8")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # tensorboard is optional
-            return
-        self.writer = SummaryWriter(str(self.folder))
-
-    def write(self, entry: dict) -> None:
-        if not self.enabled:
-            return
-        self._file.write(json.dumps(entry) + "\n")
-        self._file.flush()  # loss.png is drawn from the file
-        if self.writer is not None:
-            for key in ("loss", "val_loss"):
-                if key in entry:
-                    self.writer.add_scalar(key, entry[key], entry["step"])
-
-    def plot(self) -> None:
-        if not self.enabled:
-            return
-        try:
-            image = loss_png(self.folder / "log.jsonl", self.folder.name)
-        except ImportError:  # a training dependency; a broken install must not stop the run at a save
-            print("loss.png not drawn: matplotlib is not installed (pip install matplotlib)")
-            return
-        _write_atomic(self.folder / "loss.png", image)
-
-    def close(self) -> None:
-        if self.enabled:
-            self._file.close()
-            if self.writer is not None:
-                self.writer.close()
-
-
 def _check_args(steps, batch_size, learning_rate, accumulate_gradients, sample_every, sample_length, sample_num, save_every, print_every, max_checkpoints, optimizer, val_fraction, val_every) -> None:
     def positive(name, value):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
@@ -233,33 +146,6 @@ def _check_args(steps, batch_size, learning_rate, accumulate_gradients, sample_e
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
     if val_every is not None:
         positive("val_every", val_every)
-
-
-def _base_model(model_name: str, model_dir: str):
-    """(folder with the base weights or None for a from-scratch size, its config or None)."""
-    names = [model_name, configs.ALIASES.get(model_name)] + [old for old, new in configs.ALIASES.items() if new == model_name]
-    for name in filter(None, names):  # models/117M serves for 124M and the other way round
-        if latest_checkpoint(Path(model_dir) / name) is not None:
-            return Path(model_dir) / name, None
-    name = configs.canonical_name(model_name)  # unknown names: a ValueError listing the known ones
-    if name in configs.SCRATCH:
-        return None, configs.SCRATCH[name]
-    raise FileNotFoundError(
-        f"base model {model_name} not found in {Path(model_dir) / model_name}; download it first with "
-        f"gpt_2_simple.download_gpt2(model_name={model_name!r}) (the CLI does this for you), "
-        "or train a from-scratch size: " + ", ".join(configs.SCRATCH)
-    )
-
-
-def _named_config(model_name: str, model_dir: str):
-    """The config ``model_name`` stands for (its folder's hparams, or a known size), else None."""
-    folder = Path(model_dir) / model_name
-    for name in ("hparams.json", "config.json"):
-        if (folder / name).is_file():
-            return configs.GPT2Config.from_file(folder / name)
-    with contextlib.suppress(ValueError):
-        return configs.get_config(model_name)
-    return None
 
 
 def finetune(
@@ -374,245 +260,60 @@ def _attach(sess, run_dir: Path, model=None) -> None:
         sess.attach(model.float().cpu().eval(), run_dir)  # the session's model lives on the CPU
 
 
-def _inputs_and_targets(x, lengths):
-    """Windows (N, L) with their lengths -> model inputs (N, L-1) and next-token targets (N, L-1),
-    IGNORE (-100, left out of the loss) past each window's end."""
-    target = x[:, 1:].clone()
-    target[torch.arange(target.shape[1])[None, :] >= (lengths - 1)[:, None]] = IGNORE
-    return x[:, :-1], target
+
+# ----------------------------------------------------------------------------- the run
 
 
 class _Trainer:
+    """One ``finetune`` call in one process: set up (train_checkpoint.load_start, the Stepper, the
+    data), then the loop of steps with its saves, samples and validations."""
+
     def __init__(self, **kw):
         self.__dict__.update(kw)
         self.run_dir = run_folder(self.checkpoint_dir, self.run_name)
 
-    # --------------------------------------------------------------- model and state
-
-    def _load_start(self):
-        """Config, weights (numpy dict or None for a fresh init), the step to continue from, and
-        the saved training state (exact resume) when restoring this run's latest checkpoint."""
-        restore = self.restore_from
-        if restore == "latest":
-            latest = latest_checkpoint(self.run_dir)
-            if latest is not None:
-                config, state = load_weights(latest.path)
-                step = latest.step if latest.step is not None else (_read_counter(self.run_dir) or 0)
-                expected = _named_config(self.model_name, self.model_dir)
-                if expected is not None and config != expected:
-                    raise ValueError(
-                        f"{self.run_dir} holds a model of another size ({config}) than model_name={self.model_name!r}; "
-                        "pass the model_name it was trained from, another run_name, or restore_from='fresh'"
-                    )
-                train_state = None
-                if latest.format == "safetensors":
-                    if state_file(self.run_dir, step).is_file():
-                        train_state = load_train_state(state_file(self.run_dir, step))
-                    elif pickled_state_file(self.run_dir, step).is_file():
-                        raise refuse_pickled(pickled_state_file(self.run_dir, step), latest.path)
-                self.say("Loading checkpoint", latest.path)
-                return config, state, step, train_state
-        if restore not in ("latest", "fresh"):
-            config, state = load_weights(restore)
-            self.say("Loading checkpoint", restore)
-            return config, state, 0, None
-        base_dir, base_config = _base_model(self.model_name, self.model_dir)
-        if base_dir is not None:
-            config, state = load_weights(base_dir)
-            self.say("Loading pretrained model", base_dir)
-            return config, state, 0, None
-        self.say(f"Initialising a new '{self.model_name}' model from scratch ({base_config.n_params() / 1e6:.1f}M parameters)")
-        return base_config, None, 0, None
-
-    def _write_run_files(self, config) -> None:
-        """hparams.json and the tokenizer files, as the original copied them into the run; temporary
-        files left by a process killed mid-save are removed."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        for p in self.run_dir.glob(".*.tmp"):  # fileio.atomic_write's ".<name>.<random>.tmp"
-            p.unlink()
-        _write_atomic(self.run_dir / "hparams.json", json.dumps(config.to_hparams(), indent=2) + "\n")
-        base = Path(self.model_dir) / self.model_name
-        for name in ("encoder.json", "vocab.bpe"):
-            source = base / name if (base / name).is_file() else BUNDLED_DIR / name
-            if (self.run_dir / name).resolve() != source.resolve():
-                _write_atomic(self.run_dir / name, source.read_bytes())
-
-    # --------------------------------------------------------------- saving
-
-    def save(self, step: int) -> None:
-        """Training state, then weights, then counter, each atomically: a checkpoint's weights
-        never exist without its state, and a kill at any moment leaves the previous one whole."""
-        if not self.dist.main:
-            return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.say("Saving", os.path.join(self.run_dir, f"model-{step}"))
-        save_train_state(
-            state_file(self.run_dir, step), step=step, seed=self.seed, optimizer_name=self.optimizer,
-            optimizer=self.opt.state_dict(), sampler=self.sampler.state(), torch_rng=torch.get_rng_state(),
-        )
-        weights = {k: v.detach().cpu().numpy() for k, v in self.model.state_dict().items()}
-        save_weights(self.run_dir / f"model-{step}.safetensors", weights, self.config, {"format": "gpt_2_simple", "step": str(step)})
-        _write_atomic(self.run_dir / "counter", f"{step}\n")
-        if step not in self.saved:
-            self.saved.append(step)
-        self._prune()
-        self.log.plot()
-
-    def _prune(self) -> None:
-        """Keep the newest ``max_checkpoints``: this call's saves count as newer than the ones the
-        folder held before, and older checkpoints numbered above the newest save (left by a run this
-        one restarted) go, since the highest step is what 'latest' loads."""
-        newest = self.saved[-1]
-        earlier = [s for s in checkpoint_steps(self.run_dir) if s not in self.saved]
-        order = [s for s in earlier if s <= newest] + self.saved
-        drop = order[: -self.max_checkpoints] + [s for s in earlier if s > newest]
-        for s in drop:
-            for name in (f"model-{s}.safetensors", *(f.format(step=s) for f in STATE_FILES)):
-                with contextlib.suppress(FileNotFoundError):
-                    (self.run_dir / name).unlink()
-
-    # --------------------------------------------------------------- samples and validation
-
-    def generate_samples(self, counter: int) -> None:
-        """sample_num texts of sample_length tokens (top-k 40, temperature 1, as the original),
-        each from one random token of the data, written to samples/<run_name>/samples-<counter>."""
-        from .engine import Request
-        from .torch_generate import generate_tokens
-
-        rng = np.random.default_rng([self.seed, counter])  # not the data stream: samples never change training
-        x, n = self.windows.batch([int(rng.integers(len(self.windows)))])
-        context = [int(x[0, rng.integers(n[0])])]
-        requests = [Request(prompt=context, max_new_tokens=self.sample_length, temperature=1.0, top_k=40, seed=self.seed + counter, sample_index=i) for i in range(self.sample_num)]
-        self.model.eval()
-        try:
-            results = generate_tokens(self.model, requests, batch_size=self.batch_size)
-        finally:
-            self.model.train()
-        texts = [f"======== SAMPLE {i + 1} ========\n{self.enc.decode(context + r.tokens)}\n" for i, r in enumerate(results)]
-        self.say(texts[-1])
-        _write_atomic(Path(SAMPLE_DIR) / self.run_name / f"samples-{counter}", "\n".join(texts))
-
-    def validate(self) -> tuple[float, float]:
-        """Mean token loss and perplexity on the fixed validation windows."""
-        total, count = 0.0, 0
-        tiles = self.val_windows.tiling(VAL_WINDOWS)
-        self.model.eval()
-        with torch.no_grad(), self.autocast():
-            for i in range(0, len(tiles), self.batch_size * 4):
-                x, lengths = self.val_windows.stack([self.val_windows.window(c, s) for c, s in tiles[i : i + self.batch_size * 4]])
-                x, target = _inputs_and_targets(torch.from_numpy(x), torch.from_numpy(lengths))
-                total += self.model(x.to(self.device), targets=target.to(self.device)).item()
-                count += int((target != IGNORE).sum())
-        self.model.train()
-        loss = total / count
-        return loss, math.exp(min(loss, 700.0))
-
-    # --------------------------------------------------------------- training
-
-    def autocast(self):
-        if not self.bf16:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
-
-    def train_step(self, stop_requested: bool) -> tuple[float, bool]:
-        """One optimizer step over batch_size x accumulate_gradients windows per process; returns
-        the mean token loss over all processes, and whether any process was asked to stop."""
-        b, world, accum = self.batch_size, self.dist.world, self.accumulate_gradients
-        self.sampler_before_step = self.sampler.state()
-        # Every process draws the same global batch and takes its share, so the data (and the
-        # result) depend only on the total batch, not on how many processes share it.
-        x, lengths = self.sampler.sample(b * world * accum)
-        n_targets = int((lengths - 1).sum())
-        inputs, target = _inputs_and_targets(torch.from_numpy(x), torch.from_numpy(lengths))
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        for m in range(accum):
-            rows = slice((m * world + self.dist.rank) * b, (m * world + self.dist.rank + 1) * b)
-            xi, ti = inputs[rows].to(self.device, non_blocking=True), target[rows].to(self.device, non_blocking=True)
-            # DDP all-reduces gradients in the last micro-batch's backward only.
-            sync = self.ddp is None or m == accum - 1
-            with (contextlib.nullcontext() if sync else self.ddp.no_sync()), self.autocast():
-                loss = self.train_model(xi, targets=ti)  # summed over the targets
-            if self.in_backward:  # the last micro-batch's backward updates the weights
-                self.opt.stepping = self.updating = m == accum - 1
-            # DDP averages gradients over processes: scale so the result is the global token mean.
-            (loss * (world / n_targets)).backward()
-            loss_sum += loss.detach().double()
-        self.updating = True
-        self.opt.step()
-        self.global_step += 1
-        self.updating = False
-        self.in_step = False
-        self.opt.zero_grad(set_to_none=True)
-        if world > 1:
-            packed = torch.stack([loss_sum, torch.tensor(float(stop_requested), dtype=torch.float64, device=self.device)])
-            torch.distributed.all_reduce(packed)
-            loss_sum, stop_requested = packed[0], bool(packed[1].item() > 0)
-        return float(loss_sum) / n_targets, stop_requested  # the one host sync of the step
-
-    def _plan_memory(self, config, model, params) -> None:
-        """Step in backward and checkpointing: as asked, or chosen by lean.plan for this device."""
-        if self.optimizer_in_backward and (self.dist.world > 1 or self.compile):
-            raise ValueError("optimizer_in_backward=True works in one process without compile: DDP reduces gradients after the "
-                             "step would have used them; leave it None (automatic) or drop multi_gpu/compile")
-        choice = plan(config, sum(p.numel() for p in model.parameters()), [p.shape for p in params], optimizer=self.optimizer,
-                      batch_size=self.batch_size, accumulate=self.accumulate_gradients, in_backward=self.optimizer_in_backward,
-                      checkpointing=bool(self.use_memory_saving_gradients), available=device_memory(self.device),
-                      can_step_in_backward=self.dist.world == 1 and not self.compile)
-        for note in choice.notes:
-            self.say(f"Memory: {note}")
-        self.in_backward = choice.in_backward
-        model.gradient_checkpointing = choice.checkpointing
-
     def run(self, sess) -> None:
-        if self.mixed_precision in (None, "auto"):
-            self.bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
-        elif self.mixed_precision in (True, "bf16"):
-            self.bf16 = True
-        elif self.mixed_precision in (False, "fp32", "no"):
-            self.bf16 = False
-        else:
-            raise ValueError(f"mixed_precision must be None, True/'bf16' or False, got {self.mixed_precision!r}")
-
-        config, state, start_step, train_state = self._load_start()
+        self.bf16 = use_bf16(self.mixed_precision, self.device)
+        start = load_start(self.run_dir, self.restore_from, self.model_name, self.model_dir, self.say)
         if self.seed is None:
-            self.seed = int(train_state["seed"]) if train_state else int(np.random.SeedSequence().entropy % (1 << 63))
+            self.seed = int(start.train_state["seed"]) if start.train_state else int(np.random.SeedSequence().entropy % (1 << 63))
             if self.dist.world > 1:  # one data stream for all processes: rank 0's seed
                 shared = [self.seed]
                 torch.distributed.broadcast_object_list(shared, src=0)
                 self.seed = shared[0]
-        self.config = config
+        self.config = start.config
         if self.dist.main:
-            self._write_run_files(config)
+            write_run_files(self.run_dir, start.config, self.model_dir, self.model_name)
         if self.dist.world > 1:
             torch.distributed.barrier()  # the others read the tokenizer files rank 0 just wrote
         if configs.ALIASES.get(self.model_name, self.model_name) in set(configs.PRETRAINED) - {"124M"}:
             self.say("For larger models, the recommended finetune() parameters are:\n\tuse_memory_saving_gradients = True\n\tonly_train_transformer_layers = True\n\taccumulate_gradients = 1\n")
 
-        torch.manual_seed(self.seed)
-        self.model = model = GPT2(config) if state is None else build_model(config, state)
-        del state
-        model.to(self.device).train()
-        if self.only_train_transformer_layers:
-            for name, p in model.named_parameters():
-                p.requires_grad_(name.startswith("h."))
-        params = [p for p in model.parameters() if p.requires_grad]
-        self._plan_memory(config, model, params)
-        self.opt = build_optimizer(self.optimizer, params, self.learning_rate, self.device.type, in_backward=self.in_backward)
-        if train_state is not None and train_state.get("optimizer_name") == self.optimizer:
-            self.opt.load_state_dict(train_state["optimizer"])
-            for group in self.opt.param_groups:
-                group["lr"] = self.learning_rate  # this call's learning rate, not the saved one
-        elif train_state is not None:
-            self.say(f"Optimizer changed from {train_state.get('optimizer_name')} to {self.optimizer}: starting it fresh")
-        self.ddp = None
-        if self.dist.world > 1:
-            from torch.nn.parallel import DistributedDataParallel
+        self.stepper = Stepper(
+            start, seed=self.seed, device=self.device, dist=self.dist, bf16=self.bf16,
+            optimizer=self.optimizer, learning_rate=self.learning_rate, batch_size=self.batch_size,
+            accumulate_gradients=self.accumulate_gradients, optimizer_in_backward=self.optimizer_in_backward,
+            use_memory_saving_gradients=self.use_memory_saving_gradients, only_train_transformer_layers=self.only_train_transformer_layers,
+            compile=self.compile, say=self.say,
+        )
+        self._load_data(start.config, start.train_state)
 
-            self.ddp = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.train_model = self.ddp or model
-        if self.compile:
-            self.train_model = torch.compile(self.train_model)
+        resumed = self.restore_from == "latest" and start.step > 0
+        self.saved: list[int] = [start.step] if resumed and start.step in checkpoint_steps(self.run_dir) else []
+        if self.overwrite and self.restore_from == "latest" and self.dist.main:
+            remove_for_overwrite(self.run_dir, start.step)
+        self.log = TrainLog(self.run_dir, self.dist.main)
+        self.log.open(start.step if resumed else None)
+        if self.overwrite and self.restore_from == "latest":
+            self.save(start.step)
+        try:
+            self._loop(start.step)
+        finally:
+            self.log.close()
+        _attach(sess, self.run_dir, self.stepper.model)
 
+    def _load_data(self, config, train_state: dict | None) -> None:
+        """The training and validation windows and the sampler (with its saved state on a resume)."""
         self.say("Loading dataset...")
         self.enc = get_encoder(self.run_dir)
         chunks = load_dataset(self.enc, self.dataset, self.combine, errors=self.errors, progress=self.progress and self.dist.main)
@@ -633,76 +334,59 @@ class _Trainer:
             self.say(f"The dataset is shorter than the model's {config.n_ctx}-token context: training on {self.windows.length - 1}-token windows")
         self.say("Training...")
 
-        self.updating = self.in_step = False
-        self.global_step = start_step
-        resumed = self.restore_from == "latest" and start_step > 0
-        self.saved: list[int] = [start_step] if resumed and start_step in checkpoint_steps(self.run_dir) else []
-        if self.overwrite and self.restore_from == "latest" and self.dist.main:
-            # The original removed the run's old checkpoints and event files, then saved.
-            for p in list(self.run_dir.iterdir()):
-                m = _CHECKPOINT.fullmatch(p.name) or re.fullmatch(r"train_state-(\d+)\.(?:safetensors|pt)", p.name)
-                if p.name.startswith("events") or (m and int(m.group(1)) != start_step):
-                    p.unlink()
-        self.log = _Log(self.run_dir, self.dist.main)
-        self.log.open(start_step if resumed else None)
-        if self.overwrite and self.restore_from == "latest":
-            self.save(start_step)
-        try:
-            self._loop(start_step)
-        finally:
-            self.log.close()
-        _attach(sess, self.run_dir, model)
+    def save(self, step: int) -> None:
+        """A checkpoint of ``step`` (train_checkpoint.save_checkpoint), then retention and loss.png."""
+        if not self.dist.main:
+            return
+        self.say("Saving", os.path.join(self.run_dir, f"model-{step}"))
+        save_checkpoint(self.run_dir, step, model=self.stepper.model, config=self.config, optimizer_name=self.optimizer,
+                        optimizer=self.stepper.opt, sampler=self.sampler, seed=self.seed)
+        if step not in self.saved:
+            self.saved.append(step)
+        prune(self.run_dir, self.saved, self.max_checkpoints)
+        self.log.plot()
 
     def _loop(self, start_step: int) -> None:
+        stepper = self.stepper
         counter = start_step + 1
         counter_base = counter
         val_every = self.val_every or 100
         tokens_per_step = self.batch_size * self.dist.world * self.accumulate_gradients * (self.windows.length - 1)
-        avg_loss = (0.0, 0.0)
-        start_time = time.time()
-        bar = tqdm(total=self.steps, unit="step", disable=not (self.progress and self.dist.main and self.steps > 0), dynamic_ncols=True)
-        write = bar.write if not bar.disable else self.say
+        report = Reporter(self.log, self.steps, progress=self.progress, main=self.dist.main, say=self.say, tokens_per_step=tokens_per_step)
         stop = False
 
-        def validate(step):
+        def validation(step):
             if self.val_windows is not None and self.dist.main:
-                val_loss, ppl = self.validate()
-                write(f"[{step} | {time.time() - start_time:.2f}] val_loss={val_loss:.2f} val_ppl={ppl:.2f}")
-                self.log.write({"step": step, "val_loss": val_loss, "val_ppl": ppl, "time": time.time() - start_time})
+                report.validation(step, *validate(stepper.model, self.val_windows, batch_size=self.batch_size, device=self.device,
+                                                  autocast=stepper.autocast))
 
-        with _StopSignal() as signals, bar:
+        with _StopSignal() as signals, report:
             try:
                 while True:
                     if stop:
-                        write("interrupted")
+                        report.write("interrupted")
                         self.save(counter - 1)
                         return
                     if self.steps > 0 and counter == counter_base + self.steps:
-                        validate(counter - 1)
+                        validation(counter - 1)
                         self.save(counter - 1)
                         return
                     if (counter - 1) % self.save_every == 0 and counter > 1 and counter - 1 not in self.saved:
                         self.save(counter - 1)
                     if (counter - 1) % self.sample_every == 0 and counter > 1 and self.dist.main:
-                        self.generate_samples(counter)
+                        generate_samples(stepper.model, self.windows, self.enc, seed=self.seed, counter=counter, sample_num=self.sample_num,
+                                         sample_length=self.sample_length, batch_size=self.batch_size, run_name=self.run_name, say=self.say)
                     if (counter - 1) % val_every == 0 and counter > 1 and counter != counter_base:
-                        validate(counter - 1)
+                        validation(counter - 1)
 
                     step_start = time.time()
-                    loss, stop = self.train_step(signals.requested)
-                    elapsed = time.time() - step_start
-                    bar.update(1)
-                    if counter % self.print_every == 0:
-                        avg_loss = (avg_loss[0] * 0.99 + loss, avg_loss[1] * 0.99 + 1.0)
-                        avg = avg_loss[0] / avg_loss[1]
-                        write(f"[{counter} | {time.time() - start_time:2.2f}] loss={loss:2.2f} avg={avg:2.2f}")
-                        bar.set_postfix(loss=f"{loss:.2f}", avg=f"{avg:.2f}")
-                        self.log.write({"step": counter, "loss": loss, "avg": avg, "time": time.time() - start_time, "tokens_per_s": tokens_per_step / max(elapsed, 1e-9)})
+                    loss, stop = stepper.step(self.sampler, signals.requested)
+                    report.step(counter, loss, time.time() - step_start, printed=counter % self.print_every == 0)
                     counter += 1
             except KeyboardInterrupt:  # a second Ctrl-C: stop now
-                if self.updating:  # weights half updated: keep the last checkpoint instead
+                if stepper.updating:  # weights half updated: keep the last checkpoint instead
                     raise
-                write("interrupted")
-                if self.in_step:  # this step's windows were drawn but not used
-                    self.sampler.set_state(self.sampler_before_step)
-                self.save(self.global_step)
+                report.write("interrupted")
+                if stepper.in_step:  # this step's windows were drawn but not used
+                    self.sampler.set_state(stepper.sampler_before_step)
+                self.save(stepper.global_step)
