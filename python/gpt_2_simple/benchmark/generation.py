@@ -26,6 +26,8 @@ from .llama_cpp import usable as llama_cpp_usable
 SUITE = "generation"
 PEERS = ("engine-fp32", "engine-bf16", "engine-int8", "torch", "transformers", *LLAMA_PEERS)
 COMPARE_TO = ("transformers", "torch", *LLAMA_PEERS)
+# The README's rows: bf16 against transformers, and each dtype against llama.cpp's like it.
+HEADLINE = {"engine-bf16": ["transformers", "llama.cpp-f16"], "engine-fp32": ["llama.cpp-f32"], "engine-int8": ["llama.cpp-q8_0"]}
 
 
 def prompt_tokens(length: int, row: int) -> list[int]:
@@ -174,7 +176,7 @@ def measure(opts: Options, *, new_tokens: int | None = None, top_k: int = 40, pe
                 details.update({p: _prefill_rate(replies[p]) for p in replies if p in LLAMA_PEERS})
                 records += case_records(SUITE, case, cfg, samples, metric="tokens/s", ours={p for p in peers if p.startswith("engine-")},
                                         compare_to=[p for p in COMPARE_TO if p in peers], peak_rss=peaks, details=details,
-                                        load_average=load, headline={"engine-bf16"})
+                                        load_average=load, headline=HEADLINE)
     finally:
         for w in workers.values():
             w.close()
