@@ -24,6 +24,7 @@ START, END = "<!-- performance:start -->", "<!-- performance:end -->"
 RUNS_START, RUNS_END = "<!-- runs:start -->", "<!-- runs:end -->"
 TITLES = {"generation": "Generation", "batching": "Continuous vs static batching", "load": "Model load", "tokenizer": "Tokenizer encode",
           "finetune": "Fine-tuning", "gpu": "GPU"}
+ENGINE_SUITES = ("generation", "batching")  # suites whose figures are the CPU engine's kernels
 PEERS_INSTALL = 'pip install ".[bench]"    # from the checkout: the peers: transformers, tiktoken'
 
 
@@ -228,10 +229,11 @@ def readme_section(harness: list[tuple[str, dict]], *, gpu: list[tuple[str, dict
     rows: dict[tuple[str, str, str, str], str] = {}
     skipped = []
     for _, results in harness:
-        # A run on another kind of CPU adds rows; one on the same kind is a rerun (the first wins).
+        # The engine's speed depends on the CPU's kernel family: a generation run on another family adds
+        # rows beside the first's. Any other run of a case already shown is a rerun (the first wins).
         family = "avx512" if str(results["context"].get("engine_isa")).startswith("avx512") else str(results["context"].get("engine_isa"))
         for (suite, case, peer, _), row in _headline_rows(results, short_machine(results)):
-            rows.setdefault((suite, case, peer, family), row)
+            rows.setdefault((suite, case, peer, family if suite in ENGINE_SUITES else ""), row)
         skipped += [line for line in _skipped(results) if not (gpu and line.startswith("- gpu:"))]  # GPU files stand in
     for _, result in gpu:
         for key, row in _headline_rows({"records": gpu_records(result)}, _gpu_summary(result)["gpu"]):
