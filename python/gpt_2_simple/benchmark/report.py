@@ -173,11 +173,14 @@ def _headline_rows(results: dict, machine: str) -> list[tuple[tuple[str, str, st
         if not r.get("headline") or not r.get("speedup"):
             continue
         peers = [p for p in r["headline"] if p in r["speedup"]] if isinstance(r["headline"], list) else [next(iter(r["speedup"]))]
+        # Runs before 2026-12-07 gave every row of a batch the same prompt (a prefix to share).
+        shared = r["suite"] == "generation" and r["config"].get("batch", 1) > 1 and r["config"].get("prompts") != "distinct"
+        case = f"{r['case']} (one prompt for all rows)" if shared else r["case"]
         for peer in peers:
             other = by_case[(r["suite"], r["case"])].get(peer)
             what = f"{TITLES.get(r['suite'], r['suite'])} ({r['metric']})"
             theirs = f"{_value(r['metric'], other['median'])} ({peer})" if other else peer
-            rows.append(((r["suite"], r["case"], peer, machine), f"| {what} | {r['case']} | {_value(r['metric'], r['median'])} ({r['peer']}) | "
+            rows.append(((r["suite"], r["case"], peer, machine), f"| {what} | {case} | {_value(r['metric'], r['median'])} ({r['peer']}) | "
                         f"{theirs} | {_ratio(r['speedup'][peer]['median'])} | {machine} |"))
     return rows
 
