@@ -263,6 +263,28 @@ def test_logits_do_not_depend_on_the_batch(tmp_path, isa, dtype):
             assert np.array_equal(together["logits"][key].view(np.uint32), x.view(np.uint32)), f"{isa} {dtype} n_embd {config.n_embd} logits {key}"
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("isa", ["native", pytest.param("avx2", marks=needs_isa("avx2")), "scalar"])
+def test_prefilled_rows_equal_decoded_rows(tmp_path, isa, dtype):
+    # A prefill's rows attend in blocks (kernels_impl.h, attend_rows: consecutive positions of one
+    # slot share each cached key and value read; the last positions are each row's own), a decode
+    # step's rows one by one. Prompts of 5 and 6 tokens decode 9 more one step at a time; then
+    # every prefix of those sequences that ends in the last 6 decoded positions is prefilled in one
+    # step: 12 prompts of 10-15 tokens, so the row drawn from sits at every place of a 4-row block
+    # and the blocks straddle slot boundaries. Its logits are the decoded step's, bit for bit, with
+    # an fp32 and a bf16 KV cache, for head sizes of 96 (whole SIMD vectors) and 15 (none).
+    for config in (WIDE[0], ODD[0]):
+        path = export(random_gpt2(config, seed=6), tmp_path / f"{config.n_embd}.{dtype}.bin", dtype, progress=False)
+        prompts = _prompts([5, 6], seed=10)
+        decoded = _run_in_subprocess(path, isa, [dict(prompt=p, max_new_tokens=9, temperature=1.0, seed=4) for p in prompts], batch_size=2)
+        cases = [(i, step) for i in range(len(prompts)) for step in range(3, 9)]
+        prefixes = [dict(prompt=prompts[i] + decoded["tokens"][i][:step], max_new_tokens=1, temperature=1.0) for i, step in cases]
+        prefilled = _run_in_subprocess(path, isa, prefixes, batch_size=len(prefixes))
+        for j, (i, step) in enumerate(cases):
+            x, y = prefilled["logits"][f"{j}_0"], decoded["logits"][f"{i}_{step}"]
+            assert np.array_equal(x.view(np.uint32), y.view(np.uint32)), f"{isa} {dtype} n_embd {config.n_embd} row {i} step {step}"
+
+
 def test_greedy_equals_pytorch_past_the_context(small, engine):
     # 10 + 150 tokens in a 64-token context: the window slides three times.
     requests = [Request(p, 150, temperature=0.0) for p in _prompts([10, 40], seed=1, vocab=BYTES.n_vocab)]

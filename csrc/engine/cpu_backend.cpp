@@ -111,7 +111,7 @@ void CpuBackend::reserve(int32_t slots, int32_t ctx, int32_t max_step_tokens) {
   fc_.resize(N * 4 * C);
   xf_.resize(int64_t(slots) * C);
   logits_.resize(int64_t(slots) * V);
-  scores_.resize(int64_t(pool_.size()) * ctx);
+  scores_.resize(int64_t(pool_.size()) * kAttentionRows * ctx);
   // bf16 rows (stored as fp32 where the kernels widen the weights: two uint16 per value), or int8 rows and their scales
   xb_.resize(w_.dtype == DType::BF16 ? 2 * 2 * N * (4 * C + 2) : w_.dtype == DType::I8 ? 2 * N * (4 * C + 2) : 0);
   if (screen_.data != nullptr) {

@@ -100,7 +100,7 @@ class CpuBackend final : public Backend {
   Buffer<float> fc_;       // (N, 4C) MLP hidden
   Buffer<float> xf_;       // (R, C) final layernorm of the sampling rows
   Buffer<float> logits_;   // (R, V)
-  Buffer<float> scores_;   // (threads, ctx) attention scratch
+  Buffer<float> scores_;   // (threads, kAttentionRows, ctx) attention scratch
   Buffer<uint16_t> xb_;    // (2, N, 2 (4C + 2)) activations rounded to bf16, or (2, N, 4C + 2) quantized to int8; two halves
   Buffer<uint8_t> xq_;     // (R, C + 3) sampling rows quantized for the screen
   Buffer<float> screen_rows_;  // (R, 5 + 2 panels) per row: the screen's terms, each panel's best lower bound and its token (int32)

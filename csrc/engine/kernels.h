@@ -14,6 +14,10 @@
 
 namespace gpt2s {
 
+// Query rows of one sequence (consecutive positions of one slot, as in a prefill) that attention
+// takes together, reading each cached key and value once for them all (kernels_impl.h, attend_rows).
+constexpr int kAttentionRows = 4;
+
 enum class Epilogue {
   kStore,  // y = x @ w^T + bias
   kGelu,   // y = gelu_tanh(x @ w^T + bias)
@@ -91,8 +95,8 @@ struct Kernels {
   // Causal attention for N tokens over the KV cache of one layer: first the tokens' own keys and
   // values (from qkv (N, 3C)) go to position pos[i] of slot[i], then token i attends to positions
   // 0..pos[i] of its slot; out (N, C). k and v: (slots, NH, ctx, HS) of kv_dtype (fp32, or bf16:
-  // rounded to nearest even when stored, widened when read). scratch: (pool threads, ctx) floats.
-  // Parallel over (token, head).
+  // rounded to nearest even when stored, widened when read). scratch: (pool threads,
+  // kAttentionRows, ctx) floats. Parallel over (head, block of kAttentionRows tokens).
   void (*attention)(ThreadPool& pool, const float* qkv, int64_t N, const int32_t* slot, const int32_t* pos, void* k,
                     void* v, DType kv_dtype, int64_t NH, int64_t HS, int64_t ctx, float* out, float* scratch);
 

@@ -330,18 +330,21 @@ inline bool widened(const MatmulJob& j) { return kWidenBF16 && j.w->dtype == DTy
 // out (2 pairs(K)) fp32 <- x (K) rounded to bf16 as round_bf16 rounds, each pair swapped (odd
 // input first, as widening_block orders the weights), a zero for the input past an odd K.
 inline void round_bf16_swapped(const float* x, int64_t K, uint32_t* out) {
-  constexpr int64_t kChunk = 256;
-  alignas(64) uint16_t b[kChunk + 2];
-  for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
-    const int64_t n = min64(kChunk, K - k0);
-    round_bf16(x + k0, n, b);
-    b[n] = 0;
-    for (int64_t q = 0; q < (n + 1) / 2; ++q) {
-      out[k0 + 2 * q] = uint32_t(b[2 * q + 1]) << 16;
-      out[k0 + 2 * q + 1] = uint32_t(b[2 * q]) << 16;
-    }
+  int64_t k = 0;
+#if defined(__AVX2__) && !defined(__AVX512F__)  // kWidenBF16: the one ISA that takes this path
+  for (; k + kLanes <= K; k += kLanes) vstore(reinterpret_cast<float*>(out + k), vround_bf16_swapped(vload(x + k)));
+#endif
+  for (; k < K; k += 2) {  // kLanes is even: k starts a pair
+    out[k] = k + 1 < K ? uint32_t(f32_to_bf16(x[k + 1])) << 16 : 0;
+    out[k + 1] = uint32_t(f32_to_bf16(x[k])) << 16;
   }
 }
+
+struct RoundJob {
+  const float* x;  // (M, K)
+  int64_t K, ldx;
+  uint32_t* out;   // (M, ldx)
+};
 
 // acc (m1 - m0, kPanel) = rows [m0, m1) (at most kGroupRows) of x (stride ldx, K inputs) times
 // panel p of the packed weights: slice after slice, row block after row block.
@@ -428,7 +431,9 @@ void widened_panel_sums(const float* x, int64_t ldx, int64_t K, const void* pack
     Prefetch pf{next, next + lines * 64, (lines + blocks * n - 1) / (blocks * n)};
     const bool first = q0 == 0;
     // The first row block widens the slice as it multiplies it, then the other blocks.
-    const int64_t wr = min64(kRowBlock, m1 - m0);
+    // (The widening block is the slowest; when the rows do not fill whole blocks it takes the
+    // remainder, which leaves the block count unchanged: 20 rows = 2 + 6 x 3.)
+    const int64_t wr = (m1 - m0) % kRowBlock ? (m1 - m0) % kRowBlock : min64(kRowBlock, m1 - m0);
     if (wr == 1) widening_block<1>(x + m0 * ldx + 2 * q0, ldx, steps, ws, wide, acc, first, pf);
     if (wr == 2) widening_block<2>(x + m0 * ldx + 2 * q0, ldx, steps, ws, wide, acc, first, pf);
     if (wr == 3) widening_block<3>(x + m0 * ldx + 2 * q0, ldx, steps, ws, wide, acc, first, pf);
@@ -500,7 +505,12 @@ void matmul(ThreadPool& pool, const float* x, int64_t M, int64_t K, const Packed
   if (widened(job)) {
     const int64_t ldx = 2 * pairs(K);
     uint32_t* xw = reinterpret_cast<uint32_t*>(xb);  // xb holds M (K + 1) floats
-    for (int64_t m = 0; m < M; ++m) round_bf16_swapped(x + m * K, K, xw + m * ldx);
+    // Row by row on the pool, like the kernels: on the calling thread alone, the other core waited.
+    RoundJob round{x, K, ldx, xw};
+    parallel_chunks(pool, M, M * K, +[](void* p, int64_t m, int) {
+      const RoundJob& r = *static_cast<const RoundJob*>(p);
+      round_bf16_swapped(r.x + m * r.K, r.K, r.out + m * r.ldx);
+    }, &round);
     job.x = xw;
     job.ldx = ldx;
   } else if (w.dtype == DType::BF16) {
@@ -1056,78 +1066,166 @@ struct AttentionJob {
   const typename KV::T* v;    // (slots, NH, ctx, HS)
   int64_t N, NH, HS, ctx;
   float* out;                 // (N, C)
-  float* scratch;             // (threads, ctx)
-  int64_t per_chunk;          // (token, head) tasks per chunk
+  float* scratch;             // (threads, kAttentionRows, ctx)
+  int64_t per_chunk;          // (head, block of kAttentionRows tokens) tasks per chunk
 };
 
-// q . k for one cached key row.
-template <class KV>
-inline float dot_key(const float* q, const typename KV::T* k, int64_t HS) {
-  Vf acc = vzero();
+// s[r] = q_r . k for R query rows (q + r * ldq) and one cached key row, which is loaded (and, for
+// a bf16 cache, widened) once for all R. Each row keeps its own accumulator, FMAs over d in order,
+// then one horizontal sum: a row's score is the same whatever R.
+template <class KV, int R>
+inline void dot_keys(const float* q, int64_t ldq, const typename KV::T* k, int64_t HS, float* s) {
+  Vf acc[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) acc[r] = vzero();
   int64_t d = 0;
-  for (; d + kLanes <= HS; d += kLanes) acc = vfma(vload(q + d), KV::load(k + d), acc);
-  float s = vhsum(acc);
-  for (; d < HS; ++d) s += q[d] * KV::value(k[d]);
-  return s;
+  for (; d + kLanes <= HS; d += kLanes) {
+    const Vf kd = KV::load(k + d);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[r] = vfma(vload(q + r * ldq + d), kd, acc[r]);
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    float sr = vhsum(acc[r]);
+    for (int64_t e = d; e < HS; ++e) sr += q[r * ldq + e] * KV::value(k[e]);
+    s[r] = sr;
+  }
 }
 
-// o[v * kLanes ...] = sum over t < T of p[t] * vh[t][d0 + v * kLanes ...], for NV vectors held in
-// registers across the positions; with `prefetch`, row t of it is prefetched as row t is read.
-template <class KV, int NV>
-inline void weighted_rows(const float* p, int64_t T, const typename KV::T* vh, int64_t HS, int64_t d0, float* o,
-                          const typename KV::T* prefetch) {
-  Vf acc[NV];
+// o_r[d0 + v * kLanes ...] = sum over t < T + r of p_r[t] * vh[t][d0 + v * kLanes ...] for R rows
+// (p_r = p + r * ldp, o_r = o + r * ldo) and NV vectors, held in registers across the positions:
+// the first T positions, which all R rows attend to, load each value vector once for the R rows,
+// then row r alone takes its r further ones. Every output sums its products in t order, whatever
+// R. With `prefetch`, row t of it is prefetched as row t < T is read.
+template <class KV, int R, int NV>
+inline void weighted_rows(const float* p, int64_t ldp, int64_t T, const typename KV::T* vh, int64_t HS, int64_t d0, float* o,
+                          int64_t ldo, const typename KV::T* prefetch) {
+  Vf acc[R][NV];
 #pragma GCC unroll 8
-  for (int v = 0; v < NV; ++v) acc[v] = vzero();
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[r][v] = vzero();
+  }
   for (int64_t t = 0; t < T; ++t) {
     if (prefetch) prefetch_row(prefetch + t * HS, HS * int64_t(sizeof(typename KV::T)));
-    const Vf pt = vset1(p[t]);
+    Vf pt[R];
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) acc[v] = vfma(pt, KV::load(vh + t * HS + d0 + v * kLanes), acc[v]);
+    for (int r = 0; r < R; ++r) pt[r] = vset1(p[r * ldp + t]);
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      const Vf x = KV::load(vh + t * HS + d0 + v * kLanes);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) acc[r][v] = vfma(pt[r], x, acc[r][v]);
+    }
   }
 #pragma GCC unroll 8
-  for (int v = 0; v < NV; ++v) vstore(o + d0 + v * kLanes, acc[v]);
+  for (int r = 1; r < R; ++r) {
+    for (int64_t t = T; t < T + r; ++t) {
+      const Vf pt = vset1(p[r * ldp + t]);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] = vfma(pt, KV::load(vh + t * HS + d0 + v * kLanes), acc[r][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) vstore(o + r * ldo + d0 + v * kLanes, acc[r][v]);
+  }
 }
 
-// One (token, head): softmax(q K^T / sqrt(HS)) V over the token's positions 0..pos. Each cached
-// key and value of the head is read once. Row by row, it prefetches the keys and values of the
-// next task (`next`, or -1) into the L2: a task's rows are a short stream that the hardware
-// prefetcher only catches up with late, and at batch 20 attention reads 59-118 MB a step.
+// A (ctx, HS) head of the K or V cache: that of token i's slot, head h.
 template <class KV>
-void attend(const AttentionJob<KV>& j, int64_t task, int64_t next, float* scores) {
-  const int64_t C = j.NH * j.HS, HS = j.HS, i = task / j.NH, h = task % j.NH;
-  const int64_t T = int64_t(j.pos[i]) + 1;
+inline const typename KV::T* head_rows(const AttentionJob<KV>& j, const typename KV::T* cache, int64_t i, int64_t h) {
+  return cache + (int64_t(j.slot[i]) * j.NH + h) * j.ctx * j.HS;
+}
+
+// Head h of R consecutive query rows of one sequence (tokens i .. i + R - 1: one slot, positions
+// pos[i] .. pos[i] + R - 1): softmax(q K^T / sqrt(HS)) V over each row's positions 0..pos. The
+// keys and values of the positions all R rows attend to are read (and widened) once for the R
+// rows; each row's arithmetic is exactly what it is alone (R = 1, every decode row), so a token's
+// result never depends on how its prompt was split into steps or on its batch. As it goes, it
+// prefetches the keys and values of the next rows (next_k, next_v, or null) into the L2: a task's
+// rows are a short stream that the hardware prefetcher only catches up with late, and at batch 20
+// attention reads 59-118 MB a step.
+template <class KV, int R>
+void attend_rows(const AttentionJob<KV>& j, int64_t i, int64_t h, const typename KV::T* next_k, const typename KV::T* next_v,
+                 float* scores) {
+  const int64_t C = j.NH * j.HS, HS = j.HS, ctx = j.ctx;
+  const int64_t T = int64_t(j.pos[i]) + 1;  // row r attends to T + r positions
   const float scale = 1.0f / __builtin_sqrtf(float(HS));
-  const float* q = j.qkv + i * 3 * C + h * HS;
-  // A task's (ctx, HS) rows of the K or V cache: its token's slot, its head.
-  auto rows_of = [&](const typename KV::T* cache, int64_t t) { return cache + (int64_t(j.slot[t / j.NH]) * j.NH + t % j.NH) * j.ctx * HS; };
-  const typename KV::T* kh = rows_of(j.k, task);
-  const typename KV::T* vh = rows_of(j.v, task);
-  // The next task's first T rows: mostly its own (the same token's next head, or a token of the
-  // same length); past its length they are unused rows of its cache, never outside it.
-  const typename KV::T* next_k = next >= 0 ? rows_of(j.k, next) : nullptr;
-  const typename KV::T* next_v = next >= 0 ? rows_of(j.v, next) : nullptr;
-  float m = -__builtin_inff();
+  const float* q = j.qkv + i * 3 * C + h * HS;  // R rows, stride 3C
+  const typename KV::T* kh = head_rows(j, j.k, i, h);
+  const typename KV::T* vh = head_rows(j, j.v, i, h);
+  float m[R];  // each row's largest score
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) m[r] = -__builtin_inff();
+  auto keep = [&](int r, int64_t t, float s) {  // scores: (R, ctx)
+    const float st = s * scale;
+    scores[r * ctx + t] = st;
+    m[r] = st > m[r] ? st : m[r];
+  };
   for (int64_t t = 0; t < T; ++t) {
     if (next_k) prefetch_row(next_k + t * HS, HS * int64_t(sizeof(typename KV::T)));
-    scores[t] = dot_key<KV>(q, kh + t * HS, HS) * scale;
-    m = scores[t] > m ? scores[t] : m;
+    float s[R];
+    dot_keys<KV, R>(q, 3 * C, kh + t * HS, HS, s);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) keep(r, t, s[r]);
   }
-  const float inv = float(1.0 / exp_shifted(scores, T, 1.0f, m, scores));
-  float* o = j.out + i * C + h * HS;  // (HS)
+  for (int r = 1; r < R; ++r) {  // the positions of the block's own earlier rows
+    for (int64_t t = T; t < T + r; ++t) {
+      float s;
+      dot_keys<KV, 1>(q + r * 3 * C, 3 * C, kh + t * HS, HS, &s);
+      keep(r, t, s);
+    }
+  }
+  float inv[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) inv[r] = float(1.0 / exp_shifted(scores + r * ctx, T + r, 1.0f, m[r], scores + r * ctx));
+  float* o = j.out + i * C + h * HS;  // R rows, stride C
+  // R x NV accumulators: at most 8 of AVX2's 16 registers, beside the R weights and a value.
+  constexpr int NV = R <= 2 ? 4 : 2;
   int64_t d0 = 0;
-  // The first pass over the values prefetches the next task's.
-  for (; d0 + 4 * kLanes <= HS; d0 += 4 * kLanes) weighted_rows<KV, 4>(scores, T, vh, HS, d0, o, d0 == 0 ? next_v : nullptr);
-  for (; d0 + kLanes <= HS; d0 += kLanes) weighted_rows<KV, 1>(scores, T, vh, HS, d0, o, d0 == 0 ? next_v : nullptr);
-  for (; d0 < HS; ++d0) {
-    float acc = 0.0f;
-    for (int64_t t = 0; t < T; ++t) acc += scores[t] * KV::value(vh[t * HS + d0]);
-    o[d0] = acc;
+  // The first pass over the values prefetches the next rows'.
+  for (; d0 + NV * kLanes <= HS; d0 += NV * kLanes) weighted_rows<KV, R, NV>(scores, ctx, T, vh, HS, d0, o, C, d0 == 0 ? next_v : nullptr);
+  for (; d0 + kLanes <= HS; d0 += kLanes) weighted_rows<KV, R, 1>(scores, ctx, T, vh, HS, d0, o, C, d0 == 0 ? next_v : nullptr);
+  for (int r = 0; r < R; ++r) {
+    const float* p = scores + r * ctx;
+    float* o_r = o + r * C;
+    for (int64_t d = d0; d < HS; ++d) {
+      float acc = 0.0f;
+      for (int64_t t = 0; t < T + r; ++t) acc += p[t] * KV::value(vh[t * HS + d]);
+      o_r[d] = acc;
+    }
+    const Vf vinv = vset1(inv[r]);
+    int64_t d = 0;
+    for (; d + kLanes <= HS; d += kLanes) vstore(o_r + d, vmul(vload(o_r + d), vinv));
+    for (; d < HS; ++d) o_r[d] *= inv[r];
   }
-  const Vf vinv = vset1(inv);
-  int64_t d = 0;
-  for (; d + kLanes <= HS; d += kLanes) vstore(o + d, vmul(vload(o + d), vinv));
-  for (; d < HS; ++d) o[d] *= inv;
+}
+
+// Attention takes the step's tokens in aligned blocks of kAttentionRows (kernels.h), each cut into
+// runs: tokens of one slot at consecutive positions (a prompt's rows in a prefill; a decode step's
+// rows are runs of one). The run that starts at token i has this many tokens.
+template <class KV>
+inline int64_t run_length(const AttentionJob<KV>& j, int64_t i) {
+  const int64_t end = min64(j.N, (i / kAttentionRows + 1) * kAttentionRows);
+  int64_t n = 1;
+  while (i + n < end && j.slot[i + n] == j.slot[i] && int64_t(j.pos[i + n]) == int64_t(j.pos[i]) + n) ++n;
+  return n;
+}
+
+// Head h of the run of n tokens from token i, prefetching for token ni's head nh (ni < 0: none).
+template <class KV>
+void attend_run(const AttentionJob<KV>& j, int64_t i, int64_t n, int64_t h, int64_t ni, int64_t nh, float* scores) {
+  static_assert(kAttentionRows == 4, "one case per run length");
+  const typename KV::T* next_k = ni >= 0 ? head_rows(j, j.k, ni, nh) : nullptr;
+  const typename KV::T* next_v = ni >= 0 ? head_rows(j, j.v, ni, nh) : nullptr;
+  switch (n) {
+    case 1: attend_rows<KV, 1>(j, i, h, next_k, next_v, scores); break;
+    case 2: attend_rows<KV, 2>(j, i, h, next_k, next_v, scores); break;
+    case 3: attend_rows<KV, 3>(j, i, h, next_k, next_v, scores); break;
+    default: attend_rows<KV, 4>(j, i, h, next_k, next_v, scores); break;
+  }
 }
 
 template <class KV>
@@ -1142,16 +1240,29 @@ void attention_t(ThreadPool& pool, const float* qkv, int64_t N, const int32_t* s
       KV::store(v + at, qkv + i * 3 * C + 2 * C + h * HS, HS);
     }
   }
-  const int64_t tasks = N * NH;
+  // Tasks (head, block), head by head: consecutive blocks of a prompt read the same head's keys
+  // and values, which then stay in the L2.
+  const int64_t blocks = (N + kAttentionRows - 1) / kAttentionRows, tasks = blocks * NH;
   AttentionJob<KV> job{qkv, slot, pos, k, v, N, NH, HS, ctx, out, scratch, (tasks + 8 * pool.size() - 1) / (8 * pool.size())};
   int64_t work = 0;  // multiply-adds: two per head dimension and attended position
   for (int64_t i = 0; i < N; ++i) work += 2 * (int64_t(pos[i]) + 1) * C;
   parallel_chunks(pool, (tasks + job.per_chunk - 1) / job.per_chunk, work, +[](void* p, int64_t c, int thread) {
     const AttentionJob<KV>& j = *static_cast<const AttentionJob<KV>*>(p);
-    float* scores = j.scratch + int64_t(thread) * j.ctx;
-    const int64_t end = min64(j.N * j.NH, (c + 1) * j.per_chunk);
+    float* scores = j.scratch + int64_t(thread) * kAttentionRows * j.ctx;
+    const int64_t blocks = (j.N + kAttentionRows - 1) / kAttentionRows, end = min64(blocks * j.NH, (c + 1) * j.per_chunk);
     for (int64_t task = c * j.per_chunk; task < end; ++task) {
-      attend(j, task, task + 1 < end ? task + 1 : -1, scores);
+      const int64_t h = task / blocks, b = task % blocks, stop = min64(j.N, (b + 1) * kAttentionRows);
+      for (int64_t i = b * kAttentionRows; i < stop;) {
+        const int64_t n = run_length(j, i);
+        // What comes next: the block's next run, else the next task's first.
+        int64_t ni = i + n, nh = h;
+        if (ni >= stop) {
+          nh = task + 1 < end ? (task + 1) / blocks : 0;
+          ni = task + 1 < end ? (task + 1) % blocks * kAttentionRows : -1;
+        }
+        attend_run(j, i, n, h, ni, nh, scores);
+        i += n;
+      }
     }
   }, &job);
 }

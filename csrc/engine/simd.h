@@ -157,8 +157,9 @@ inline Vf vdot_bf16(Vf acc, Vb x, Vb w) {
 inline Vf vload_bf16_f32(const uint16_t* p) {
   return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16))};
 }
-// Two shifts rather than an and: no mask register, which the widening kernel has none left for.
-inline Vf vbf16_odd(Vb w) { return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_srli_epi32(w.v, 16), 16))}; }
+// One and rather than two shifts (the mask a constant operand): in the widening kernel this and
+// its remainder rows took bf16 at batch 20 from 0.98x to 1.03x fp32 (docs/engine.md, bf16 on AVX2).
+inline Vf vbf16_odd(Vb w) { return {_mm256_castsi256_ps(_mm256_and_si256(w.v, _mm256_set1_epi32(int32_t(0xFFFF0000u))))}; }
 inline Vf vbf16_even(Vb w) { return {_mm256_castsi256_ps(_mm256_slli_epi32(w.v, 16))}; }
 
 #define GPT2S_INT8_DOT 1
@@ -175,15 +176,24 @@ inline Vf vdot_q(Vf acc, Vq x, Vq w) {
   return {_mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(acc.v), quads))};
 }
 inline Vf vdot_q_value(Vf acc, const int32_t*) { return {_mm256_cvtepi32_ps(_mm256_castps_si256(acc.v))}; }
-inline void vstore_bf16(uint16_t* p, Vf a) {
+// Each lane rounded to bf16 (the bits in the low half of the lane), as vstore_bf16 stores it.
+inline __m256i bf16_lanes(Vf a) {
   const __m256i bits = _mm256_castps_si256(a.v);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
   const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(a.v, a.v, _CMP_UNORD_Q));
-  r = _mm256_blendv_epi8(r, _mm256_or_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(0x40)), nan);
+  return _mm256_blendv_epi8(r, _mm256_or_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(0x40)), nan);
+}
+inline void vstore_bf16(uint16_t* p, Vf a) {
+  const __m256i r = bf16_lanes(a);
   // u32 lanes (all < 2^16) to u16: pack within 128-bit halves, then gather the halves' low parts.
   const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+// Lanes rounded to bf16 as vstore_bf16 rounds them, kept as fp32 (exact), each pair of lanes
+// swapped (1 0 3 2 ...): the activations of the widened bf16 matmul (kernels_impl.h, AVX2 only).
+inline Vf vround_bf16_swapped(Vf a) {
+  return {_mm256_permute_ps(_mm256_castsi256_ps(_mm256_slli_epi32(bf16_lanes(a), 16)), 0xB1)};
 }
 
 #elif defined(__ARM_NEON) && defined(__aarch64__)
