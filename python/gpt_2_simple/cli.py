@@ -174,8 +174,6 @@ def _cmd_serve(args: argparse.Namespace) -> None:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> None:
-    from .tokenizer import BUNDLED_DIR
-
     from .fileio import run_folder
     from .weights import latest_checkpoint
 

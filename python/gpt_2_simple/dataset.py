@@ -21,7 +21,6 @@ import multiprocessing
 import os
 import time
 import zipfile
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
