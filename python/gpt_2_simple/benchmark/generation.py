@@ -21,6 +21,7 @@ import time
 
 from .common import Options, Worker, case_records, gemm_gflops, log, memory_bandwidth, run_peers, set_torch_threads
 from .llama_cpp import PEERS as LLAMA_PEERS
+from .llama_cpp import extra_buffers_fault
 from .llama_cpp import usable as llama_cpp_usable
 
 SUITE = "generation"
@@ -155,7 +156,10 @@ def measure(opts: Options, *, new_tokens: int | None = None, top_k: int = 40, pe
             if peer.startswith("engine-"):
                 workers[peer] = Worker(f"{__name__}:engine_peer", name=peer, threads=opts.threads, path=str(files[peer[7:]]))
             elif peer in LLAMA_PEERS:
-                workers[peer] = Worker("gpt_2_simple.benchmark.llama_cpp:llama_peer", name=peer, threads=opts.threads, path=str(ggufs[peer]))
+                if fault := extra_buffers_fault(str(ggufs[peer])):
+                    opts.note(fault)
+                workers[peer] = Worker("gpt_2_simple.benchmark.llama_cpp:llama_peer", name=peer, threads=opts.threads,
+                                       path=str(ggufs[peer]), extra_buffers=not fault)
             else:
                 target = "torch_peer" if peer == "torch" else "transformers_peer"
                 workers[peer] = Worker(f"{__name__}:{target}", name=peer, threads=opts.threads, folder=str(opts.models.hf()))

@@ -9,6 +9,8 @@ code is timed. llama-cpp-python is built from source (docs/bench.md shows how).
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 PEERS = ("llama.cpp-f32", "llama.cpp-f16", "llama.cpp-q8_0")
@@ -23,8 +25,28 @@ def usable() -> str | None:
     return None
 
 
-def llama_peer(path: str, threads: int | None):
-    """Worker side: llama.cpp on the GGUF file ``path``."""
+# A 2-token decode with llama.cpp's default weight buffers, in a child process (it may die).
+_PROBE = "import sys, llama_cpp; llama_cpp.Llama(model_path=sys.argv[1], n_ctx=16, n_threads=1, verbose=False).eval([1, 2])"
+
+
+def extra_buffers_fault(path: str) -> str | None:
+    """Why llama.cpp must run ``path`` without its extra weight buffers (ggml's repacked and AMX
+    kernels, ``llama-bench --repack 0``), else None. ggml's AMX kernels can kill the process on a
+    virtual machine that lists AMX: on a Sapphire Rapids guest its q8_0 matmul died of a general
+    protection fault at ``ldtilecfg``. A child process tries first, only where ggml has AMX."""
+    import llama_cpp as L
+
+    if b"AMX_INT8 = 1" not in L.llama_print_system_info():
+        return None
+    rc = subprocess.run([sys.executable, "-c", _PROBE, path], capture_output=True, timeout=300).returncode
+    if rc >= 0:  # it worked, or failed with an error the peer itself will report
+        return None
+    return (f"llama.cpp's AMX kernels died of signal {-rc} on this CPU with {path}: llama.cpp runs it "
+            "without its extra weight buffers (as llama-bench --repack 0), on its AVX-512 kernels")
+
+
+def llama_peer(path: str, threads: int | None, extra_buffers: bool = True):
+    """Worker side: llama.cpp on the GGUF file ``path`` (``extra_buffers``: extra_buffers_fault)."""
     import os
 
     import llama_cpp as L
@@ -32,7 +54,9 @@ def llama_peer(path: str, threads: int | None):
     from .generation import prompt_tokens
 
     L.llama_backend_init()
-    model = L.llama_model_load_from_file(path.encode(), L.llama_model_default_params())
+    params = L.llama_model_default_params()
+    params.use_extra_bufts = extra_buffers
+    model = L.llama_model_load_from_file(path.encode(), params)
     if not model:
         raise RuntimeError(f"llama.cpp could not load {path}")
     n_threads = threads or os.cpu_count() or 1
