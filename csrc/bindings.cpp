@@ -601,9 +601,10 @@ PYBIND11_MODULE(GPT2S_MODULE_NAME, m) {
         d["bf16"] = f.bf16;
         d["isa"] = gpt2s::best_isa();
         d["kernels"] = gpt2s::best_kernels().isa;
+        d["bf16_widened"] = gpt2s::best_kernels().bf16_widened();
         return d;
       },
-      "SIMD features of this CPU as the engine sees them (after the GPT2S_ISA cap), and the kernel family it uses.");
+      "SIMD features of this CPU as the engine sees them (after the GPT2S_ISA cap), the kernel family it uses, and whether its bf16 matmuls widen the weights to fp32 FMAs.");
 
   m.def(
       "max_threads",

@@ -247,9 +247,10 @@ def test_odd_widths(tmp_path, isa, dtype):
 @pytest.mark.parametrize("isa", ["native", pytest.param("avx2", marks=needs_isa("avx2")), "scalar"])
 def test_logits_do_not_depend_on_the_batch(tmp_path, isa, dtype):
     # Each row alone and seven rows together give the same logits, bit for bit. Alone, prompts of
-    # 1-3 tokens and every decode step run matmuls of 1-3 rows (on AVX2, bf16 pairs split in
-    # registers); together, every matmul has 7 rows or more (on AVX2, bf16 panel slices widened to
-    # fp32 once per row group; kernels_impl.h). Over several slices, row groups and partial row
+    # 1-3 tokens and every decode step run matmuls of 1-3 rows (bf16 pairs split in registers, or
+    # vdpbf16ps); together, every matmul has 7 rows or more (on AVX2, AVX-512 and where
+    # widen_bf16 chooses it, bf16 panel slices widened to fp32 once per row group; kernels_impl.h,
+    # and the test after next). Over several slices, row groups and partial row
     # blocks (n_embd 192) and padded odd widths (n_embd 45).
     for config in (WIDE[0], ODD[0]):
         path = export(random_gpt2(config, seed=5), tmp_path / f"{config.n_embd}.{dtype}.bin", dtype, progress=False)
@@ -283,6 +284,37 @@ def test_prefilled_rows_equal_decoded_rows(tmp_path, isa, dtype):
         for j, (i, step) in enumerate(cases):
             x, y = prefilled["logits"][f"{j}_0"], decoded["logits"][f"{i}_{step}"]
             assert np.array_equal(x.view(np.uint32), y.view(np.uint32)), f"{isa} {dtype} n_embd {config.n_embd} row {i} step {step}"
+
+
+def _has_avx512bf16() -> bool:
+    from gpt_2_simple import _engine
+
+    return _engine.cpu_features()["kernels"] == "avx512bf16"
+
+
+@pytest.mark.skipif(not _has_avx512bf16(), reason="needs the avx512bf16 kernels: the widened bf16 matmul is checked against vdpbf16ps")
+def test_widened_bf16_matmul_is_vdpbf16ps_bit_for_bit(tmp_path, monkeypatch):
+    # With AVX512-BF16, matmuls of more than a row block may run as fp32 FMAs on widened weights
+    # (kernels_impl.h, widen_bf16: the CPU's timing decides, GPT2S_BF16_WIDEN forces it). Both
+    # ways, seven rows prefilled then decoded together give the same logits, bit for bit. One
+    # token's wte row is denormal: vdpbf16ps reads it as zeros, so that logit is exactly 0 both
+    # ways only if the widened FMAs flush denormals as the instruction does.
+    for config in (WIDE[0], ODD[0]):
+        model = random_gpt2(config, seed=7)
+        with torch.no_grad():
+            model.wte.weight[7] = torch.linspace(1e-39, 9e-39, config.n_embd)  # below bf16's smallest normal, 1.18e-38
+        path = export(model, tmp_path / f"{config.n_embd}.bf16.bin", "bf16", progress=False)
+        prompts = _prompts([1, 2, 3, 5, 11, 17, 9], seed=11)
+        requests = [dict(prompt=p, max_new_tokens=4, temperature=1.0, seed=2, sample_index=i) for i, p in enumerate(prompts)]
+        runs = {}
+        for widen in ("0", "1"):
+            monkeypatch.setenv("GPT2S_BF16_WIDEN", widen)
+            runs[widen] = _run_in_subprocess(path, "native", requests, batch_size=len(requests))
+        assert runs["0"]["tokens"] == runs["1"]["tokens"]
+        assert sorted(runs["0"]["logits"]) == sorted(runs["1"]["logits"]) and len(runs["1"]["logits"]) == 4 * len(requests)
+        for key, x in runs["0"]["logits"].items():
+            assert np.array_equal(runs["1"]["logits"][key].view(np.uint32), x.view(np.uint32)), f"n_embd {config.n_embd} logits {key}"
+            assert x[7] == 0.0, f"n_embd {config.n_embd} logits {key}: the denormal row was not read as zeros"
 
 
 def test_greedy_equals_pytorch_past_the_context(small, engine):

@@ -112,6 +112,10 @@ struct Kernels {
   double (*exp_weights)(const float* x, int64_t n, float temperature, float m, float* w);
   // The first i with x[i] > t (never a NaN), or n.
   int64_t (*first_above)(const float* x, int64_t n, float t);
+  // Whether bf16 matmuls of more than a row block run as fp32 FMAs on weights widened slice by
+  // slice (kernels_impl.h, widen_bf16: AVX2, AVX-512, and AVX512-BF16 CPUs whose vdpbf16ps is
+  // the slower), bit for bit the bf16 dot product either way.
+  bool (*bf16_widened)();
 };
 
 // The table for the best ISA this CPU allows, after the GPT2S_ISA cap (cpu_features.h): AVX-512

@@ -320,18 +320,66 @@ struct MatmulJob {
 // one, and the activations are swapped to match, so every lane computes the very FMAs of
 // vdot_bf16 in its order: bit for bit the direct path, which matmuls of 1-3 rows keep (their one
 // pass streams the weights from memory, and splitting in registers costs nothing there).
-#if defined(__AVX2__) && !defined(__AVX512F__)
-constexpr bool kWidenBF16 = true;
+// AVX-512 without AVX512-BF16 has the same split vdot_bf16, and widens too. With it, the CPU
+// decides: Sapphire Rapids issues one vdpbf16ps (32 pairs) every other cycle but two 16-lane
+// FMAs a cycle, so the widened slices do twice the products per cycle wherever the matmul is
+// compute-bound; Zen 4 issues a vdpbf16ps a cycle and one FMA, so it keeps the instruction.
+// widen_bf16() times both once. vdpbf16ps treats denormal inputs and results as zero: the widened
+// FMAs run with MXCSR's DAZ and FTZ set, and are then bit for bit the instruction (checked on
+// 800,000 lanes with denormal inputs; tests/test_engine.py checks the engine's logits).
+#if defined(__AVX2__)
+constexpr bool kCanWidenBF16 = true;
 #else
-constexpr bool kWidenBF16 = false;
+constexpr bool kCanWidenBF16 = false;
 #endif
-inline bool widened(const MatmulJob& j) { return kWidenBF16 && j.w->dtype == DType::BF16 && j.M > kRowBlock; }
+
+#if defined(__AVX512BF16__)
+// Seconds for `rounds` of 12 independent chains of vdot_bf16, or of the two FMAs that widened
+// weights take for the same products.
+template <bool kDot>
+double chain_seconds(long rounds) {
+  Vf a[12];
+  for (int i = 0; i < 12; ++i) a[i] = vset1(1.0f + float(i) * 1e-7f);
+  const Vb x{_mm512_set1_epi32(0x3F803F80)}, w{_mm512_set1_epi32(0x3F7F3F7F)};  // pairs of 1 and 0.996
+  const Vf scale = vset1(0.9999999f), shift = vset1(1e-7f);
+  const auto start = std::chrono::steady_clock::now();
+  for (long n = 0; n < rounds; ++n) {
+#pragma GCC unroll 12
+    for (int i = 0; i < 12; ++i) a[i] = kDot ? vdot_bf16(a[i], x, w) : vfma(vfma(a[i], scale, shift), scale, shift);
+  }
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  float sum = 0;
+  for (int i = 0; i < 12; ++i) sum += vhsum(a[i]);
+  [[maybe_unused]] static volatile float sink;  // keeps every chain computed
+  sink = sum;
+  return seconds;
+}
+
+// GPT2S_BF16_WIDEN=0 or 1 forces the choice (tests, benchmarks); otherwise widen where the FMAs
+// are clearly faster (best of 3 timings of about 0.1 ms each, once per process).
+inline bool choose_widen_bf16() {
+  if (const char* force = std::getenv("GPT2S_BF16_WIDEN"); force && (force[0] == '0' || force[0] == '1')) return force[0] == '1';
+  double dot = 1e9, fma = 1e9;
+  for (int trial = 0; trial < 3; ++trial) {
+    dot = std::min(dot, chain_seconds<true>(20000));
+    fma = std::min(fma, chain_seconds<false>(20000));
+  }
+  return dot > 1.25 * fma;
+}
+inline bool widen_bf16() {
+  static const bool widen = choose_widen_bf16();
+  return widen;
+}
+#else
+constexpr bool widen_bf16() { return kCanWidenBF16; }
+#endif
+inline bool widened(const MatmulJob& j) { return j.w->dtype == DType::BF16 && j.M > kRowBlock && widen_bf16(); }
 
 // out (2 pairs(K)) fp32 <- x (K) rounded to bf16 as round_bf16 rounds, each pair swapped (odd
 // input first, as widening_block orders the weights), a zero for the input past an odd K.
 inline void round_bf16_swapped(const float* x, int64_t K, uint32_t* out) {
   int64_t k = 0;
-#if defined(__AVX2__) && !defined(__AVX512F__)  // kWidenBF16: the one ISA that takes this path
+#if defined(__AVX2__)  // kCanWidenBF16: the ISAs that take this path
   for (; k + kLanes <= K; k += kLanes) vstore(reinterpret_cast<float*>(out + k), vround_bf16_swapped(vload(x + k)));
 #endif
   for (; k < K; k += 2) {  // kLanes is even: k starts a pair
@@ -415,7 +463,7 @@ inline void widening_block(const float* x, int64_t ldx, int64_t steps, const uin
   store_block<RB>(a, acc);
 }
 
-// panel_sums<WeightsBF16> as the fp32 kernel over widened slices (kWidenBF16 above): x rows
+// panel_sums<WeightsBF16> as the fp32 kernel over widened slices (widened() above): x rows
 // (stride ldx) of 2 pairs(K) swapped fp32 values from round_bf16_swapped.
 void widened_panel_sums(const float* x, int64_t ldx, int64_t K, const void* packed, int64_t p, int64_t m0, int64_t m1,
                         float* acc) {
@@ -437,6 +485,9 @@ void widened_panel_sums(const float* x, int64_t ldx, int64_t K, const void* pack
     if (wr == 1) widening_block<1>(x + m0 * ldx + 2 * q0, ldx, steps, ws, wide, acc, first, pf);
     if (wr == 2) widening_block<2>(x + m0 * ldx + 2 * q0, ldx, steps, ws, wide, acc, first, pf);
     if (wr == 3) widening_block<3>(x + m0 * ldx + 2 * q0, ldx, steps, ws, wide, acc, first, pf);
+    if constexpr (kRowBlock >= 4) {
+      if (wr == 4) widening_block<4>(x + m0 * ldx + 2 * q0, ldx, steps, ws, wide, acc, first, pf);
+    }
     for (int64_t m = m0 + wr; m < m1; m += kRowBlock) {
       const float* xs = x + m * ldx + 2 * q0;
       float* a = acc + (m - m0) * kPanel;
@@ -458,9 +509,16 @@ constexpr int kWidenGroupRows = 4 * kGroupRows;
 
 template <class W>
 void group_of_panel(const MatmulJob& j, int64_t p, int64_t m0, int64_t m1) {
-  alignas(64) float acc[(kWidenBF16 ? kWidenGroupRows : kGroupRows) * kPanel];  // (rows, kPanel) partial sums between slices
+  alignas(64) float acc[(kCanWidenBF16 ? kWidenGroupRows : kGroupRows) * kPanel];  // (rows, kPanel) partial sums between slices
   if (widened(j)) {
+#if defined(__AVX512BF16__)
+    const unsigned csr = _mm_getcsr();
+    _mm_setcsr(csr | 0x8040);  // DAZ and FTZ: vdpbf16ps's arithmetic (widen_bf16 above)
+#endif
     widened_panel_sums(static_cast<const float*>(j.x), j.ldx, j.K, j.w->data, p, m0, m1, acc);
+#if defined(__AVX512BF16__)
+    _mm_setcsr(csr);
+#endif
   } else {
     panel_sums<W>(static_cast<const typename W::T*>(j.x), j.ldx, j.K, j.w->data, p, m0, m1, acc);
   }
@@ -1347,5 +1405,6 @@ double exp_weights(const float* x, int64_t n, float temperature, float m, float*
 }
 
 extern const Kernels table;
+bool bf16_widened() { return widen_bf16(); }
 const Kernels table = {GPT2S_ISA_NAME, kPanel, packed_bytes, pack, matmul, GPT2S_SCREEN_KERNELS, layernorm, attention, embed,
-                       max_value, exp_weights, first_above};
+                       max_value, exp_weights, first_above, bf16_widened};

@@ -5,6 +5,10 @@
 #elif defined(__aarch64__)
 #include <arm_neon.h>
 #endif
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+
 #include "engine/kernels.h"
 
 #ifndef GPT2S_ISA

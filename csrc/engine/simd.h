@@ -96,16 +96,19 @@ inline Vf vdot_q(Vf acc, Vq x, Vq w) {
 }
 inline Vf vdot_q_value(Vf acc, const int32_t*) { return {_mm512_cvtepi32_ps(_mm512_castps_si512(acc.v))}; }
 #endif
-// kLanes floats rounded to bf16, nearest even, NaN kept quiet: bit for bit the scalar f32_to_bf16
-// of kernels_impl.h (not vcvtneps2bf16, which flushes denormals).
-inline void vstore_bf16(uint16_t* p, Vf a) {
+// Each lane rounded to bf16, nearest even, NaN kept quiet (the bits in the low half of the lane):
+// bit for bit the scalar f32_to_bf16 of kernels_impl.h (not vcvtneps2bf16, which flushes denormals).
+inline __m512i bf16_lanes(Vf a) {
   const __m512i bits = _mm512_castps_si512(a.v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
   const __mmask16 nan = _mm512_cmp_ps_mask(a.v, a.v, _CMP_UNORD_Q);
-  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40)));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+  return _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40)));
 }
+inline void vstore_bf16(uint16_t* p, Vf a) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bf16_lanes(a))); }
+// Lanes rounded to bf16 as vstore_bf16 rounds them, kept as fp32 (exact), each pair of lanes
+// swapped (1 0 3 2 ...): the activations of the widened bf16 matmul (kernels_impl.h).
+inline Vf vround_bf16_swapped(Vf a) { return {_mm512_permute_ps(_mm512_castsi512_ps(_mm512_slli_epi32(bf16_lanes(a), 16)), 0xB1)}; }
 
 #elif defined(__AVX2__)
 
@@ -191,7 +194,7 @@ inline void vstore_bf16(uint16_t* p, Vf a) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
 }
 // Lanes rounded to bf16 as vstore_bf16 rounds them, kept as fp32 (exact), each pair of lanes
-// swapped (1 0 3 2 ...): the activations of the widened bf16 matmul (kernels_impl.h, AVX2 only).
+// swapped (1 0 3 2 ...): the activations of the widened bf16 matmul (kernels_impl.h).
 inline Vf vround_bf16_swapped(Vf a) {
   return {_mm256_permute_ps(_mm256_castsi256_ps(_mm256_slli_epi32(bf16_lanes(a), 16)), 0xB1)};
 }
