@@ -17,6 +17,12 @@ moved by other jobs' time slices on a busy machine, though the pool's brief spin
 
     python bench/bf16_vs_fp32.py --models /tmp/m --build base=/tmp/base/python --build new=python \\
         [--rounds 3] [--reps 2] [--out bench/results/<date>-bf16-vs-fp32-avx2.json]
+
+``--env NAME=VAR=VALUE`` sets a variable for one build's process: one build two ways, e.g. the
+AVX512-BF16 matmul with and without widened weights (docs/engine.md):
+
+    python bench/bf16_vs_fp32.py --models /tmp/m --build dot=python --env dot=GPT2S_BF16_WIDEN=0 \\
+        --build widened=python --env widened=GPT2S_BF16_WIDEN=1
 """
 
 from __future__ import annotations
@@ -45,7 +51,8 @@ def worker(models: Path, reps: int, cases: list[str]) -> dict:
     files = ModelFiles(get_config("124M"), models)
     engines = {d: Engine(files.engine(d), backend="cpu", threads=2) for d in ("fp32", "bf16")}
     rng = np.random.default_rng(0)
-    out = {"isa": _engine.cpu_features()["kernels"], "device": engines["fp32"].device, "tokens_per_s": {}, "tokens_per_cpu_s": {}}
+    features = _engine.cpu_features()
+    out = {"isa": features["kernels"], "bf16_widened": features.get("bf16_widened"), "device": engines["fp32"].device, "tokens_per_s": {}, "tokens_per_cpu_s": {}}
     for case in cases:
         rows, prompt, new = CASES[case]
         requests = [Request(prompt=rng.integers(0, 50257, prompt).tolist(), max_new_tokens=new, top_k=40, seed=i)
@@ -69,6 +76,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", type=Path, required=True, help="folder for the exported random-weight models")
     ap.add_argument("--build", action="append", default=[], metavar="NAME=FOLDER", help="a build to measure")
+    ap.add_argument("--env", action="append", default=[], metavar="NAME=VAR=VALUE", help="an environment variable for build NAME")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--cases", default="prefill,batch")
@@ -83,10 +91,16 @@ def main() -> None:
     if not args.build:
         ap.error("name at least one --build NAME=FOLDER")
     builds = dict(b.split("=", 1) for b in args.build)
+    extra = {name: {} for name in builds}
+    for spec in args.env:
+        name, var, value = spec.split("=", 2)
+        if name not in extra:
+            ap.error(f"--env {spec}: no --build named {name}")
+        extra[name][var] = value
     runs = {name: [] for name in builds}
     for r in range(args.rounds):
         for name, folder in builds.items():
-            env = {**os.environ, "PYTHONPATH": str(Path(folder).resolve())}
+            env = {**os.environ, "PYTHONPATH": str(Path(folder).resolve()), **extra[name]}
             cmd = [sys.executable, __file__, "--worker", "--models", str(args.models), "--reps", str(args.reps), "--cases", args.cases]
             res = json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout)
             runs[name].append(res)
@@ -118,7 +132,7 @@ def main() -> None:
 
         record = {"suite": "bf16_vs_fp32", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   "context": context(2), "command": " ".join(sys.argv), "cases": {c: dict(zip(("rows", "prompt", "new_tokens"), CASES[c])) for c in cases},
-                  "builds": builds, "build_commits": dict(c.split("=", 1) for c in args.commit), "summary": summary, "runs": runs}
+                  "builds": builds, "build_env": extra, "build_commits": dict(c.split("=", 1) for c in args.commit), "summary": summary, "runs": runs}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(record, indent=1) + "\n")
 

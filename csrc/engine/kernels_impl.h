@@ -201,14 +201,17 @@ struct WeightsBF16 {  // x rows bf16 with an even stride (a zero after an odd K)
   static Vf madd(Vf acc, Vb x, Vb w) { return vdot_bf16(acc, x, w); }
 };
 
-// Inputs per slice: a panel is multiplied slice by slice (48 KiB of weights, either format), every
-// row of a group of up to kGroupRows rows over one slice before the next, so that the slice comes
-// from memory once and from the L2 cache for the other row blocks. Meanwhile the row blocks
+// Inputs per slice: a panel is multiplied slice by slice (fp32: 16 KiB of weights on AVX2, 24 KiB
+// on AVX-512), every row of a group of up to kGroupRows rows over one slice before the next, so
+// that the slice comes from memory once and from the L1 or L2 cache for the other row blocks.
+// AVX-512's panels are three times AVX2's: 128-input slices of 48 KiB filled Sapphire Rapids' L1
+// (48 KiB); 64 inputs made batch 20 10% faster and a 512-token prefill 4-5%
+// (bench/results/20261207-slice-avx512-spr.json). Meanwhile the row blocks
 // prefetch the next slice into the L2, a few cache lines per input step, spread over all of the
 // group's passes: the memory streams while the arithmetic runs, instead of each first pass
 // waiting on it. The partial sums wait in memory between slices as fp32, exactly, so every output
 // still accumulates input after input in its own lane.
-constexpr int64_t kSlice = 128;
+constexpr int64_t kSlice = kLanes == 16 ? 64 : 128;
 constexpr int kGroupRows = 8 * kRowBlock;
 constexpr int64_t kStepBytes = kPanel * 4;  // panel bytes per input step, either format
 
