@@ -12,6 +12,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 PEERS = ("llama.cpp-f32", "llama.cpp-f16", "llama.cpp-q8_0")
 
@@ -41,7 +42,7 @@ def extra_buffers_fault(path: str) -> str | None:
     rc = subprocess.run([sys.executable, "-c", _PROBE, path], capture_output=True, timeout=300).returncode
     if rc >= 0:  # it worked, or failed with an error the peer itself will report
         return None
-    return (f"llama.cpp's AMX kernels died of signal {-rc} on this CPU with {path}: llama.cpp runs it "
+    return (f"llama.cpp's AMX kernels died of signal {-rc} on this CPU with {Path(path).name}: llama.cpp runs it "
             "without its extra weight buffers (as llama-bench --repack 0), on its AVX-512 kernels")
 
 
