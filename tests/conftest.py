@@ -5,6 +5,13 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/reference.py and friends
 
+# PyTorch's x86 wheels multiply fp32 matrices with Intel MKL, whose AVX-512 kernels vary in the last
+# bits from run to run on an Intel Xeon (Sapphire Rapids; MKL_CBWR=AUTO,STRICT did not help): the
+# tests that compare a resumed fine-tune with an uninterrupted one bit for bit then fail at random.
+# MKL's AVX2 kernels are reproducible (what AVX2-only machines run anyway). MKL reads this when it
+# first multiplies, before any test does; the test processes inherit it. docs/finetune.md, "Exact resume".
+os.environ.setdefault("MKL_CBWR", "AVX2")
+
 # Kernel families from the least to the most capable, per architecture. GPT2S_ISA caps the engine
 # to one at or below what the CPU has (csrc/engine/cpu_features.cpp), never above, so a test of a
 # family the host (or the cap this process runs under) lacks is skipped rather than failed.
