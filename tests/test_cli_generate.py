@@ -46,8 +46,14 @@ def cli(workdir, *args, env=None, check=True):
 
 
 def start(workdir, *args, env=None, nice=0):
+    def child():
+        # Ctrl-C as in a terminal: a suite started in the background (`bash .ci/run &` from a
+        # script) inherits SIGINT ignored, and a Python started so installs no KeyboardInterrupt.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.nice(nice)
+
     return subprocess.Popen([sys.executable, "-m", "gpt_2_simple", *map(str, args)], cwd=workdir, env={**ENV, **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=(lambda: os.nice(nice)) if nice else None)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=child)
 
 
 def records(path: Path) -> list[dict]:
